@@ -1,0 +1,265 @@
+"""The one pipeline config schema: every stage (data, FP, indicators, search, fine-tuning, Ray,
+MLflow) reads its settings from a `PipelineConfig` loaded from YAML.
+
+Layer-neutral: pydantic and yaml only, so every layer may import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import ConfigError
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def _check_bits(values: list[int] | None) -> list[int] | None:
+    if values is None:
+        return None
+    if not values:
+        raise ValueError("empty candidate bit-width list")
+    for b in values:
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise ValueError(f"bit-width {b} outside {MIN_BITS}..{MAX_BITS}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicate bit-widths in {values}")
+    return values
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    arch: str = "resnet18"
+    num_classes: int = Field(1000, ge=2)
+    input_size: int = Field(224, ge=8, description="Square input resolution for training crops and cost accounting.")
+    fixed_layers: list[str] | None = Field(
+        None, description="Names of layers kept out of the search; default: first conv and the classifier."
+    )
+
+
+class DataConfig(_Section):
+    format: Literal["folder", "parquet"] = "folder"
+    path: str = Field("demo_data", description="Root holding train/ and val/ (folders or Parquet shards).")
+    demo: bool = Field(False, description="Build the scikit-learn digits demo set at `path` when it is missing.")
+    resize_size: int | None = Field(None, ge=8, description="Eval resize before the center crop; default input_size * 8/7.")
+    batch_size: int = Field(64, ge=1, description="Per-worker batch size.")
+    num_workers: int = Field(0, ge=0, description="In-process DataLoader workers.")
+    min_crop_scale: float = Field(0.08, gt=0, le=1, description="RandomResizedCrop lower scale bound.")
+    hflip: bool = Field(True, description="Random horizontal flips (off for digits).")
+
+
+class RecipeConfig(_Section):
+    """A training recipe shared by the FP, indicator and fine-tuning stages."""
+
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(2.5e-5, ge=0)
+    nesterov: bool = False
+    scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, description="Clip gradients by value.")
+    train_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the training set used per epoch.")
+
+
+class FPConfig(RecipeConfig):
+    source: Literal["train", "torchvision", "checkpoint"] = "train"
+    weights: str | None = Field(None, description="torchvision weights name, e.g. ResNet18_Weights.IMAGENET1K_V1.")
+    checkpoint: str | None = None
+    epochs: int = 3
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+
+    @model_validator(mode="after")
+    def _source_has_input(self) -> FPConfig:
+        if self.source == "torchvision" and not self.weights:
+            raise ValueError("source 'torchvision' needs fp.weights")
+        if self.source == "checkpoint":
+            if not self.checkpoint:
+                raise ValueError("source 'checkpoint' needs fp.checkpoint")
+            if not Path(self.checkpoint).is_file():
+                raise ValueError(f"checkpoint file not found: {self.checkpoint}")
+        return self
+
+
+class IndicatorConfig(RecipeConfig):
+    bits: list[int] = Field(default_factory=lambda: [6, 5, 4, 3, 2])
+    epochs: int = 3
+    lr: float = 0.01
+    grad_clip: float | None = 1.0
+    train_fraction: float = 0.5
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Extra mid-epoch checkpoints (in-process runs).")
+
+    _bits = field_validator("bits")(_check_bits)
+
+
+class Budget(_Section):
+    """One point of a sweep: any combination of constraints, at least one."""
+
+    name: str | None = None
+    target_wbits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS)
+    target_abits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS)
+    bitops_g: float | None = Field(None, gt=0)
+    compression_ratio: float | None = Field(None, gt=0)
+    size_mb: float | None = Field(None, gt=0)
+    latency_ms: float | None = Field(None, gt=0)
+    avg_wbits: float | None = Field(None, gt=0)
+    avg_abits: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Budget:
+        if (self.target_wbits is None) != (self.target_abits is None):
+            raise ValueError("target_wbits and target_abits go together")
+        fields = ("target_wbits", "bitops_g", "compression_ratio", "size_mb", "latency_ms", "avg_wbits", "avg_abits")
+        if all(getattr(self, f) is None for f in fields):
+            raise ValueError("a budget needs at least one constraint")
+        return self
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        parts = []
+        if self.target_wbits is not None:
+            parts.append(f"W{self.target_wbits}A{self.target_abits}")
+        for key, short in (("bitops_g", "G"), ("compression_ratio", "CR"), ("size_mb", "MB"), ("latency_ms", "ms"),
+                           ("avg_wbits", "avgW"), ("avg_abits", "avgA")):
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{short}{value:g}")
+        return "-".join(parts)
+
+
+class SearchConfig(_Section):
+    alpha: float = Field(2.0, ge=0)
+    cost_model: Literal["exact", "limpq-official"] = "exact"
+    wbits: list[int] | None = Field(None, description="Weight candidates; default: indicators.bits.")
+    abits: list[int] | None = Field(None, description="Activation candidates; default: indicators.bits.")
+    latency_table: str | None = Field(None, description="CSV or JSON rows: layer, wbits, abits, ms.")
+    budgets: list[Budget] = Field(default_factory=list)
+
+    _bits = field_validator("wbits", "abits")(_check_bits)
+
+
+class FinetuneConfig(RecipeConfig):
+    epochs: int = 2
+    lr: float = 0.01
+    init_from_indicators: bool = Field(
+        True, description="Start step sizes and BN from the joint-trained values at the chosen bits."
+    )
+    baselines: list[int] = Field(default_factory=list, description="Uniform WbAb baselines to fine-tune too.")
+
+    _bits = field_validator("baselines")(lambda v: _check_bits(v) if v else v)
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Cluster address; default: join RAY_ADDRESS or start local Ray.")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    bf16: bool = Field(False, description="bf16 autocast on CUDA.")
+    storage_path: str = Field("runs/ray", description="Checkpoints and results: a local dir, shared path or s3:// URI.")
+    max_failures: int = Field(2, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+    experiment: str = "limpq"
+
+
+class PipelineConfig(_Section):
+    name: str = Field("limpq", description="Run name; submitting the same name again resumes.")
+    seed: int = 0
+    output_dir: str = Field("runs", description="Local outputs (checkpoints, indicators, policies).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    fp: FPConfig = Field(default_factory=FPConfig)
+    indicators: IndicatorConfig = Field(default_factory=IndicatorConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _dataset_exists(self) -> PipelineConfig:
+        if not self.data.demo and not Path(self.data.path).exists():
+            raise ValueError(f"data.path: dataset path does not exist: {self.data.path}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def config_hash(self) -> str:
+        """Stable hash of the settings that change results (not where they are logged)."""
+        payload = self.model_dump(mode="json", exclude={"mlflow": True, "ray": {"address", "storage_path"}})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened `section.key` view, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, item)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_error(source: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    if message.startswith("data.path:"):
+        location, message = "data.path", message.split(": ", 1)[1]
+    where = f"{source}: {location}" if location else source
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_error(source, error)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline YAML; `overrides` maps dotted keys to values (e.g. from the CLI)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(raw, str(path))
