@@ -1,0 +1,126 @@
+"""LSQ fake quantization (SPEC 1.1) with one learnable step size per candidate bit-width."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STEP_MIN, STEP_MAX = 1e-5, 1.0
+
+
+def levels(bits: int, signed: bool) -> tuple[int, int]:
+    """(Qn, Qp): the integer range of a `bits`-bit code."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class LsqFakeQuant(torch.autograd.Function):
+    """q(x) = round(clamp(x / s, Qn, Qp)) * s with LSQ's analytic backward.
+
+    One autograd node instead of the composed detach-trick chain: it saves only `x` and `s` and
+    recomputes x / s in backward, so less memory is held between forward and backward.
+    The step size is clamped to [1e-5, 1] when used; its gradient passes the clamp straight through
+    so a step size that drifted out of range can still learn its way back.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
+        s = step.clamp(STEP_MIN, STEP_MAX)
+        ctx.save_for_backward(x, s)
+        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+        return torch.clamp(x / s, qn, qp).round_().mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, s = ctx.saved_tensors
+        v = x / s
+        v_clamped = v.clamp(ctx.qn, ctx.qp)
+        inside = v_clamped == v
+        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            # d q / d s = round(v) - v inside the range, Qn below it, Qp above it
+            #           = round(clamp(v)) - v * inside
+            ds = v_clamped.round_().sub_(v.mul_(inside))
+            grad_s = (grad_out * ds).sum().mul_(ctx.grad_scale).reshape(s.shape)
+        return grad_x, grad_s, None, None, None
+
+
+def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    qn, qp = levels(bits, signed)
+    return LsqFakeQuant.apply(x, step, qn, qp, 1.0 / math.sqrt(x.numel() * qp))
+
+
+def _mean_across_workers(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+class LsqQuantizer(nn.Module):
+    """Per-tensor LSQ quantizer holding a step size s[b] for every candidate bit-width b.
+
+    `active_bits` picks the step size used by the next forward (None: pass through in full precision).
+    Each s[b] is its own Parameter so that an optimizer step after a pass at one bit-width leaves the
+    others untouched. Step sizes are initialised lazily on the first forward at each bit-width
+    (SPEC 1.1 formulas); activation inits are averaged across data-parallel workers.
+    Whether activations are signed is read from the first batch this quantizer sees.
+    """
+
+    def __init__(self, bits: Sequence[int], kind: Literal["weight", "act"]) -> None:
+        super().__init__()
+        if not bits:
+            raise ValueError("LsqQuantizer needs at least one bit-width")
+        self.bits = tuple(int(b) for b in bits)
+        self.kind = kind
+        self.step = nn.ParameterDict({str(b): nn.Parameter(torch.ones(())) for b in self.bits})
+        self.register_buffer("initialized", torch.zeros(len(self.bits), dtype=torch.bool))
+        # -1 unknown, 0 unsigned, 1 signed; weights are always signed
+        self.register_buffer("signed_state", torch.tensor(1 if kind == "weight" else -1, dtype=torch.int8))
+        self.active_bits: int | None = self.bits[0] if len(self.bits) == 1 else None
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signed_state.item() == 1)
+
+    @torch.no_grad()
+    def _detect_sign(self, x: torch.Tensor) -> None:
+        has_negative = (x.min() < 0).float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(has_negative, op=dist.ReduceOp.MAX)
+        self.signed_state.fill_(int(has_negative.item() > 0))
+
+    @torch.no_grad()
+    def _init_step(self, x: torch.Tensor, bits: int) -> None:
+        qn, qp = levels(bits, self.signed)
+        if self.kind == "weight":
+            mean, std = x.mean(), x.std()
+            value = torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs()) / 2 ** (bits - 1)
+        else:
+            value = _mean_across_workers(2 * x.abs().mean() / math.sqrt(qp))
+        self.step[str(bits)].copy_(value.clamp(STEP_MIN, STEP_MAX))
+        self.initialized[self.bits.index(bits)] = True
+
+    def step_size(self, bits: int) -> float:
+        return float(self.step[str(bits)].detach().clamp(STEP_MIN, STEP_MAX))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = self.active_bits
+        if bits is None:
+            return x
+        if self.signed_state.item() < 0:
+            self._detect_sign(x)
+        if not self.initialized[self.bits.index(bits)]:
+            self._init_step(x.detach(), bits)
+        return lsq_fake_quant(x, self.step[str(bits)], bits, self.signed)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, bits={list(self.bits)}, active={self.active_bits}"

@@ -1,0 +1,84 @@
+"""Quantized Conv2d / Linear and switchable BatchNorm."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from orchestrator.quant.lsq import LsqQuantizer
+
+
+class _QuantLayer:
+    """Shared bit control of QConv2d and QLinear: a weight quantizer and an optional input quantizer."""
+
+    weight_quant: LsqQuantizer
+    act_quant: LsqQuantizer | None
+
+    def set_bits(self, wbits: int, abits: int | None) -> None:
+        self.weight_quant.active_bits = wbits
+        if self.act_quant is not None:
+            self.act_quant.active_bits = abits
+
+    def _quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return x, self.weight_quant(self.weight)
+
+
+def _adopt_parameters(target: nn.Module, source: nn.Module) -> None:
+    target.weight = source.weight
+    target.bias = source.bias
+
+
+class QConv2d(_QuantLayer, nn.Conv2d):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, wbits: Sequence[int], abits: Sequence[int] | None) -> QConv2d:
+        """Wrap `conv`, sharing its weight; `abits=None` keeps a full-precision input (first conv)."""
+        with torch.device("meta"):
+            layer = cls(
+                conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            )
+        _adopt_parameters(layer, conv)
+        layer.weight_quant = LsqQuantizer(wbits, "weight").to(conv.weight.device)
+        layer.act_quant = LsqQuantizer(abits, "act").to(conv.weight.device) if abits else None
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self._quantized_operands(x)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QLinear(_QuantLayer, nn.Linear):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, wbits: Sequence[int], abits: Sequence[int] | None) -> QLinear:
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        _adopt_parameters(layer, linear)
+        layer.weight_quant = LsqQuantizer(wbits, "weight").to(linear.weight.device)
+        layer.act_quant = LsqQuantizer(abits, "act").to(linear.weight.device) if abits else None
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight = self._quantized_operands(x)
+        return F.linear(x, weight, self.bias)
+
+
+class SwitchableBatchNorm2d(nn.Module):
+    """One independent BatchNorm2d (affine parameters and running statistics) per bit-width."""
+
+    def __init__(self, bn: nn.BatchNorm2d, bits: Sequence[int]) -> None:
+        super().__init__()
+        self.bits = tuple(int(b) for b in bits)
+        self.copies = nn.ModuleDict({str(b): copy.deepcopy(bn) for b in self.bits})
+        self.active_bits = self.bits[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.copies[str(self.active_bits)](x)
+
+    def extra_repr(self) -> str:
+        return f"bits={list(self.bits)}, active={self.active_bits}"

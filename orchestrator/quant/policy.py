@@ -1,0 +1,90 @@
+"""Bit control of a quantized model and reading its learned step sizes (the indicators)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from orchestrator.indicators import Indicators
+from orchestrator.quant.modules import QConv2d, QLinear, SwitchableBatchNorm2d
+from orchestrator.quant.surgery import layout_of, unwrap
+
+Policy = Mapping[str, tuple[int, int]]  # searchable layer -> (weight bits, activation bits)
+
+
+def searchable_modules(model: nn.Module) -> list[tuple[str, QConv2d | QLinear]]:
+    inner = unwrap(model)
+    return [(name, inner.get_submodule(name)) for name in layout_of(inner).searchable]
+
+
+def set_policy(model: nn.Module, policy: Policy) -> None:
+    """Set each searchable layer to its (wbits, abits); its switchable BN follows the weight bits."""
+    inner = unwrap(model)
+    layout = layout_of(inner)
+    for name in layout.searchable:
+        wbits, abits = policy[name]
+        inner.get_submodule(name).set_bits(wbits, abits)
+        if name in layout.bn_of:
+            bn = inner.get_submodule(layout.bn_of[name])
+            assert isinstance(bn, SwitchableBatchNorm2d)
+            bn.active_bits = wbits
+
+
+def uniform_policy(model: nn.Module, bits: int) -> dict[str, tuple[int, int]]:
+    return {name: (bits, bits) for name in layout_of(model).searchable}
+
+
+def set_uniform_bits(model: nn.Module, bits: int) -> None:
+    set_policy(model, uniform_policy(model, bits))
+
+
+def random_policy(model: nn.Module, bits: Sequence[int], rng: random.Random) -> dict[str, tuple[int, int]]:
+    """Each searchable layer draws one bit-width for both weights and activations (SPEC 1.3 step 3)."""
+    policy = {}
+    for name in layout_of(model).searchable:
+        b = rng.choice(list(bits))
+        policy[name] = (b, b)
+    return policy
+
+
+def extract_indicators(model: nn.Module, arch: str, provenance: dict[str, Any] | None = None) -> Indicators:
+    """The learned step sizes s_w[l][b], s_a[l][b] of every searchable layer (SPEC 1.4)."""
+    layers = searchable_modules(model)
+    bits = list(layers[0][1].weight_quant.bits)
+    weight, act = {}, {}
+    for name, module in layers:
+        weight[name] = {b: module.weight_quant.step_size(b) for b in bits}
+        act[name] = {b: module.act_quant.step_size(b) for b in bits} if module.act_quant is not None else {}
+    return Indicators(
+        model=arch, bits=bits, layers=[name for name, _ in layers], weight=weight, act=act,
+        provenance=dict(provenance or {}),
+    )
+
+
+def load_step_sizes(model: nn.Module, source: nn.Module, policy: Policy) -> None:
+    """Start a fine-tuning model from a joint-trained one: for each searchable layer copy the step sizes
+    at its chosen bits, and the matching BatchNorm copy (the one of its weight bits)."""
+    target_inner, source_inner = unwrap(model), unwrap(source)
+    target_layout, source_layout = layout_of(target_inner), layout_of(source_inner)
+    for name in target_layout.searchable:
+        wbits, abits = policy[name]
+        target, joint = target_inner.get_submodule(name), source_inner.get_submodule(name)
+        _copy_step(target.weight_quant, joint.weight_quant, wbits)
+        if target.act_quant is not None and joint.act_quant is not None:
+            _copy_step(target.act_quant, joint.act_quant, abits)
+        bn_name = source_layout.bn_of.get(name)
+        if bn_name is not None:
+            joint_bn = source_inner.get_submodule(bn_name)
+            target_inner.get_submodule(bn_name).load_state_dict(joint_bn.copies[str(wbits)].state_dict())
+    for name in target_layout.fixed:
+        target_inner.get_submodule(name).load_state_dict(source_inner.get_submodule(name).state_dict())
+
+
+def _copy_step(target, source, bits: int) -> None:
+    index = source.bits.index(bits)
+    target.step[str(bits)].data.copy_(source.step[str(bits)].data)
+    target.initialized[target.bits.index(bits)] = source.initialized[index]
+    target.signed_state.copy_(source.signed_state)

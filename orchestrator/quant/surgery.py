@@ -1,0 +1,99 @@
+"""Turn a torchvision classifier into its quantizable form (SPEC 1.2).
+
+Searchable layers become QConv2d/QLinear with one step size per candidate bit-width for weights and
+inputs; the BatchNorm that consumes a searchable layer's output becomes switchable. Fixed layers
+(default: first conv and classifier) quantize at 8 bits: the first conv keeps a full-precision input,
+the classifier uses 8-bit activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from orchestrator.errors import UserError
+from orchestrator.modelinfo import split_layers, trace_layers
+from orchestrator.quant.modules import QConv2d, QLinear, SwitchableBatchNorm2d
+
+FIXED_BITS = 8
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """Which layers of a quantized model are searched, in forward order, and the BN each feeds."""
+
+    searchable: tuple[str, ...]
+    fixed: tuple[str, ...]
+    bn_of: Mapping[str, str]  # searchable layer -> its switchable BatchNorm
+    first_conv: str | None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or similar `.module`) wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def layout_of(model: nn.Module) -> QuantLayout:
+    layout = getattr(unwrap(model), "limpq_layout", None)
+    if layout is None:
+        raise TypeError("model has not been prepared by quantize_model()")
+    return layout
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: Sequence[int] | None = None,
+    input_size: int = 224,
+    fixed_layers: Sequence[str] | None = None,
+    policy: Mapping[str, tuple[int, int]] | None = None,
+) -> QuantLayout:
+    """Replace layers of `model` in place and attach its `QuantLayout` as `model.limpq_layout`.
+
+    Either `bits` (joint training: every searchable layer holds all candidates, BN is switchable)
+    or `policy` (fine-tuning: layer -> (wbits, abits), one step size each, plain BN).
+    """
+    if (bits is None) == (policy is None):
+        raise ValueError("give exactly one of bits= or policy=")
+    traced = trace_layers(model, input_size)
+    searchable, fixed = split_layers(traced, list(fixed_layers) if fixed_layers is not None else None)
+    if policy is not None:
+        names = [layer.name for layer in searchable]
+        missing = [n for n in names if n not in policy]
+        extra = [n for n in policy if n not in set(names)]
+        if missing or extra:
+            raise UserError(
+                f"policy does not match the model's searchable layers: missing {missing or 'none'}, extra {extra or 'none'}"
+            )
+    first_conv = next((layer.name for layer in traced if layer.kind == "conv"), None)
+    bn_of: dict[str, str] = {}
+    for layer in searchable:
+        module = model.get_submodule(layer.name)
+        wbits, abits = ([policy[layer.name][0]], [policy[layer.name][1]]) if policy else (list(bits), list(bits))
+        quantized = (QConv2d if layer.kind == "conv" else QLinear).from_float(module, wbits, abits)
+        _replace(model, layer.name, quantized)
+        if bits is not None and layer.bn_name is not None:
+            _replace(model, layer.bn_name, SwitchableBatchNorm2d(model.get_submodule(layer.bn_name), bits))
+            bn_of[layer.name] = layer.bn_name
+    for layer in fixed:
+        module = model.get_submodule(layer.name)
+        abits = None if layer.name == first_conv else [FIXED_BITS]
+        _replace(model, layer.name, (QConv2d if layer.kind == "conv" else QLinear).from_float(module, [FIXED_BITS], abits))
+    layout = QuantLayout(
+        searchable=tuple(layer.name for layer in searchable),
+        fixed=tuple(layer.name for layer in fixed),
+        bn_of=bn_of,
+        first_conv=first_conv,
+    )
+    model.limpq_layout = layout
+    if policy is not None:
+        from orchestrator.quant.policy import set_policy
+
+        set_policy(model, policy)
+    return layout

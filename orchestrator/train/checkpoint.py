@@ -1,0 +1,109 @@
+"""Training checkpoints: model, optimizer, scheduler, position (epoch, step) and every RNG state, so a
+resumed run continues exactly. Written atomically; read with `weights_only=True`."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from orchestrator.errors import UserError
+from orchestrator.quant.surgery import unwrap
+
+FORMAT = "limpq-checkpoint/v1"
+
+
+def rng_state(policy_rng: random.Random | None = None) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if policy_rng is not None:
+        state["policy"] = policy_rng.getstate()
+    return state
+
+
+def restore_rng(state: dict[str, Any], policy_rng: random.Random | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if policy_rng is not None and "policy" in state:
+        policy_rng.setstate(state["policy"])
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    policy_rng: random.Random | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "rng": rng_state(policy_rng),
+        "meta": dict(meta or {}),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint (ours, or a bare state dict from elsewhere) without executing any code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return payload
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        payload = payload["state_dict"]
+    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return {"format": "state_dict", "model": payload, "meta": {}}
+    raise UserError(f"{path}: holds neither a limpq checkpoint nor a model state dict")
+
+
+def restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load weights strictly; a mismatch names the file and the keys or shapes that differ."""
+    target = unwrap(model)
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    own = target.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                shown = ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+                parts.append(f"{label}: {shown}")
+        raise UserError(f"{source}: checkpoint does not match the model ({'; '.join(parts)})")
+    target.load_state_dict(state_dict)

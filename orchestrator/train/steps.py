@@ -1,0 +1,88 @@
+"""One optimisation step of each stage, and evaluation (plain torch)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from orchestrator.quant.policy import Policy, random_policy, set_policy, set_uniform_bits
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
+
+
+def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+                      bf16: bool) -> tuple[float, int]:
+    with _autocast(images.device, bf16):
+        logits = model(images)
+        loss = criterion(logits.float(), labels)
+    loss.backward()
+    return float(loss.detach()), _topk_correct(logits.detach(), labels, 1)
+
+
+def _finish_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+    if grad_clip is not None:
+        nn.utils.clip_grad_value_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
+def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, grad_clip: float | None = None, bf16: bool = False) -> dict[str, float]:
+    """One step of ordinary training (FP stage, or fine-tuning at a fixed policy)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, correct = _forward_backward(model, images, labels, criterion, bf16)
+    _finish_step(model, optimizer, grad_clip)
+    return {"loss": loss, "top1": correct / len(labels)}
+
+
+def joint_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bits: Sequence[int],
+               criterion: nn.Module, optimizer: torch.optim.Optimizer, policy_rng: random.Random,
+               grad_clip: float | None = 1.0, bf16: bool = False) -> dict[str, float]:
+    """SPEC 1.3: one pass per uniform bit-width plus one random-policy pass, gradients accumulated,
+    clipped by value, then a single optimizer step. Metrics per pass: loss_w{b}, top1_w{b}, loss_random,
+    top1_random."""
+    optimizer.zero_grad(set_to_none=True)
+    metrics: dict[str, float] = {}
+    for b in bits:
+        set_uniform_bits(model, b)
+        loss, correct = _forward_backward(model, images, labels, criterion, bf16)
+        metrics[f"loss_w{b}"], metrics[f"top1_w{b}"] = loss, correct / len(labels)
+    set_policy(model, random_policy(model, bits, policy_rng))
+    loss, correct = _forward_backward(model, images, labels, criterion, bf16)
+    metrics["loss_random"], metrics["top1_random"] = loss, correct / len(labels)
+    _finish_step(model, optimizer, grad_clip)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], criterion: nn.Module,
+             policy: Policy | None = None, bf16: bool = False) -> dict[str, float]:
+    """Loss, top-1 and top-5 (fractions) over `batches`, at `policy` when given."""
+    if policy is not None:
+        set_policy(model, policy)
+    was_training = model.training
+    model.eval()
+    total, loss_sum, top1, top5 = 0, 0.0, 0, 0
+    try:
+        for images, labels in batches:
+            with _autocast(images.device, bf16):
+                logits = model(images).float()
+            loss_sum += float(criterion(logits, labels)) * len(labels)
+            top1 += _topk_correct(logits, labels, 1)
+            top5 += _topk_correct(logits, labels, 5)
+            total += len(labels)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "samples": 0}
+    return {"loss": loss_sum / total, "top1": top1 / total, "top5": top5 / total, "samples": total}
