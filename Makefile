@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/limpq demo --config jobs/configs/demo.yaml
+	$(BIN)/limpq run --config jobs/configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

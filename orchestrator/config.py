@@ -203,7 +203,16 @@ class PipelineConfig(_Section):
 
     def config_hash(self) -> str:
         """Stable hash of the settings that change results (not where they are logged)."""
-        payload = self.model_dump(mode="json", exclude={"mlflow": True, "ray": {"address", "storage_path"}})
+        return self.stage_hash("sweep")
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of the settings a stage's output depends on: changing a fine-tuning setting must not
+        invalidate the indicators, nor an indicator setting the FP weights."""
+        sections = {"fp": ("seed", "model", "data", "fp"), "indicators": ("seed", "model", "data", "fp", "indicators")}
+        keep = set(sections.get(stage, type(self).model_fields))
+        payload = self.model_dump(mode="json", include=keep - {"name", "output_dir", "mlflow"})
+        payload.pop("ray", None)
+        payload.get("data", {}).pop("num_workers", None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def flat(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from orchestrator.train.stages import joint_model, joint_training
 class FlippingImages(Dataset):
     """Random images whose augmentation draws from torch's global RNG, as torchvision transforms do."""
 
-    def __init__(self, count: int = 40, size: int = 16) -> None:
+    def __init__(self, count: int = 36, size: int = 16) -> None:
         generator = torch.Generator().manual_seed(3)
         self.images = torch.randn(count, 3, size, size, generator=generator)
         self.labels = torch.randint(0, 4, (count,), generator=generator)
@@ -39,7 +39,7 @@ def _config(tmp_path: Path) -> PipelineConfig:
         "name": "resume", "output_dir": str(tmp_path), "seed": 11,
         "model": {"arch": "resnet18", "num_classes": 4, "input_size": 16},
         "data": {"demo": True, "batch_size": 8},
-        "indicators": {"bits": [4, 2], "epochs": 2, "lr": 0.05, "train_fraction": 0.8},
+        "indicators": {"bits": [4, 2], "epochs": 2, "lr": 0.05},
     })
 
 
@@ -47,7 +47,7 @@ def _train(cfg: PipelineConfig, checkpoint: Path, stop_after_steps: int | None =
     torch.manual_seed(0)
     model = joint_model(cfg, build_model("resnet18", 4))
     data = FlippingImages()
-    per_epoch = steps_per_epoch(len(data), cfg.data.batch_size, cfg.indicators.train_fraction)
+    per_epoch = steps_per_epoch(len(data), cfg.data.batch_size)
     training = joint_training(cfg, model, per_epoch)
     result = fit(model, data, cfg.indicators, stage="indicators", step_fn=training.step,
                  optimizer=training.optimizer, scheduler=training.scheduler, batch_size=cfg.data.batch_size,

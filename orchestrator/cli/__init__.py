@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from orchestrator.errors import UserError
 
-COMMAND_MODULES = ("data", "indicators", "search", "pipeline")
+COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except UserError as error:

@@ -31,12 +31,11 @@ class FitResult:
 
 
 class EpochSampler(Sampler[int]):
-    """A fresh permutation per epoch drawn from (seed, epoch), cut to `fraction` of the set;
-    `start` skips the samples a resumed run already consumed."""
+    """A fresh permutation per epoch drawn from (seed, epoch); `start` skips the samples a resumed
+    run already consumed."""
 
-    def __init__(self, size: int, seed: int, fraction: float = 1.0) -> None:
+    def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed = size, seed
-        self.count = max(1, int(size * fraction))
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -44,11 +43,10 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[: self.count]
-        return iter(order[self.start:].tolist())
+        return iter(torch.randperm(self.size, generator=generator)[self.start:].tolist())
 
     def __len__(self) -> int:
-        return self.count - self.start
+        return self.size - self.start
 
 
 class MetricSums:
@@ -70,9 +68,9 @@ class MetricSums:
         return {"sums": dict(self.sums), "count": self.count}
 
 
-def steps_per_epoch(dataset_size: int, batch_size: int, fraction: float) -> int:
-    count = max(1, int(dataset_size * fraction))
-    return max(1, count // batch_size) if count >= batch_size else 1
+def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
+    """Full batches only (a batch of one breaks BatchNorm), but at least one step."""
+    return max(1, dataset_size // batch_size)
 
 
 def fit(
@@ -95,15 +93,15 @@ def fit(
     on_epoch_end: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
     stop_after_steps: int | None = None,
 ) -> FitResult:
-    """Train for `recipe.epochs`, resuming from `checkpoint_path` when it exists.
+    """Train on every sample of `train_set` for `recipe.epochs`, resuming from `checkpoint_path` when it exists.
 
     `on_epoch_end(epoch, train_means)` may return extra metrics (e.g. validation) for the history.
     `stop_after_steps` ends the call early after a checkpoint at that global step (tests of resume).
     """
     checkpoint_path = Path(checkpoint_path)
     size = len(train_set)
-    per_epoch = steps_per_epoch(size, batch_size, recipe.train_fraction)
-    sampler = EpochSampler(size, seed, recipe.train_fraction)
+    per_epoch = steps_per_epoch(size, batch_size)
+    sampler = EpochSampler(size, seed)
     start_epoch, start_step, sums = 0, 0, MetricSums()
     if checkpoint_path.exists():
         payload = load_checkpoint(checkpoint_path)
@@ -126,7 +124,7 @@ def fit(
         sampler.set_epoch(epoch, start_step * batch_size)
         # a private generator: creating the loader must not draw from the global RNG a checkpoint restores
         loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                            drop_last=sampler.count >= batch_size,
+                            drop_last=size >= batch_size,
                             generator=torch.Generator().manual_seed(seed + epoch))
         for step, (images, labels) in enumerate(loader, start=start_step):
             if step >= per_epoch:

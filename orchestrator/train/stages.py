@@ -143,8 +143,8 @@ def run_fp_stage(cfg: PipelineConfig) -> Path:
 
         device = device_for(cfg)
         model.to(device)
-        train_set, val_set = build_datasets(cfg)
-        per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size, cfg.fp.train_fraction)
+        train_set, val_set = build_datasets(cfg, cfg.fp.train_fraction)
+        per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
         training = fp_training(cfg, model, per_epoch)
         fit(model, train_set, cfg.fp, stage="fp", step_fn=training.step, optimizer=training.optimizer,
             scheduler=training.scheduler, batch_size=cfg.data.batch_size, seed=cfg.seed, device=device,
@@ -166,8 +166,8 @@ def run_indicator_stage(cfg: PipelineConfig, fp_path: str | Path, stop_after_ste
 
     device = device_for(cfg)
     model = joint_model(cfg, load_fp_model(cfg, fp_path)).to(device)
-    train_set, val_set = build_datasets(cfg)
-    per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size, cfg.indicators.train_fraction)
+    train_set, val_set = build_datasets(cfg, cfg.indicators.train_fraction)
+    per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
     training = joint_training(cfg, model, per_epoch)
     result = fit(
         model, train_set, cfg.indicators, stage="indicators", step_fn=training.step, optimizer=training.optimizer,

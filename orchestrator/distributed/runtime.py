@@ -1,0 +1,32 @@
+"""Connect to Ray: join the cluster a job was submitted to, or start the embedded local default."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from orchestrator.config import PipelineConfig
+
+log = logging.getLogger("limpq")
+
+
+def local_cpu_count() -> int:
+    """Logical CPUs for an embedded local Ray: twice the cores (at least 4), because Train workers
+    reserve theirs for the whole run and Ray Data needs CPUs of its own to feed them, or it hangs."""
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
+def ensure_ray(cfg: PipelineConfig) -> None:
+    """Idempotent. Under `ray job submit` RAY_ADDRESS points at the cluster and `ray.init()` joins it."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    log.info("starting local Ray (%d logical CPUs)", local_cpu_count())
+    ray.init(num_cpus=local_cpu_count(), include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})

@@ -1,0 +1,96 @@
+"""Joint indicator training on real Ray Train (CPU, gloo) with a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+
+from orchestrator.config import PipelineConfig
+from orchestrator.data.demo import write_digits_dataset
+from orchestrator.distributed.pipeline import run_indicators
+from orchestrator.distributed.train import CRASH_ENV
+from orchestrator.indicators import load_indicators
+from orchestrator.tracking import Tracker
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small slice of the digits demo (8 train / 4 val images per class) plus two unreadable files."""
+    base = tmp_path_factory.mktemp("data")
+    write_digits_dataset(base / "full", image_size=16)
+    root = base / "digits"
+    for split, keep in (("train", 8), ("val", 4)):
+        for class_dir in sorted((base / "full" / split).iterdir()):
+            (root / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:keep]:
+                shutil.copy(image, root / split / class_dir.name / image.name)
+    (root / "train" / "3" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    (root / "train" / "5" / "empty.png").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    yield
+    ray.shutdown()
+
+
+def _config(tmp_path: Path, data: Path, **overrides) -> PipelineConfig:
+    raw = {
+        "name": "ddp", "output_dir": str(tmp_path / "runs"),
+        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
+        "data": {"path": str(data), "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
+        "fp": {"epochs": 0},
+        "indicators": {"bits": [4, 2], "epochs": 2, "lr": 0.02, "train_fraction": 1.0},
+        "ray": {"num_workers": 2, "storage_path": str(tmp_path / "ray"), "max_failures": 2},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test-ddp"},
+    }
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        raw[section][field] = value
+    return PipelineConfig.model_validate(raw)
+
+
+def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: Path, digits: Path) -> None:
+    cfg = _config(tmp_path, digits)
+    marker = tmp_path / "crashed-once"
+    # rank 0 exits mid-epoch 2 (80 images, 2 workers x 16: 2 steps per epoch), on the first attempt only
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {CRASH_ENV: f"3:{marker}"}})
+
+    out = run_indicators(cfg)
+
+    assert marker.exists(), "the fault was not injected"
+    document = json.loads(out.read_text())
+    assert document["format"] == "limpq-indicators/v1" and document["bits"] == [4, 2]
+    indicators = load_indicators(out)
+    assert len(indicators.layers) == 19 and indicators.provenance["epochs"] == 2
+
+    tracker = Tracker.from_config(cfg)
+    runs = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
+    assert [run.info.status for run in runs] == ["FINISHED"]
+    run = runs[0]
+    assert run.data.params["indicators.bits"] == "[4, 2]" and run.data.params["ray.num_workers"] == "2"
+    for key in ("loss_w4", "top1_w2", "loss_random", "top1_random", "val_top1_w4", "images_per_second"):
+        assert key in run.data.metrics, key
+    epochs = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "loss_w2")]
+    assert sorted(set(epochs)) == [1, 2]  # epoch 2 resumed from the epoch-1 checkpoint
+    assert run.data.metrics["skipped_images_train"] == 2
+    artifacts = {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
+    assert {"indicators.json", "plots", "checkpoint"} <= artifacts
+    assert {a.path for a in tracker.client.list_artifacts(run.info.run_id, "plots")} == {"plots/indicators.png"}
+
+
+def test_rerun_skips_finished_stages(tmp_path: Path, digits: Path) -> None:
+    cfg = _config(tmp_path, digits, indicators__epochs=1, ray__num_workers=1)
+    first = run_indicators(cfg).read_text()
+    shutil.rmtree(cfg.run_dir)  # outputs come back from MLflow, not from a second training
+    assert run_indicators(cfg).read_text() == first
+    tracker = Tracker.from_config(cfg)
+    runs = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
+    assert len(runs) == 1
