@@ -75,10 +75,10 @@ class FPConfig(RecipeConfig):
     source: Literal["train", "torchvision", "checkpoint"] = "train"
     weights: str | None = Field(None, description="torchvision weights name, e.g. ResNet18_Weights.IMAGENET1K_V1.")
     checkpoint: str | None = None
-    epochs: int = 3
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(0.1, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _source_has_input(self) -> FPConfig:
@@ -94,10 +94,10 @@ class FPConfig(RecipeConfig):
 
 class IndicatorConfig(RecipeConfig):
     bits: list[int] = Field(default_factory=lambda: [6, 5, 4, 3, 2])
-    epochs: int = 3
-    lr: float = 0.01
-    grad_clip: float | None = 1.0
-    train_fraction: float = 0.5
+    epochs: int = Field(3, ge=0)
+    lr: float = Field(0.01, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip gradients by value.")
+    train_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of the training set used per epoch.")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Extra mid-epoch checkpoints (in-process runs).")
 
     _bits = field_validator("bits")(_check_bits)
@@ -151,12 +151,13 @@ class SearchConfig(_Section):
 
 
 class FinetuneConfig(RecipeConfig):
-    epochs: int = 2
-    lr: float = 0.01
+    epochs: int = Field(2, ge=0)
+    lr: float = Field(0.01, gt=0)
     init_from_indicators: bool = Field(
         True, description="Start step sizes and BN from the joint-trained values at the chosen bits."
     )
     baselines: list[int] = Field(default_factory=list, description="Uniform WbAb baselines to fine-tune too.")
+    asha: bool = Field(False, description="Stop weak trials early (ASHA on val top-1).")
 
     _bits = field_validator("baselines")(lambda v: _check_bits(v) if v else v)
 

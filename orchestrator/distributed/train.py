@@ -33,13 +33,13 @@ from orchestrator.indicators import save_indicators
 from orchestrator.modelinfo import build_model
 from orchestrator.plots import indicator_heatmap
 from orchestrator.quant.policy import uniform_policy
-from orchestrator.tracking import StageRun, Tracker
+from orchestrator.tracking import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model, restore_rng, save_checkpoint
 from orchestrator.train.loop import MetricSums
 from orchestrator.train.progress import Progress
 from orchestrator.train.stages import (
-    FP_FILE, INDICATORS_FILE, JOINT_FILE, fp_meta, fp_training, indicators_of, initial_fp_model, joint_model,
-    joint_training,
+    FP_FILE, INDICATORS_FILE, JOINT_FILE, finetune_model, fp_meta, fp_training, indicators_of, initial_fp_model,
+    joint_model, joint_training, stage_recipe,
 )
 from orchestrator.train.steps import evaluate
 
@@ -81,34 +81,43 @@ def _maybe_crash(global_step: int) -> None:
 
 
 def _validation(model, cfg: PipelineConfig, stage: str, criterion, device) -> dict[str, float]:
-    """Validation over every worker's share of the val set, aggregated by sample count."""
+    """Validation over every worker's share of the val set, aggregated by sample count: at every
+    uniform bit-width for the joint model, else as the model stands (FP, or its fixed policy)."""
     shard = ray.train.get_dataset_shard("val")
-    policies = {"": None} if stage == "fp" else {f"_w{b}": uniform_policy(model, b) for b in cfg.indicators.bits}
+    policies = {f"_w{b}": uniform_policy(model, b) for b in cfg.indicators.bits} if stage == "indicators" else {"": None}
     metrics = {}
     for suffix, policy in policies.items():
         result = evaluate(model, iter_batches(shard, cfg.data.batch_size, device), criterion, policy, cfg.ray.bf16)
         n = result["samples"]
-        loss, top1, total = _all_reduce([result["loss"] * n if n else 0.0, result["top1"] * n if n else 0.0, float(n)])
-        metrics[f"val_loss{suffix}"], metrics[f"val_top1{suffix}"] = loss / max(total, 1), top1 / max(total, 1)
+        sums = _all_reduce([result[k] * n if n else 0.0 for k in ("loss", "top1", "top5")] + [float(n)])
+        for key, total in zip(("loss", "top1", "top5"), sums):
+            if key != "top5" or stage != "indicators":
+                metrics[f"val_{key}{suffix}"] = total / max(sums[-1], 1)
     return metrics
 
 
+def _worker_model(cfg: PipelineConfig, stage: str, config: dict[str, Any]) -> torch.nn.Module:
+    if stage == "fp":
+        return initial_fp_model(cfg)
+    fp_state = ray.get(config["fp_weights"])
+    if stage == "finetune":
+        joint_state = ray.get(config["joint_weights"]) if config.get("joint_weights") is not None else None
+        return finetune_model(cfg, fp_state, config["policy"], joint_state)
+    model = build_model(cfg.model.arch, cfg.model.num_classes)
+    restore_model(model, fp_state, "FP weights")
+    return joint_model(cfg, model)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker of the FP or indicator stage."""
+    """One Ray Train worker of the FP, indicator or fine-tuning stage."""
     cfg: PipelineConfig = config["pipeline"]
     stage: str = config["stage"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
-    recipe = cfg.fp if stage == "fp" else cfg.indicators
+    recipe = stage_recipe(cfg, stage)
     per_epoch: int = config["steps_per_epoch"]
-
-    if stage == "fp":
-        model = initial_fp_model(cfg)
-    else:
-        model = build_model(cfg.model.arch, cfg.model.num_classes)
-        restore_model(model, ray.get(config["fp_weights"]), "FP weights")
-        model = joint_model(cfg, model)
+    model = _worker_model(cfg, stage, config)
     payload = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -116,7 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             payload = load_checkpoint(Path(directory) / STATE_FILE)
         restore_model(model, payload["model"], f"checkpoint of run {cfg.name}")
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    training = fp_training(cfg, model, per_epoch) if stage == "fp" else joint_training(cfg, model, per_epoch)
+    training = (joint_training(cfg, model, per_epoch) if stage == "indicators"
+                else fp_training(cfg, model, per_epoch, recipe))
     start_epoch = 0
     if payload is not None:
         training.optimizer.load_state_dict(payload["optimizer"])
@@ -150,6 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]
         metrics.update(_validation(model, cfg, stage, training.criterion, device))
         metrics["epoch"] = epoch + 1
+        metrics.update(config.get("report_extra", {}))
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
@@ -189,26 +200,24 @@ def _estimated_steps(cfg: PipelineConfig, fraction: float) -> int:
     return max(1, samples // cfg.ray.num_workers // cfg.data.batch_size)
 
 
-def run_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, fp_path: Path | None = None) -> Path:
-    """Run the FP or indicator stage on Ray Train; returns the stage's output file.
+def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str, run_name: str,
+                 inputs: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
+    """Run one stage's TorchTrainer (FP, indicators or fine-tuning) and return the final model state.
 
-    Writes `<run_dir>/fp.pt`, or `joint.pt` + `indicators.json`; MLflow gets the params, per-epoch
-    metrics, images/s, the skipped-image count and the artifacts.
+    `inputs` go to every worker (object refs of weights, a policy); the same `run_name` under the
+    same storage path resumes a crashed run from its last checkpoint. The skipped-image count and
+    steps per epoch are logged to `run_id`.
     """
     ensure_ray(cfg)
-    recipe = cfg.fp if stage == "fp" else cfg.indicators
-    out_dir = cfg.run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = stage_recipe(cfg, stage)
     counter = SkipCounter()
     datasets = build_ray_datasets(cfg, skip_counter=counter, train_fraction=recipe.train_fraction)
     per_epoch = _estimated_steps(cfg, recipe.train_fraction)
-    run: StageRun = tracker.open_stage_run(cfg, stage, config_hash=cfg.stage_hash(stage))
-    tracker.log_params(run.run_id, {"steps_per_epoch": per_epoch})
+    tracker.log_params(run_id, {"steps_per_epoch": per_epoch})
     loop_config: dict[str, Any] = {
-        "pipeline": cfg, "stage": stage, "steps_per_epoch": per_epoch, "tracker": tracker, "run_id": run.run_id,
+        "pipeline": cfg, "stage": stage, "steps_per_epoch": per_epoch, "tracker": tracker, "run_id": run_id,
+        **(inputs or {}),
     }
-    if stage == "indicators":
-        loop_config["fp_weights"] = ray.put(load_checkpoint(fp_path)["model"])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -216,22 +225,34 @@ def run_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, fp_path: Path |
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         datasets=datasets,
         run_config=RunConfig(
-            name=f"{cfg.name}-{stage}-{cfg.stage_hash(stage)}",
+            name=run_name,
             storage_path=_storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
-    with run:
-        result = trainer.fit()
-        skipped = counter.counts()
-        tracker.log_metrics(run.run_id, {f"skipped_images_{split}": n for split, n in skipped.items()},
-                            step=recipe.epochs)
-        if any(skipped.values()):
-            log.warning("skipped unreadable images: %s", skipped)
-        with result.checkpoint.as_directory() as directory:
-            state = load_checkpoint(Path(directory) / STATE_FILE)["model"]
-        return _write_outputs(cfg, stage, state, tracker, run.run_id, out_dir)
+    result = trainer.fit()
+    skipped = counter.counts()
+    tracker.log_metrics(run_id, {f"skipped_images_{split}": n for split, n in skipped.items()}, step=recipe.epochs)
+    if any(skipped.values()):
+        log.warning("skipped unreadable images: %s", skipped)
+    with result.checkpoint.as_directory() as directory:
+        return load_checkpoint(Path(directory) / STATE_FILE)["model"]
+
+
+def run_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, fp_path: Path | None = None) -> Path:
+    """Run the FP or indicator stage on Ray Train; returns the stage's output file.
+
+    Writes `<run_dir>/fp.pt`, or `joint.pt` + `indicators.json`; MLflow gets the params, per-epoch
+    metrics, images/s, the skipped-image count and the artifacts.
+    """
+    ensure_ray(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"fp_weights": ray.put(load_checkpoint(fp_path)["model"])} if stage == "indicators" else {}
+    with tracker.open_stage_run(cfg, stage, config_hash=cfg.stage_hash(stage)) as run:
+        state = train_on_ray(cfg, stage, tracker, run.run_id, f"{cfg.name}-{stage}-{cfg.stage_hash(stage)}", inputs)
+        return _write_outputs(cfg, stage, state, tracker, run.run_id, cfg.run_dir)
 
 
 def _write_outputs(cfg: PipelineConfig, stage: str, state: dict, tracker: Tracker, run_id: str, out_dir: Path) -> Path:

@@ -65,8 +65,9 @@ def extract_indicators(model: nn.Module, arch: str, provenance: dict[str, Any] |
 
 
 def load_step_sizes(model: nn.Module, source: nn.Module, policy: Policy) -> None:
-    """Start a fine-tuning model from a joint-trained one: for each searchable layer copy the step sizes
-    at its chosen bits, and the matching BatchNorm copy (the one of its weight bits)."""
+    """Start a fine-tuning model's quantizers from a joint-trained one: for each searchable layer the
+    step sizes at its chosen bits and the matching BatchNorm copy (the one of its weight bits); the
+    fixed layers' 8-bit step sizes. Weights stay as they are."""
     target_inner, source_inner = unwrap(model), unwrap(source)
     target_layout, source_layout = layout_of(target_inner), layout_of(source_inner)
     for name in target_layout.searchable:
@@ -80,7 +81,10 @@ def load_step_sizes(model: nn.Module, source: nn.Module, policy: Policy) -> None
             joint_bn = source_inner.get_submodule(bn_name)
             target_inner.get_submodule(bn_name).load_state_dict(joint_bn.copies[str(wbits)].state_dict())
     for name in target_layout.fixed:
-        target_inner.get_submodule(name).load_state_dict(source_inner.get_submodule(name).state_dict())
+        target, joint = target_inner.get_submodule(name), source_inner.get_submodule(name)
+        target.weight_quant.load_state_dict(joint.weight_quant.state_dict())
+        if target.act_quant is not None and joint.act_quant is not None:
+            target.act_quant.load_state_dict(joint.act_quant.state_dict())
 
 
 def _copy_step(target, source, bits: int) -> None:

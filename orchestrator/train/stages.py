@@ -21,7 +21,7 @@ from orchestrator.config import PipelineConfig, RecipeConfig
 from orchestrator.errors import UserError
 from orchestrator.indicators import Indicators, save_indicators
 from orchestrator.modelinfo import build_model
-from orchestrator.quant.policy import extract_indicators, uniform_policy
+from orchestrator.quant.policy import Policy, extract_indicators, load_step_sizes, uniform_policy
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.train import recipe as recipes
 from orchestrator.train.checkpoint import load_checkpoint, restore_model, save_checkpoint
@@ -29,6 +29,10 @@ from orchestrator.train.loop import fit, steps_per_epoch
 from orchestrator.train.steps import evaluate, joint_step, plain_step
 
 FP_FILE, JOINT_FILE, INDICATORS_FILE = "fp.pt", "joint.pt", "indicators.json"
+
+
+def stage_recipe(cfg: PipelineConfig, stage: str) -> RecipeConfig:
+    return {"fp": cfg.fp, "indicators": cfg.indicators, "finetune": cfg.finetune}[stage]
 
 
 def device_for(cfg: PipelineConfig) -> torch.device:
@@ -71,10 +75,16 @@ def joint_model(cfg: PipelineConfig, fp_model: nn.Module) -> nn.Module:
     return fp_model
 
 
-def load_joint_model(cfg: PipelineConfig, path: str | Path) -> nn.Module:
-    payload = load_checkpoint(path)
-    model = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
-    restore_model(model, payload["model"], path)
+def finetune_model(cfg: PipelineConfig, fp_state: dict, policy: Policy, joint_state: dict | None = None) -> nn.Module:
+    """The FP model quantized at a fixed per-layer policy (SPEC 1.6); with `joint_state`, its step sizes
+    and BatchNorms start from the joint-trained values at the chosen bits."""
+    model = build_model(cfg.model.arch, cfg.model.num_classes)
+    restore_model(model, fp_state, "FP weights")
+    quantize_model(model, policy=policy, input_size=cfg.model.input_size, fixed_layers=cfg.model.fixed_layers)
+    if joint_state is not None:
+        joint = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
+        restore_model(joint, joint_state, "joint checkpoint")
+        load_step_sizes(model, joint, policy)
     return model
 
 

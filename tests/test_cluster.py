@@ -1,0 +1,387 @@
+"""The cluster path a user takes: launcher configs that `ray up` accepts, a one-machine cluster from
+cluster/local-up.sh, jobs submitted with `ray job submit` and `limpq submit`, their results in the
+cluster's MLflow server, and the generated configuration reference in the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from orchestrator.cli import main
+from orchestrator.config import PipelineConfig, load_config
+from orchestrator.config_reference import END_MARKER, START_MARKER, current_reference, render_reference, update_markdown
+from orchestrator.errors import ConfigError, UserError
+from orchestrator.submission import DEFAULT_ADDRESS, load_runtime_env, resolve_address
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SMOKE_CONFIG = "jobs/configs/smoke.yaml"
+JOB_TIMEOUT_S = 1500
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+# ------------------------------------------------------------------------------ launcher configs
+
+def _launcher_config(path: str) -> dict:
+    return yaml.safe_load((REPO / path).read_text())
+
+
+@pytest.mark.parametrize("path", ["ray_cluster.yaml", "cluster/local.yaml"])
+def test_launcher_config_passes_the_launchers_own_validation(path: str) -> None:
+    # What `ray up` does before touching a machine: fill in the provider defaults, then check
+    # the result against ray/autoscaler/ray-schema.json and the launcher's own rules.
+    validate_config(prepare_config(_launcher_config(path)))
+
+
+def test_launcher_validation_rejects_a_misspelt_key() -> None:
+    config = _launcher_config("ray_cluster.yaml")
+    config["available_node_types"]["gpu_worker"]["max_worker"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        validate_config(prepare_config(config))
+
+
+@pytest.mark.parametrize("path", ["ray_cluster.yaml", "cluster/local.yaml"])
+def test_launcher_config_keeps_dashboard_on_loopback_and_token_auth_on(path: str) -> None:
+    config = _launcher_config(path)
+    head, workers = " ".join(config["head_start_ray_commands"]), " ".join(config["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in workers
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "mlflow server" in head and "MLFLOW_TRACKING_URI=" in head and "MLFLOW_TRACKING_URI=" in workers
+
+
+def test_cloud_config_has_a_cpu_head_and_autoscaled_gpu_workers() -> None:
+    config = prepare_config(_launcher_config("ray_cluster.yaml"))
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert config["provider"]["type"] == "aws"
+    assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"]
+    assert config["available_node_types"][config["head_node_type"]]["node_config"]["InstanceType"].startswith(("m", "c"))
+
+
+# ------------------------------------------------------------------------------ runtime env, submit
+
+def test_runtime_env_file_uploads_the_repository_without_local_state() -> None:
+    runtime_env = load_runtime_env(REPO / "cluster/runtime_env.yaml")
+    assert runtime_env["working_dir"] == "."
+    assert {".venv/", ".git/", "runs/", "demo_data/", "mlflow.db", "mlartifacts/"} <= set(runtime_env["excludes"])
+    # The cluster's own MLflow address comes from its Ray processes; a fixed one here would win.
+    assert "MLFLOW_TRACKING_URI" not in runtime_env.get("env_vars", {})
+
+
+def test_working_dir_option_overrides_the_runtime_env_file() -> None:
+    assert load_runtime_env(REPO / "cluster/runtime_env.yaml", "other")["working_dir"] == "other"
+    assert load_runtime_env(None) == {"working_dir": "."}
+
+
+@pytest.mark.parametrize("text, problem", [("- a\n- b\n", "must be a mapping"), ("a: [b\n", "not valid YAML")])
+def test_bad_runtime_env_file_is_a_one_line_user_error(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=problem):
+        load_runtime_env(path)
+    with pytest.raises(UserError, match="not found"):
+        load_runtime_env(tmp_path / "missing.yaml")
+
+
+def test_submit_address_follows_rays_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert resolve_address(None) == DEFAULT_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", "http://ray-address:8265")
+    assert resolve_address(None) == "http://ray-address:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://api-server:8265")
+    assert resolve_address(None) == "http://api-server:8265"
+    assert resolve_address("http://explicit:8265") == "http://explicit:8265"
+
+
+def test_submit_without_a_command_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["submit", "--"]) == 2
+    assert "limpq: error: submit: no command given" in capsys.readouterr().err
+
+
+def test_submit_to_an_unreachable_cluster_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # submit() points RAY_API_SERVER_ADDRESS at its address; an explicit auth mode keeps Ray's
+    # process-wide auth setting as it is. monkeypatch restores both.
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "unused")
+    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
+    (port,) = _free_ports(1)
+    assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--", "echo", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"limpq: error: cannot use the Ray job API at http://127.0.0.1:{port}") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------ config CLI, reference
+
+def test_config_validate_prints_ok_or_the_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("data: {demo: true}\n")
+    bad.write_text("data: {demo: true}\nray: {num_workers: 0}\n")
+    assert main(["config", "validate", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["config", "validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"limpq: error: {bad}: ray.num_workers: Input should be greater than or equal to 1\n"
+
+
+def test_readme_configuration_reference_is_up_to_date() -> None:
+    assert current_reference(REPO / "README.md") == render_reference(), (
+        "README.md's configuration reference differs from the schema; run: limpq config reference --update README.md"
+    )
+
+
+def test_reference_documents_every_key_with_its_default() -> None:
+    reference = render_reference()
+    for key in PipelineConfig.model_construct().flat():
+        assert f"| `{key}` |" in reference, key
+    assert "| `ray.num_workers` | int (>= 1) | `1` |" in reference
+    assert "| `search.budgets[].target_wbits` | int or null (>= 2, <= 8) | `null` |" in reference
+
+
+def test_reference_update_rewrites_only_between_the_markers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nintro\n\n{START_MARKER}\nstale\n{END_MARKER}\n\n## After\n")
+    assert update_markdown(readme) is True
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{END_MARKER}\n\n## After\n")
+    assert "stale" not in text and current_reference(readme) == render_reference()
+    assert update_markdown(readme) is False
+    readme.write_text("no markers\n")
+    with pytest.raises(UserError, match="markers"):
+        update_markdown(readme)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+def _non_loopback_address() -> str | None:
+    """This machine's primary address (a UDP connect sends nothing), or None without a network."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+@dataclass
+class Cluster:
+    data_dir: Path
+    dashboard_url: str
+    mlflow_url: str
+    dashboard_port: int
+    mlflow_port: int
+    env: dict[str, str]
+    token_file: Path
+
+    def run(self, command: str, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+        """A shell command from the repository root, after `source env.sh` as the user does."""
+        return subprocess.run(
+            ["bash", "-c", f"source '{self.data_dir}/env.sh' && {command}"],
+            cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def job_api(self, path: str) -> Any:
+        """GET on Ray's job REST API, authenticated with the cluster's token."""
+        request = urllib.request.Request(
+            f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def mlflow(self, endpoint: str, params: dict | None = None, body: dict | None = None) -> dict:
+        url = f"{self.mlflow_url}/api/2.0/mlflow/{endpoint}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+
+def _run_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "cluster" / name)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    data_dir = tmp_path_factory.mktemp("cluster")
+    # Ray's socket paths must stay under ~107 characters: a short root, not pytest's tmp path.
+    ray_temp_dir = tempfile.mkdtemp(prefix="lq", dir="/tmp")
+    gcs, dashboard, mlflow, client, agent = _free_ports(5)
+    env = {
+        key: value for key, value in os.environ.items()
+        if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    }
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        LIMPQ_CLUSTER_DIR=str(data_dir),
+        LIMPQ_RAY_TEMP_DIR=ray_temp_dir,
+        LIMPQ_RAY_PORT=str(gcs),
+        LIMPQ_DASHBOARD_PORT=str(dashboard),
+        LIMPQ_MLFLOW_PORT=str(mlflow),
+        LIMPQ_RAY_EXTRA_ARGS=f"--ray-client-server-port {client} --dashboard-agent-listen-port {agent}",
+        RAY_AUTH_TOKEN_PATH=str(data_dir / "auth_token"),
+    )
+    pgids: list[int] = []
+    try:
+        up = _run_script("local-up.sh", env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        pgids = [int((data_dir / name).read_text()) for name in ("ray.pid", "mlflow.pid")]
+        yield Cluster(
+            data_dir, f"http://127.0.0.1:{dashboard}", f"http://127.0.0.1:{mlflow}", dashboard, mlflow, env,
+            data_dir / "auth_token",
+        )
+    finally:
+        down = _run_script("local-down.sh", env)
+        shutil.rmtree(ray_temp_dir, ignore_errors=True)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not any(_group_alive(pgid) for pgid in pgids), "processes started by local-up.sh survived local-down.sh"
+
+
+@pytest.mark.slow
+def test_local_cluster_is_idempotent_loopback_only_and_authenticated(local_cluster: Cluster) -> None:
+    pids = {name: (local_cluster.data_dir / name).read_text() for name in ("ray.pid", "mlflow.pid")}
+    again = _run_script("local-up.sh", local_cluster.env)
+    assert again.returncode == 0, again.stderr
+    assert "Ray already running" in again.stdout and "MLflow already running" in again.stdout
+    assert pids == {name: (local_cluster.data_dir / name).read_text() for name in pids}
+    assert local_cluster.token_file.stat().st_mode & 0o077 == 0
+
+    with pytest.raises(urllib.error.HTTPError) as unauthenticated:
+        urllib.request.urlopen(f"{local_cluster.dashboard_url}/api/jobs/", timeout=10)
+    assert unauthenticated.value.code == 401
+    assert isinstance(local_cluster.job_api("/api/jobs/"), list)
+
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback address on this machine to check the bind address against")
+    for port in (local_cluster.dashboard_port, local_cluster.mlflow_port):
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=3).close()
+
+
+def _artifact_files(cluster: Cluster, run_id: str, path: str = "") -> list[str]:
+    listing = cluster.mlflow("artifacts/list", {"run_id": run_id, **({"path": path} if path else {})})
+    files = []
+    for entry in listing.get("files", []):
+        if entry["is_dir"]:
+            files += _artifact_files(cluster, run_id, entry["path"])
+        else:
+            files.append(entry["path"])
+    return files
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT_S + 300)
+def test_pipeline_job_runs_on_the_cluster_and_logs_to_its_mlflow_server(local_cluster: Cluster) -> None:
+    job_id = f"limpq-test-{uuid.uuid4().hex[:8]}"
+    submit = local_cluster.run(
+        f"ray job submit --submission-id {job_id} --runtime-env cluster/runtime_env.yaml "
+        f"-- python jobs/pipeline.py --config {SMOKE_CONFIG}"
+    )
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+    assert local_cluster.job_api(f"/api/jobs/{job_id}")["status"] == "SUCCEEDED"
+
+    smoke = yaml.safe_load((REPO / SMOKE_CONFIG).read_text())
+    experiment = local_cluster.mlflow("experiments/get-by-name", {"experiment_name": smoke["mlflow"]["experiment"]})
+    runs = local_cluster.mlflow(
+        "runs/search", body={"experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 1000}
+    ).get("runs", [])
+    tags = {run["info"]["run_id"]: {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])} for run in runs}
+    status = {run["info"]["run_id"]: run["info"]["status"] for run in runs}
+    stages = {run_tags.get("limpq.stage"): status[run_id] for run_id, run_tags in tags.items()}
+    assert stages.get("fp") == stages.get("indicators") == "FINISHED", stages
+    parents = {run_tags["mlflow.parentRunId"] for run_tags in tags.values() if "mlflow.parentRunId" in run_tags}
+    assert len(parents) == 1, f"expected one sweep parent run, found {sorted(parents)}"
+    (parent,) = parents
+    trials = [run_id for run_id, run_tags in tags.items() if run_tags.get("mlflow.parentRunId") == parent]
+    expected_trials = len(smoke["search"]["budgets"]) + len(smoke["finetune"]["baselines"])
+    assert len(trials) >= expected_trials
+    assert all(status[run_id] == "FINISHED" for run_id in [parent, *trials]), status
+
+    parent_files = _artifact_files(local_cluster, parent)
+    assert any(name.endswith(".png") for name in parent_files) and any(name.endswith(".csv") for name in parent_files)
+    for trial in trials:
+        assert any(name.endswith(".json") for name in _artifact_files(local_cluster, trial)), trial
+    # The server proxies artifacts into the cluster's data directory.
+    assert any((local_cluster.data_dir / "mlartifacts").rglob("*.png"))
+
+
+def _bad_config(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {demo: true}\nray: {num_workers: 0}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    return path, f"limpq: error: {error.value}"
+
+
+@pytest.mark.slow
+def test_job_with_a_bad_config_fails_with_the_one_line_message(local_cluster: Cluster, tmp_path: Path) -> None:
+    config, message = _bad_config(tmp_path)
+    job_id = f"limpq-test-{uuid.uuid4().hex[:8]}"
+    submit = local_cluster.run(
+        f"ray job submit --submission-id {job_id} --runtime-env cluster/runtime_env.yaml "
+        f"-- python jobs/pipeline.py --config {config}", timeout=300,
+    )
+    assert submit.returncode == 1, submit.stdout + submit.stderr
+    assert local_cluster.job_api(f"/api/jobs/{job_id}")["status"] == "FAILED"
+    logs = local_cluster.job_api(f"/api/jobs/{job_id}/logs")["logs"]
+    assert message in logs.splitlines()
+    assert "Traceback" not in logs
+
+
+@pytest.mark.slow
+def test_limpq_submit_follows_the_job_and_returns_its_status(local_cluster: Cluster, tmp_path: Path) -> None:
+    limpq = VENV_BIN / "limpq"
+    ok = local_cluster.run(f"{limpq} submit -- python -c 'print(\"hello from the cluster\")'", timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "submitted job" in ok.stdout and "hello from the cluster" in ok.stdout and "SUCCEEDED" in ok.stdout
+
+    config, message = _bad_config(tmp_path)
+    # An explicit --address and no RAY_AUTH_MODE: limpq finds the token by itself.
+    failed = subprocess.run(
+        [str(limpq), "submit", "--address", local_cluster.dashboard_url, "--runtime-env", "cluster/runtime_env.yaml",
+         "--", "python", "jobs/pipeline.py", "--config", str(config)],
+        cwd=REPO, env=local_cluster.env, capture_output=True, text=True, timeout=300,
+    )
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert message in failed.stdout.splitlines()
+    assert "FAILED" in failed.stderr
