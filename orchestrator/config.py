@@ -198,6 +198,21 @@ class PipelineConfig(_Section):
             raise ValueError(f"data.path: dataset path does not exist: {self.data.path}")
         return self
 
+    def with_absolute_paths(self) -> PipelineConfig:
+        """A copy whose local paths are absolute, so Ray workers and Tune trials (which run in other
+        working directories) find the same files; URIs such as s3:// are left alone."""
+        def absolute(path: str | None) -> str | None:
+            return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
+
+        copy = self.model_copy(deep=True)
+        copy.output_dir = absolute(self.output_dir)
+        copy.data.path = absolute(self.data.path)
+        copy.ray.storage_path = absolute(self.ray.storage_path)
+        copy.search.latency_table = absolute(self.search.latency_table)
+        if self.fp.checkpoint:
+            copy.fp.checkpoint = absolute(self.fp.checkpoint)
+        return copy
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

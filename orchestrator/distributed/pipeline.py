@@ -66,14 +66,31 @@ def indicator_stage(cfg: PipelineConfig, tracker: Tracker, fp_path: Path) -> Pat
 
 def run_indicators(cfg: PipelineConfig) -> Path:
     """FP weights, then joint indicator training; returns the indicators JSON."""
+    cfg = cfg.with_absolute_paths()
     tracker = Tracker.from_config(cfg)
     return indicator_stage(cfg, tracker, fp_stage(cfg, tracker))
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, Path]:
-    """Every stage of the config; returns the stages' outputs."""
+def sweep_stage(cfg: PipelineConfig, tracker: Tracker, fp_path: Path, indicators_path: Path) -> list[dict]:
+    """The budget sweep; a finished sweep run for the same settings gives its summary back instead."""
+    from orchestrator.distributed.sweep import read_summary, run_sweep
+
+    run_id = tracker.find_finished_stage_run(cfg, "sweep")
+    if run_id is not None:
+        log.info("sweep: finished in MLflow run %s for the same settings; skipped", run_id)
+        return read_summary(tracker.download_artifact(run_id, "summary.csv", cfg.run_dir / "sweep"))
+    return run_sweep(cfg, tracker, fp_path, indicators_path, indicators_path.parent / JOINT_FILE)
+
+
+def run_pipeline(cfg: PipelineConfig) -> list[dict]:
+    """Every stage of the config; prints the sweep report and returns its rows."""
+    from orchestrator.distributed.sweep import format_report
+
+    cfg = cfg.with_absolute_paths()
     tracker = Tracker.from_config(cfg)
     fp_path = fp_stage(cfg, tracker)
     indicators_path = indicator_stage(cfg, tracker, fp_path)
-    log.info("indicators: %s; MLflow UI: %s", indicators_path, tracker.ui_command())
-    return {"fp": fp_path, "indicators": indicators_path}
+    rows = sweep_stage(cfg, tracker, fp_path, indicators_path)
+    print(format_report(rows), flush=True)
+    print(f"\nMLflow UI: {tracker.ui_command()}", flush=True)
+    return rows

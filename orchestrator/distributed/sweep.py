@@ -13,13 +13,14 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import Budget, PipelineConfig
@@ -38,6 +39,9 @@ from orchestrator.train.stages import fp_meta, finetune_model
 log = logging.getLogger("limpq")
 
 FAIL_ONCE_ENV = "LIMPQ_TEST_TRIAL_FAIL_ONCE"  # test-only: "<trial label>:<marker file>"
+# A trial only drives its TorchTrainer (whose workers reserve the real CPUs): a token share, since
+# Tune refuses an empty resource request.
+TRIAL_DRIVER_CPU = 0.01
 SUMMARY_COLUMNS = ("budget", "kind", "status", "bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
                    "top1", "top5", "error")
 
@@ -84,7 +88,7 @@ def _trial_metrics(document: dict[str, Any]) -> dict[str, float]:
 def sweep_trial(config: dict[str, Any]) -> None:
     """One Tune trial: the policy of its budget, fine-tuned on Ray Train, recorded in a nested run."""
     cfg: PipelineConfig = config["pipeline"]
-    spec: TrialSpec = config["trial"]
+    spec = TrialSpec(**config["trial"])
     tracker: Tracker = config["tracker"]
     parent = config["parent_run_id"]
     done = tracker.find_finished_stage_run(cfg, "trial", run_name=spec.label, parent_run_id=parent)
@@ -93,8 +97,14 @@ def sweep_trial(config: dict[str, Any]) -> None:
         return
     run = tracker.open_stage_run(cfg, "trial", parent_run_id=parent, run_name=spec.label,
                                  extra_tags={"limpq.kind": spec.kind, "limpq.budget": spec.label})
-    with run:
+    try:
         document = _policy_document(cfg, spec, config["indicators_path"])
+    except UserError as error:
+        # deterministic (an infeasible budget): recorded as this trial's failure, not retried
+        tracker.finish(run.run_id, "FAILED", f"{type(error).__name__}: {error}")
+        tune.report({"failed": 1.0, "error": str(error)})
+        return
+    with run:
         tracker.log_dict(run.run_id, document, "policy.json")
         tracker.log_params(run.run_id, {"trial.kind": spec.kind, "trial.budget": spec.label})
         tracker.log_metrics(run.run_id, _trial_metrics(document), step=0)
@@ -118,6 +128,10 @@ def sweep_trial(config: dict[str, Any]) -> None:
                 tracker.log_artifact(run.run_id, path, folder)
 
 
+def _trial_name(trial: Trial) -> str:
+    return f"{trial.config['trial']['label']}-{trial.trial_id}"
+
+
 def _concurrency(cfg: PipelineConfig) -> int:
     """Trials that fit at once: each needs its Train workers' CPUs plus one for its Ray Data tasks."""
     if cfg.ray.max_concurrent_trials:
@@ -133,9 +147,9 @@ def _concurrency(cfg: PipelineConfig) -> int:
 def _summary_rows(specs: list[TrialSpec], results: tune.ResultGrid) -> list[dict[str, Any]]:
     by_label = {}
     for result in results:
-        label = result.config["trial"].label
+        label = result.config["trial"]["label"]
         metrics = result.metrics or {}
-        error = None
+        error = metrics.get("error")
         if result.error is not None:
             error = str(result.error).strip().splitlines()[-1][:300]
         by_label[label] = {"metrics": metrics, "error": error}
@@ -166,16 +180,17 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, fp_path: Path, indicators_p
             "fp_weights": ray.put(load_checkpoint(fp_path)["model"]),
             "joint_weights": ray.put(load_checkpoint(joint_path)["model"])
             if joint_path is not None and cfg.finetune.init_from_indicators else None,
-            "trial": tune.grid_search(specs),
+            "trial": tune.grid_search([asdict(spec) for spec in specs]),
         }
         scheduler = None
         if cfg.finetune.asha:
             scheduler = tune.schedulers.ASHAScheduler(max_t=max(1, cfg.finetune.epochs), grace_period=1)
         tuner = tune.Tuner(
-            tune.with_resources(sweep_trial, {"CPU": 0}),
+            tune.with_resources(sweep_trial, {"CPU": TRIAL_DRIVER_CPU}),
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=_concurrency(cfg), scheduler=scheduler,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                 metric="val_top1" if scheduler else None, mode="max" if scheduler else None,
             ),
             run_config=tune.RunConfig(
@@ -213,6 +228,15 @@ def _log_summary(cfg: PipelineConfig, tracker: Tracker, run_id: str, rows: list[
             tracker.log_metrics(run_id, {f"top1_{row['budget']}": row["top1"]}, step=0)
     failed = [row for row in rows if row["status"] == "failed"]
     tracker.set_tags(run_id, {"limpq.failed_trials": ",".join(r["budget"] for r in failed) or "none"})
+
+
+def read_summary(path: Path) -> list[dict[str, Any]]:
+    """Rows of a summary.csv written by `_log_summary` (empty cells back to None)."""
+    import pyarrow.csv as pa_csv
+
+    types = {c: "string" if c in ("budget", "kind", "status", "error") else "float64" for c in SUMMARY_COLUMNS}
+    options = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True)
+    return pa_csv.read_csv(path, convert_options=options).to_pylist()
 
 
 def _nearest_uniform(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
