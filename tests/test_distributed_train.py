@@ -10,7 +10,6 @@ import pytest
 import ray
 
 from orchestrator.config import PipelineConfig
-from orchestrator.data.demo import write_digits_dataset
 from orchestrator.distributed.pipeline import run_indicators
 from orchestrator.distributed.train import CRASH_ENV
 from orchestrator.indicators import load_indicators
@@ -20,16 +19,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small slice of the digits demo (8 train / 4 val images per class) plus two unreadable files."""
-    base = tmp_path_factory.mktemp("data")
-    write_digits_dataset(base / "full", image_size=16)
-    root = base / "digits"
-    for split, keep in (("train", 8), ("val", 4)):
-        for class_dir in sorted((base / "full" / split).iterdir()):
-            (root / split / class_dir.name).mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:keep]:
-                shutil.copy(image, root / split / class_dir.name / image.name)
+def digits(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits slice plus two unreadable files."""
+    root = tmp_path_factory.mktemp("corrupt") / "digits"
+    shutil.copytree(digits_slice, root)
     (root / "train" / "3" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     (root / "train" / "5" / "empty.png").write_bytes(b"")
     return root

@@ -1,0 +1,24 @@
+"""Shared fixtures: a small slice of the real digits demo data for the Ray tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator.data.demo import write_digits_dataset
+
+
+@pytest.fixture(scope="session")
+def digits_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 train and 4 val images per digit class (80 / 40 images, 16x16), from the bundled digits."""
+    base = tmp_path_factory.mktemp("digits")
+    write_digits_dataset(base / "full", image_size=16)
+    root = base / "slice"
+    for split, keep in (("train", 8), ("val", 4)):
+        for class_dir in sorted((base / "full" / split).iterdir()):
+            (root / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:keep]:
+                shutil.copy(image, root / split / class_dir.name / image.name)
+    return root
