@@ -1,0 +1,40 @@
+"""`limpq indicators`: inspect importance indicators files (training them is another subcommand)."""
+
+from __future__ import annotations
+
+import argparse
+
+NON_MONOTONIC_MARK = "*"
+
+
+def _show(args: argparse.Namespace) -> int:
+    from orchestrator.indicators import load_indicators, non_monotonic
+
+    ind = load_indicators(args.file)
+    flagged = set(non_monotonic(ind))
+    bits = ind.bits
+    width = max([len("layer")] + [len(name) for name in ind.layers])
+    cell = 10
+    header_bits = "".join(f"{f'w{b}':>{cell}}" for b in bits) + "  " + "".join(f"{f'a{b}':>{cell}}" for b in bits)
+    print(f"indicators of {ind.model or 'an unnamed model'}: {len(ind.layers)} layers, bits {' '.join(map(str, bits))}")
+    print(f"{'layer':<{width}}{header_bits}")
+    for name in ind.layers:
+        cells = []
+        for kind, table in (("weight", ind.weight), ("act", ind.act)):
+            cells.append("".join(
+                f"{table[name][b]:>{cell - 1}.5f}{NON_MONOTONIC_MARK if (name, kind, b) in flagged else ' '}"
+                for b in bits))
+        print(f"{name:<{width}}{cells[0]}  {cells[1]}")
+    weight_count = sum(kind == "weight" for _, kind, _ in flagged)
+    print(f"{len(flagged)} non-monotonic entries ({weight_count} weight, {len(flagged) - weight_count} act) marked "
+          f"{NON_MONOTONIC_MARK}: step size below the next higher bit-width's; the search never picks them")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("indicators", help="importance indicators: inspect (and train)")
+    commands = group.add_subparsers(dest="indicators_command", required=True)
+
+    show = commands.add_parser("show", help="table of step sizes per layer and bit-width, odd entries flagged")
+    show.add_argument("file", help="indicators: our JSON, the published dict JSON, or the published pickle")
+    show.set_defaults(func=_show)
