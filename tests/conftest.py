@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from orchestrator.data.demo import write_digits_dataset
+
+
+# Cost tables traced by the tests (also inside Ray workers, which inherit this environment) stay out of
+# the user's ~/.cache.
+os.environ.setdefault("LIMPQ_CACHE_DIR", tempfile.mkdtemp(prefix="limpq-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from orchestrator.errors import UserError
@@ -16,8 +17,15 @@ from orchestrator.errors import UserError
 COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes end like every other bad input: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="limpq", description="LIMPQ mixed-precision quantization orchestrator")
+    parser = _OneLineErrors(prog="limpq", description="LIMPQ mixed-precision quantization orchestrator")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -38,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"limpq: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `limpq search --json | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("limpq: interrupted", file=sys.stderr)
         return 130

@@ -8,9 +8,29 @@ NON_MONOTONIC_MARK = "*"
 
 
 def _show(args: argparse.Namespace) -> int:
-    from orchestrator.indicators import load_indicators, non_monotonic
+    from orchestrator.indicators import load_indicators
 
-    ind = load_indicators(args.file)
+    print_table(load_indicators(args.file))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.cli.pipeline import load_config_from_args
+
+    cfg = load_config_from_args(args)
+    from orchestrator.distributed.pipeline import run_indicators
+    from orchestrator.indicators import load_indicators
+
+    path = run_indicators(cfg)
+    print_table(load_indicators(path))
+    print(f"indicators: {path}")
+    return 0
+
+
+def print_table(ind) -> None:
+    """Step sizes per layer and bit-width, non-monotonic entries marked."""
+    from orchestrator.indicators import non_monotonic
+
     flagged = set(non_monotonic(ind))
     bits = ind.bits
     width = max([len("layer")] + [len(name) for name in ind.layers])
@@ -28,7 +48,6 @@ def _show(args: argparse.Namespace) -> int:
     weight_count = sum(kind == "weight" for _, kind, _ in flagged)
     print(f"{len(flagged)} non-monotonic entries ({weight_count} weight, {len(flagged) - weight_count} act) marked "
           f"{NON_MONOTONIC_MARK}: step size below the next higher bit-width's; the search never picks them")
-    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,3 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = commands.add_parser("show", help="table of step sizes per layer and bit-width, odd entries flagged")
     show.add_argument("file", help="indicators: our JSON, the published dict JSON, or the published pickle")
     show.set_defaults(func=_show)
+
+    from orchestrator.cli.pipeline import add_config_arguments
+
+    train = commands.add_parser("train", help="FP weights (if needed) and joint indicator training on Ray Train")
+    add_config_arguments(train)
+    train.set_defaults(func=_train)

@@ -13,10 +13,21 @@ from orchestrator.quant.lsq import LsqQuantizer
 
 
 class _QuantLayer:
-    """Shared bit control of QConv2d and QLinear: a weight quantizer and an optional input quantizer."""
+    """Shared by QConv2d and QLinear: a weight quantizer, an optional input quantizer, bit control."""
 
     weight_quant: LsqQuantizer
     act_quant: LsqQuantizer | None
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, wbits: Sequence[int], abits: Sequence[int] | None):
+        """Wrap `layer`, sharing its weight and bias; `abits=None` keeps a full-precision input (first conv)."""
+        with torch.device("meta"):  # the wrapper's own parameters are replaced at once: don't allocate them
+            quantized = cls._empty_like(layer)  # defined by each subclass for its own shape
+        quantized.weight, quantized.bias = layer.weight, layer.bias
+        device = layer.weight.device
+        quantized.weight_quant = LsqQuantizer(wbits, "weight").to(device)
+        quantized.act_quant = LsqQuantizer(abits, "act").to(device) if abits else None
+        return quantized
 
     def set_bits(self, wbits: int, abits: int | None) -> None:
         self.weight_quant.active_bits = wbits
@@ -29,24 +40,12 @@ class _QuantLayer:
         return x, self.weight_quant(self.weight)
 
 
-def _adopt_parameters(target: nn.Module, source: nn.Module) -> None:
-    target.weight = source.weight
-    target.bias = source.bias
-
-
 class QConv2d(_QuantLayer, nn.Conv2d):
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, wbits: Sequence[int], abits: Sequence[int] | None) -> QConv2d:
-        """Wrap `conv`, sharing its weight; `abits=None` keeps a full-precision input (first conv)."""
-        with torch.device("meta"):
-            layer = cls(
-                conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            )
-        _adopt_parameters(layer, conv)
-        layer.weight_quant = LsqQuantizer(wbits, "weight").to(conv.weight.device)
-        layer.act_quant = LsqQuantizer(abits, "act").to(conv.weight.device) if abits else None
-        return layer
+    def _empty_like(cls, conv: nn.Conv2d) -> QConv2d:
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                   padding_mode=conv.padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight = self._quantized_operands(x)
@@ -55,13 +54,8 @@ class QConv2d(_QuantLayer, nn.Conv2d):
 
 class QLinear(_QuantLayer, nn.Linear):
     @classmethod
-    def from_float(cls, linear: nn.Linear, wbits: Sequence[int], abits: Sequence[int] | None) -> QLinear:
-        with torch.device("meta"):
-            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        _adopt_parameters(layer, linear)
-        layer.weight_quant = LsqQuantizer(wbits, "weight").to(linear.weight.device)
-        layer.act_quant = LsqQuantizer(abits, "act").to(linear.weight.device) if abits else None
-        return layer
+    def _empty_like(cls, linear: nn.Linear) -> QLinear:
+        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight = self._quantized_operands(x)
