@@ -57,6 +57,10 @@ def test_sweep_end_to_end_retries_reports_failures_and_skips_on_rerun(tmp_path: 
     assert parent.data.tags["limpq.failed_trials"] == "G0.001"
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.parquet", "report.txt", "plots"} <= parent_artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/pareto.png", "plots/bits"}
+    bit_charts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots/bits")}
+    assert bit_charts == {"plots/bits/W3A3.png", "plots/bits/uniform-W3A3.png"}
     trials = {run.info.run_name: run for run in
               client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'trial'")}
     assert set(trials) == {"W3A3", "G0.001", "uniform-W3A3"}

@@ -9,7 +9,7 @@ instead of training again, so a half-finished sweep continues where it stopped.
 
 from __future__ import annotations
 
-import logging
+import json
 import math
 import os
 import tempfile
@@ -35,8 +35,6 @@ from orchestrator.search.policy import policy_for_budget, uniform_policy_documen
 from orchestrator.tracking import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model, save_checkpoint
 from orchestrator.train.stages import fp_meta, finetune_model
-
-log = logging.getLogger("limpq")
 
 FAIL_ONCE_ENV = "LIMPQ_TEST_TRIAL_FAIL_ONCE"  # test-only: "<trial label>:<marker file>"
 # A trial only drives its TorchTrainer (whose workers reserve the real CPUs): a token share, since
@@ -226,8 +224,24 @@ def _log_summary(cfg: PipelineConfig, tracker: Tracker, run_id: str, rows: list[
     for row in rows:
         if row["top1"] is not None:
             tracker.log_metrics(run_id, {f"top1_{row['budget']}": row["top1"]}, step=0)
+    for row in rows:
+        if row["status"] == "ok":
+            _log_bits_chart(cfg, tracker, run_id, row["budget"], out)
     failed = [row for row in rows if row["status"] == "failed"]
     tracker.set_tags(run_id, {"limpq.failed_trials": ",".join(r["budget"] for r in failed) or "none"})
+
+
+def _log_bits_chart(cfg: PipelineConfig, tracker: Tracker, parent_run_id: str, label: str, out: Path) -> None:
+    """The weight and activation bits per layer of a finished trial's policy, on the parent run."""
+    trial = tracker.find_finished_stage_run(cfg, "trial", run_name=label, parent_run_id=parent_run_id)
+    if trial is None:
+        return
+    document = json.loads(tracker.download_artifact(trial, "policy.json", out / "policies" / label).read_text())
+    layers = document["layers"]
+    chart = out / "policies" / f"{label}.png"
+    policy_bits_chart([la["name"] for la in layers], [la["wbits"] for la in layers], [la["abits"] for la in layers],
+                      chart, title=f"{cfg.model.arch} {label}")
+    tracker.log_artifact(parent_run_id, chart, "plots/bits")
 
 
 def read_summary(path: Path) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ class LsqFakeQuant(torch.autograd.Function):
         s = step.clamp(STEP_MIN, STEP_MAX)
         ctx.save_for_backward(x, s)
         ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
-        return torch.clamp(x / s, qn, qp).round_().mul_(s)
+        return (x / s).clamp_(qn, qp).round_().mul_(s)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -48,7 +48,7 @@ class LsqFakeQuant(torch.autograd.Function):
             # d q / d s = round(v) - v inside the range, Qn below it, Qp above it
             #           = round(clamp(v)) - v * inside
             ds = v_clamped.round_().sub_(v.mul_(inside))
-            grad_s = (grad_out * ds).sum().mul_(ctx.grad_scale).reshape(s.shape)
+            grad_s = torch.dot(grad_out.reshape(-1), ds.reshape(-1)).mul_(ctx.grad_scale).reshape(s.shape)
         return grad_x, grad_s, None, None, None
 
 
