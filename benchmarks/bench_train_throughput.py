@@ -33,7 +33,7 @@ def main() -> None:
             "indicators.epochs": 1, "indicators.train_fraction": args.fraction, "ray.num_workers": workers,
             "ray.storage_path": str(out / "ray"),
             "mlflow.tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "mlflow.experiment": "throughput",
-        })
+        }).with_absolute_paths()  # as the pipeline does: the stage hash then matches its run
         started = time.perf_counter()
         run_indicators(cfg)
         wall = time.perf_counter() - started
