@@ -1,4 +1,5 @@
-"""Joint indicator training throughput on Ray Train with 1 and 2 workers, on the digits demo data.
+"""Joint indicator training throughput on Ray Train with 1 and 2 workers (one CPU and torch thread
+each), on the digits demo data.
 
 Each run trains the indicator stage for one epoch (FP weights: a fresh init, as speed does not
 depend on them) and reads the images/s the workers measured; the 2-vs-1 ratio is printed last.
@@ -31,6 +32,7 @@ def main() -> None:
         cfg = load_config(args.config, {
             "name": f"throughput-{workers}w-{int(time.time())}", "output_dir": str(out), "fp.epochs": 0,
             "indicators.epochs": 1, "indicators.train_fraction": args.fraction, "ray.num_workers": workers,
+            "ray.cpus_per_worker": 1,
             "ray.storage_path": str(out / "ray"),
             "mlflow.tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "mlflow.experiment": "throughput",
         }).with_absolute_paths()  # as the pipeline does: the stage hash then matches its run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -12,10 +13,11 @@ from orchestrator.config import PipelineConfig
 log = logging.getLogger("limpq")
 
 
-def local_cpu_count() -> int:
-    """Logical CPUs for an embedded local Ray: twice the cores (at least 4), because Train workers
-    reserve theirs for the whole run and Ray Data needs CPUs of its own to feed them, or it hangs."""
-    return max(4, 2 * (os.cpu_count() or 1))
+def local_cpu_count(cfg: PipelineConfig) -> int:
+    """Logical CPUs for an embedded local Ray: twice the cores (at least 4), and always two more than
+    the Train workers reserve, because they hold theirs for the whole run and Ray Data needs CPUs of its
+    own to feed them, or it hangs."""
+    return max(4, 2 * (os.cpu_count() or 1), math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2)
 
 
 def ensure_ray(cfg: PipelineConfig) -> None:
@@ -27,6 +29,6 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
-    log.info("starting local Ray (%d logical CPUs)", local_cpu_count())
-    ray.init(num_cpus=local_cpu_count(), include_dashboard=False, log_to_driver=True,
+    log.info("starting local Ray (%d logical CPUs)", local_cpu_count(cfg))
+    ray.init(num_cpus=local_cpu_count(cfg), include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
