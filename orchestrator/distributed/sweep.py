@@ -25,7 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import Budget, PipelineConfig
 from orchestrator.distributed.runtime import ensure_ray
-from orchestrator.distributed.train import train_on_ray
+from orchestrator.distributed.train import storage_path, train_on_ray
 from orchestrator.errors import UserError
 from orchestrator.fileio import write_text_atomic
 from orchestrator.indicators import load_indicators
@@ -193,8 +193,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, fp_path: Path, indicators_p
             ),
             run_config=tune.RunConfig(
                 name=f"{cfg.name}-sweep-{cfg.config_hash()}",
-                storage_path=str(Path(cfg.ray.storage_path).resolve()) if "://" not in cfg.ray.storage_path
-                else cfg.ray.storage_path,
+                storage_path=storage_path(cfg),
                 failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                 verbose=1,
             ),

@@ -180,7 +180,8 @@ def _scaling(cfg: PipelineConfig) -> ScalingConfig:
     return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources)
 
 
-def _storage_path(cfg: PipelineConfig) -> str:
+def storage_path(cfg: PipelineConfig) -> str:
+    """Ray's storage path: URIs as given, local paths absolute (trials run in other directories)."""
     path = cfg.ray.storage_path
     return path if "://" in path else str(Path(path).resolve())
 
@@ -226,7 +227,7 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
         datasets=datasets,
         run_config=RunConfig(
             name=run_name,
-            storage_path=_storage_path(cfg),
+            storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
