@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from orchestrator.errors import UserError
+from orchestrator.errors import PipelineFailed, Terminated, UserError
 
 COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit")
 
@@ -46,12 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"limpq: error: {error}", file=sys.stderr)
         return 2
+    except PipelineFailed as error:
+        print(f"limpq: failed: {error}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # e.g. `limpq search --json | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         print("limpq: interrupted", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"limpq: {stop}", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":
