@@ -369,7 +369,7 @@ class Tracker:
                              tags={key: str(value) for key, value in tags.items()})
         for alias in aliases:
             self._call("set_registered_model_alias", name, alias, version.version)
-        return version.version
+        return str(version.version)
 
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
         self._call("set_registered_model_alias", name, alias, version)
@@ -398,7 +398,7 @@ class Tracker:
     def model_versions_of_run(self, name: str, run_id: str) -> list[str]:
         """Versions of registered model `name` created from `run_id` (newest first)."""
         versions = self._call("search_model_versions", f"name = '{name}' and run_id = '{run_id}'")
-        return [v.version for v in sorted(versions, key=lambda v: -int(v.version))]
+        return [str(v.version) for v in sorted(versions, key=lambda v: -int(v.version))]
 
     def get_run(self, run_id: str) -> Run:
         return self._call("get_run", run_id)

@@ -175,7 +175,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         log.info("pipeline: finished in MLflow run %s for the same inputs; nothing to do", done)
         rows = read_finished_sweep(cfg, tracker, done)
         print(format_report(rows), flush=True)
-        print(f"\nMLflow UI: {tracker.ui_command()}", flush=True)
+        _print_where_to_look(cfg, tracker)
         return rows
     description = (f"Pipeline {cfg.name}: {cfg.model.arch} on {cfg.data.path}, FP -> indicators -> sweep of "
                    f"{len(cfg.search.budgets)} budget(s) and {len(cfg.finetune.baselines)} uniform baseline(s).")
@@ -190,5 +190,13 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
                 raise PipelineFailed(f"{len(failed)} of {len(rows)} trials did not finish ({', '.join(failed)}); "
                                      "submit the same config again to rerun just those")
     finally:
-        print(f"\nMLflow UI: {tracker.ui_command()}", flush=True)
+        _print_where_to_look(cfg, tracker)
     return rows
+
+
+def _print_where_to_look(cfg: PipelineConfig, tracker: Tracker) -> None:
+    from orchestrator.distributed.sweep import registered_model_name
+
+    print(f"\nMLflow UI: {tracker.ui_command()}", flush=True)
+    print(f"Registered model: {registered_model_name(cfg)} (aliases best-top1, budget-<label>; "
+          f"mlflow.pytorch.load_model('models:/{registered_model_name(cfg)}@best-top1'))", flush=True)

@@ -251,6 +251,7 @@ def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: 
             error = (run.data.tags.get(TAG_ERROR) if run is not None else None) or (errors or {}).get(spec.label) \
                 or ("trial did not finish" if run is not None else "trial did not run")
         ok = status == "FINISHED"
+        versions = tracker.model_versions_of_run(registered_model_name(cfg), run.info.run_id) if ok else []
         rows.append({
             "budget": spec.label, "kind": spec.kind, "status": "ok" if ok else "failed",
             "bitops_g": metrics.get("bitops_g"), "size_mb": metrics.get("size_mb"),
@@ -258,8 +259,7 @@ def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: 
             "avg_abits": metrics.get("avg_abits"), "top1": metrics.get("val_top1") if ok else None,
             "top5": metrics.get("val_top5") if ok else None, "epochs": metrics.get("epoch") if ok else None,
             "evaluation": ONE_SHOT if cfg.finetune.epochs == 0 else "fine-tuned",
-            "model_version": tracker.model_versions_of_run(registered_model_name(cfg), run.info.run_id)[0]
-            if ok and tracker.model_versions_of_run(registered_model_name(cfg), run.info.run_id) else None,
+            "model_version": versions[0] if versions else None,
             "run_id": run.info.run_id if run is not None else None, "error": error,
         })
     return rows
