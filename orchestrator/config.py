@@ -98,7 +98,8 @@ class FPConfig(RecipeConfig):
     source: Literal["train", "torchvision", "checkpoint"] = "train"
     weights: str | None = Field(None, description="torchvision weights name, e.g. ResNet18_Weights.IMAGENET1K_V1.")
     checkpoint: str | None = None
-    epochs: int = Field(3, ge=0)
+    epochs: int = Field(3, ge=0, description="0 with source 'train': the random initialisation is the FP model "
+                        "(smoke tests).")
     lr: float = Field(0.1, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -114,7 +115,7 @@ class FPConfig(RecipeConfig):
 
 class IndicatorConfig(RecipeConfig):
     bits: list[int] = Field(default_factory=lambda: [6, 5, 4, 3, 2])
-    epochs: int = Field(3, ge=0)
+    epochs: int = Field(3, ge=1, description="The search needs trained indicators: at least 1.")
     lr: float = Field(0.01, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="Clip gradients by value.")
     train_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of the training set used per epoch.")

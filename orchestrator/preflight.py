@@ -55,8 +55,6 @@ def _training_stages(cfg: PipelineConfig) -> list[tuple[str, RecipeConfig]]:
 
 
 def _check_recipes(cfg: PipelineConfig) -> None:
-    if cfg.indicators.epochs == 0:
-        raise ConfigError("indicators.epochs: 0, but the search needs trained indicators; set it to 1 or more")
     for stage, recipe in _training_stages(cfg):
         if recipe.nesterov and recipe.momentum == 0:
             raise ConfigError(f"{stage}.nesterov: Nesterov needs momentum; set {stage}.momentum > 0 "

@@ -88,7 +88,8 @@ BAD_VALUES = [
     ("model.input_size", 8, None),  # resnet18 runs at 8 px: not an error (control)
     ("finetune.baselines", [3, 6], "finetune.baselines: 6 not in indicators.bits (4, 3, 2)"),
     ("search.wbits", [8, 4], "search.wbits: 8 not in indicators.bits (4, 3, 2)"),
-    ("indicators.epochs", 0, "indicators.epochs: 0, but the search needs trained indicators"),
+    ("indicators.epochs", 0, "indicators.epochs: Input should be greater than or equal to 1"),
+    ("finetune.epochs", 0, None),  # allowed: the sweep scores policies with the joint model (issue 12)
     ("finetune.nesterov", True, None),  # momentum 0.9 by default: fine (control)
     ("ray.use_gpu", True, None),  # gpus_per_worker 0 is added below
     ("data.batch_size", 32, "data.batch_size: 32 is more than a worker's share of the fp training set"),
