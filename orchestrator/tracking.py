@@ -21,7 +21,6 @@ import getpass
 import json
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -44,6 +43,7 @@ from mlflow.utils.validation import (
 
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import UserError
+from orchestrator.redact import redact, redact_params
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SQLITE_PREFIX = "sqlite:///"
@@ -88,23 +88,14 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
     return uri
 
 
-_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@:\s]*):[^/@\s]*@")
-
-
-def redact(text: str) -> str:
-    """`text` with the password of any URI in it replaced (scheme://user:***@host)."""
-    return _CREDENTIALS.sub(r"\1\2:***@", text)
-
-
 def result_params(cfg: PipelineConfig) -> dict[str, Any]:
     """The settings that define results, for MLflow params (credentials redacted)."""
-    return {key: redact(value) if isinstance(value, str) else value for key, value in cfg.flat().items()
-            if not key.startswith(_PLACEMENT_SECTIONS)}
+    return redact_params({key: value for key, value in cfg.flat().items() if not key.startswith(_PLACEMENT_SECTIONS)})
 
 
 def placement_tags(cfg: PipelineConfig) -> dict[str, str]:
     """Where and how a run's work is placed (`ray.*`): tags, rewritten on every attempt."""
-    return {f"limpq.{key}": redact(str(value)) for key, value in cfg.flat().items() if key.startswith("ray.")}
+    return redact_params({f"limpq.{key}": str(value) for key, value in cfg.flat().items() if key.startswith("ray.")})
 
 
 def ray_job_submission_id() -> str | None:

@@ -35,6 +35,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from orchestrator.config import Budget, PipelineConfig
+from orchestrator.distributed.capacity import cluster_capacity
 from orchestrator.distributed.runtime import ensure_ray
 from orchestrator.distributed.train import example_input, log_dataset_inputs, storage_path, train_on_ray
 from orchestrator.errors import UserError
@@ -218,21 +219,19 @@ def _trial_name(trial: Trial) -> str:
     return f"{trial.config['trial']['label']}-{trial.trial_id}"
 
 
-def _concurrency_cap(cfg: PipelineConfig) -> int:
-    """`ray.max_concurrent_trials`, else as many trials as the cluster can ever hold at once: its
-    autoscaler's maximum resources when it has one, else its current ones. More would only starve
-    the data tasks of CPUs; fewer would keep an autoscaler from adding nodes."""
+def _concurrency_cap(cfg: PipelineConfig) -> int | None:
+    """`ray.max_concurrent_trials`, else as many trials as the cluster can ever hold at once (each
+    trial's workers plus one CPU for its data tasks: more would starve the data tasks), else (a
+    cluster that may grow) none: trials queue, and their pending worker groups make the autoscaler
+    add nodes."""
     if cfg.ray.max_concurrent_trials:
         return cfg.ray.max_concurrent_trials
-    from ray._private.state import state
-
-    reachable = dict(ray.cluster_resources())
-    reachable.update({key: value for key, value in (state.get_max_resources_from_cluster_config() or {}).items()
-                      if value > reachable.get(key, 0)})
-    per_trial_cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker + TRIAL_DATA_CPU
-    cap = int(reachable.get("CPU", 0) // per_trial_cpus)
+    capacity = cluster_capacity()
+    if capacity is None:
+        return None
+    cap = int(capacity.get("CPU", 0) // (cfg.ray.num_workers * cfg.ray.cpus_per_worker + TRIAL_DATA_CPU))
     if cfg.ray.use_gpu:
-        cap = min(cap, int(reachable.get("GPU", 0) // (cfg.ray.num_workers * cfg.ray.gpus_per_worker)))
+        cap = min(cap, int(capacity.get("GPU", 0) // (cfg.ray.num_workers * cfg.ray.gpus_per_worker)))
     return max(1, cap)
 
 
@@ -306,7 +305,8 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, root_run_i
             if cfg.finetune.init_from_indicators or cfg.finetune.epochs == 0 else None,
         )
         cap = _concurrency_cap(cfg)
-        tracker.set_tags(sweep.run_id, {"limpq.max_concurrent_trials": cap, "limpq.trial_worker_group": json.dumps(
+        tracker.set_tags(sweep.run_id, {"limpq.max_concurrent_trials": cap or "none: trials queue for resources",
+                                        "limpq.trial_worker_group": json.dumps(
             {"workers": cfg.ray.num_workers, "cpus_per_worker": cfg.ray.cpus_per_worker,
              "gpus_per_worker": cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0})})
         # Ctrl-C must raise out of fit() (Tune would otherwise stop and return as if done).
