@@ -194,7 +194,8 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _dataset_exists(self) -> PipelineConfig:
-        if not self.data.demo and not Path(self.data.path).exists():
+        # URIs (s3://...) are checked with their credentials by `orchestrator.data.layout.check_dataset`.
+        if not self.data.demo and "://" not in self.data.path and not Path(self.data.path).exists():
             raise ValueError(f"data.path: dataset path does not exist: {self.data.path}")
         return self
 
