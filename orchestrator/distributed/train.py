@@ -27,7 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import PipelineConfig
 from orchestrator.data.layout import dataset_root, in_fraction, list_classes, list_folder_split, list_parquet_shards
-from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, iter_batches
+from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, dataset_config, iter_batches
 from orchestrator.distributed.runtime import ensure_ray
 from orchestrator.indicators import save_indicators
 from orchestrator.modelinfo import build_model
@@ -225,6 +225,7 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
         scaling_config=_scaling(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         datasets=datasets,
+        dataset_config=dataset_config(),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path(cfg),
