@@ -19,7 +19,7 @@ from orchestrator.errors import UserError
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -147,3 +147,40 @@ def test_blocks_hold_uint8_and_batches_match_the_float_transforms(layouts):
     ordered = torch.stack([expected[key] for key in sorted(expected)])  # val is read in sorted key order
     assert torch.allclose(images, ordered, atol=1e-5)
     assert labels.tolist() == [in_process_val.labels[in_process_val.keys.index(key)] for key in sorted(expected)]
+
+
+@pytest.mark.slow
+def test_train_worker_sees_the_same_batches_with_the_same_seed(layouts, tmp_path):
+    """Under Ray Train (streaming_split, Train's own ingest options): one worker's first batch of
+    epochs 1 and 2 repeats across runs with one seed, and differs between the epochs."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.data.ray_pipeline import dataset_config
+
+    def loop(config):
+        import json
+
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        seen = []
+        for _ in range(2):
+            images, labels = next(iter_batches(shard, 8, device="cpu"))
+            seen.append([labels.tolist(), float(images.double().sum())])
+        Path(config["out"]).write_text(json.dumps(seen))
+
+    def first_batches(run: int) -> list:
+        import json
+
+        datasets = build_ray_datasets(data_config(layouts["folder"]), skip_counter=SkipCounter())
+        out = tmp_path / f"batches-{run}.json"
+        TorchTrainer(loop, train_loop_config={"out": str(out)},
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                     datasets={"train": datasets["train"]}, dataset_config=dataset_config(),
+                     run_config=RunConfig(name=f"seeded-{run}", storage_path=str(tmp_path))).fit()
+        return json.loads(out.read_text())
+
+    first, second = first_batches(0), first_batches(1)
+    assert first == second and len(first) == 2
+    assert first[0] != first[1]

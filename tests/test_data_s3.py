@@ -22,7 +22,7 @@ from orchestrator.errors import UserError
 @pytest.fixture(scope="module")
 def local_ray(s3_env):
     """Started after the AWS variables are set, so Ray's workers inherit them."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -12,6 +12,7 @@ echoed: messages show `redact(uri)`.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -140,17 +141,15 @@ def _first_line(error: Exception) -> str:
 
 
 def check_storage_uri(uri: str, key: str = "ray.storage_path") -> None:
-    """Checks, before any work, that results can be written under `uri` (a local directory or an
-    object-storage URI): the bucket exists, the credentials are accepted and allow writing. Writes
-    and deletes one small probe object; raises a one-line UserError naming `key` otherwise."""
+    """Checks, before any work, that results can be written under `uri`: a local directory that
+    exists or can be created (nothing is created), or an object-storage URI whose bucket exists and
+    accepts the credentials for writing (one small probe object is written and deleted). Raises a
+    one-line UserError naming `key` otherwise."""
     location = locate(uri, key)
     if location.is_local:
-        try:
-            Path(location.path).mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"{key}: cannot create directory {location.path} ({error.strerror}); "
-                            "choose a writable path") from None
-    elif location.bucket and not bucket_exists(location, key):
+        _check_local_writable(Path(location.path), key)
+        return
+    if location.bucket and not bucket_exists(location, key):
         raise UserError(f"{key}: bucket '{location.bucket}' does not exist ({location}); create it or fix the URI")
     probe = location / f".limpq-write-probe-{uuid.uuid4().hex}"
     try:
@@ -158,7 +157,14 @@ def check_storage_uri(uri: str, key: str = "ray.storage_path") -> None:
             stream.write(b"limpq write probe\n")
         location.filesystem.delete_file(probe.path)
     except OSError as error:
-        if location.is_local:
-            raise UserError(f"{key}: {location.path} is not writable ({_first_line(error)}); "
-                            "choose a writable path") from None
         raise storage_error(error, key, location) from None
+
+
+def _check_local_writable(path: Path, key: str) -> None:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}: cannot create directory {path}: {existing} is a file; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}: {existing} is not writable; choose a writable path")
