@@ -13,6 +13,7 @@ interrupted conversion leaves a non-empty DST, which the next attempt refuses: d
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import shutil
@@ -48,7 +49,9 @@ def _checked_images(paths: list[Location], workers: int) -> Iterator[bytes | Non
     if workers <= 1:
         yield from map(_read_checked, paths)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    # The AWS SDK inside pyarrow's S3 filesystem is not fork-safe once used: start fresh processes.
+    context = None if all(path.is_local for path in paths[:1]) else multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         yield from pool.map(_read_checked, paths, chunksize=64)
 
 

@@ -30,10 +30,10 @@ import pyarrow.fs as pafs
 
 from orchestrator.config import PipelineConfig
 from orchestrator.data.storage import Location, bucket_exists, locate, redact, storage_error
-from orchestrator.data.transforms import IMAGE_EXTENSIONS
 from orchestrator.errors import UserError
 
 SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared case-insensitively (ImageNet uses .JPEG)
 PARQUET_REQUIRED_COLUMNS = ("image", "label")
 KEY = "data.path"
 

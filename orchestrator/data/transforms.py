@@ -22,7 +22,6 @@ from orchestrator.config import PipelineConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared case-insensitively (ImageNet uses .JPEG)
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 ImageAugment = Callable[[Image.Image], Image.Image]
