@@ -211,56 +211,21 @@ def _check_latency(cfg: PipelineConfig, layer_names: set[str], searchable: list[
 
 # ------------------------------------------------------------------------------ data
 
-def local_train_samples(cfg: PipelineConfig) -> Callable[[float], int] | None:
-    """Check a local dataset's layout (splits, classes, images or shards) and return how many
-    training samples a `train_fraction` selects; None when the dataset is not there to list yet (the
-    digits demo, built on first use) or not local.
+def dataset_train_samples(cfg: PipelineConfig) -> Callable[[float], int] | None:
+    """Check the dataset (local or object storage: the data layer's `check_dataset`) and return how
+    many training samples a `train_fraction` selects; None while the digits demo is still to be
+    built on first use."""
+    from orchestrator.data.layout import KEY, check_dataset, count_samples
+    from orchestrator.data.storage import locate
 
-    The one place preflight reads the dataset: swap in the data layer's check when it covers
-    object storage.
-    """
-    from orchestrator.data.layout import (
-        SPLITS, in_fraction, list_classes, list_folder_split, list_parquet_shards,
-    )
-
-    path = cfg.data.path
-    if "://" in path:
+    check_dataset(cfg)
+    if cfg.data.demo and not locate(cfg.data.path, KEY).exists(KEY):
         return None
-    root = Path(path)
-    if not root.exists():
-        if not cfg.data.demo:
-            raise ConfigError(f"data.path: dataset path does not exist: {root}; give a directory holding "
-                              "train/ and val/ (or set data.demo: true for the digits demo)")
-        if cfg.data.format != "folder":
-            raise ConfigError(f"data.format: data.demo builds a folder dataset, but data.format is "
-                              f"{cfg.data.format!r}; set data.format: folder")
-        return None
-    for split in SPLITS:
-        if not (root / split).is_dir():
-            raise ConfigError(f"data.path: {root} has no {split}/ directory")
-    if cfg.data.format == "parquet":
-        import pyarrow.parquet as pq
-
-        list_parquet_shards(root / "val")
-        rows = sum(pq.ParquetFile(shard).metadata.num_rows for shard in list_parquet_shards(root / "train"))
-        return lambda fraction: int(rows * fraction)
-
-    classes = list_classes(root / "train")
-    if len(classes) > cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {root / 'train'} has {len(classes)} "
-                          f"classes; set model.num_classes to at least {len(classes)}")
-    train = list_folder_split(root / "train", classes)
-    empty = sorted(set(classes) - {classes[label] for label in set(train.labels)})
-    if empty:
-        raise ConfigError(f"data.path: class director{'ies' if len(empty) > 1 else 'y'} "
-                          f"{', '.join(str(root / 'train' / name) for name in empty[:3])} hold no images; "
-                          "add images or remove the directory")
-    list_folder_split(root / "val", classes)
-    return lambda fraction: sum(in_fraction(key, fraction, cfg.seed) for key in train.keys)
+    return lambda fraction: count_samples(cfg, "train", fraction)
 
 
 def _check_data(cfg: PipelineConfig) -> None:
-    train_samples = local_train_samples(cfg)
+    train_samples = dataset_train_samples(cfg)
     if train_samples is None:
         return
     workers, batch = cfg.ray.num_workers, cfg.data.batch_size
