@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
+from orchestrator.console import setup_console
 from orchestrator.errors import UserError
 
 COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit")
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    setup_console()
     try:
         return int(args.func(args) or 0)
     except UserError as error:

@@ -195,7 +195,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, fp_path: Path, indicators_p
                 name=f"{cfg.name}-sweep-{cfg.config_hash()}",
                 storage_path=storage_path(cfg),
                 failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                verbose=1,
+                verbose=0,  # trial tables stay off the console: the bars and the final table say it
             ),
         )
         rows = _summary_rows(specs, tuner.fit())

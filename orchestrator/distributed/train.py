@@ -22,13 +22,14 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.experimental import tqdm_ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import PipelineConfig
 from orchestrator.data.layout import dataset_root, in_fraction, list_classes, list_folder_split, list_parquet_shards
 from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, iter_batches
-from orchestrator.distributed.runtime import ensure_ray
+from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
 from orchestrator.indicators import save_indicators
 from orchestrator.modelinfo import build_model
 from orchestrator.plots import indicator_heatmap
@@ -137,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tracker: Tracker | None = config.get("tracker") if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    progress = Progress(stage, recipe.epochs, per_epoch)
+    progress = Progress(stage, recipe.epochs, per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
         sums, started, images = MetricSums(), time.monotonic(), 0
@@ -171,6 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if tracker is not None:
                     tracker.log_metrics(config["run_id"], metrics, step=epoch + 1)
             ray.train.report(metrics, checkpoint=checkpoint)
+    progress.close()
 
 
 def _scaling(cfg: PipelineConfig) -> ScalingConfig:
@@ -231,6 +233,7 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            logging_config=TRAIN_LOGGING,
         ),
     )
     result = trainer.fit()
