@@ -178,6 +178,27 @@ class Browser:
                 return
             await asyncio.sleep(1.0)
 
+    async def close_assistant(self) -> None:
+        """Close the MLflow Assistant side panel (its close button is the page's top-right one),
+        which otherwise takes a third of the page."""
+        await self.evaluate(
+            "(() => { const buttons = [...document.querySelectorAll('button[aria-label=\"Close\"]')]"
+            ".filter(b => { const r = b.getBoundingClientRect(); return r.width > 0 && r.top < 80; });"
+            " buttons.forEach(b => b.click()); return buttons.length; })()")
+
+    async def show_metric_columns(self, names: list[str]) -> None:
+        """Add these metrics as columns of the runs table (its "Show more columns" selector)."""
+        await self.evaluate("[...document.querySelectorAll('button')]"
+                            ".filter(b => b.innerText.startsWith('Show more columns')).forEach(b => b.click())")
+        await asyncio.sleep(1.0)
+        await self.evaluate(
+            f"(() => {{ const names = {json.dumps(names)};"
+            " [...document.querySelectorAll('[role=dialog] .du-bois-light-tree-treenode')]"
+            ".filter(n => names.includes(n.innerText.trim()))"
+            ".forEach(n => (n.querySelector('.du-bois-light-tree-checkbox') || n).click()); }})()")
+        await self.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape",
+                        windowsVirtualKeyCode=27)
+
     async def screenshot(self, path: Path) -> Path:
         shot = await self.call("Page.captureScreenshot", format="png")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,8 +301,8 @@ async def _with_browser(chromium: str, action, width: int = 1600, height: int = 
 
 
 def screenshot_experiment(tracking_uri: str, experiment_name: str, out: Path, chromium: str, workdir: Path,
-                          expect: list[str] | None = None, width: int = 1600, height: int = 1000) -> Path:
-    """A PNG of the experiment's runs table with every nested run expanded."""
+                          metrics: list[str], width: int = 1600, height: int = 1000) -> Path:
+    """A PNG of the experiment's runs table with every nested run expanded and `metrics` as columns."""
     from mlflow import MlflowClient
 
     experiment = MlflowClient(tracking_uri).get_experiment_by_name(experiment_name)
@@ -289,9 +310,11 @@ def screenshot_experiment(tracking_uri: str, experiment_name: str, out: Path, ch
         raise SystemExit(f"no experiment {experiment_name!r} in {tracking_uri}")
 
     async def shoot(browser: Browser) -> Path:
-        await browser.open(experiment_page(url, experiment.experiment_id), ["Run Name", *(expect or [])])
+        await browser.open(experiment_page(url, experiment.experiment_id), ["Run Name"])
         await browser.expand_all_runs()
-        await asyncio.sleep(2)  # charts and row heights settle
+        await browser.close_assistant()
+        await browser.show_metric_columns(metrics)
+        await asyncio.sleep(2)  # row heights and column widths settle
         return await browser.screenshot(out)
 
     with mlflow_server(tracking_uri, workdir / "mlflow-server.log") as url:
@@ -304,6 +327,8 @@ def main() -> None:
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow-sweep.png"))
     parser.add_argument("--size", default="1600x1000", help="window WIDTHxHEIGHT")
+    parser.add_argument("--metrics", default="val_top1,size_mb,bitops_g,compression_ratio,avg_wbits",
+                        help="comma-separated metrics shown as columns")
     args = parser.parse_args()
     chromium = find_chromium()
     if chromium is None:
@@ -311,7 +336,7 @@ def main() -> None:
     width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as workdir:
         out = screenshot_experiment(args.tracking_uri, args.experiment, args.out, chromium, Path(workdir),
-                                    width=width, height=height)
+                                    args.metrics.split(","), width=width, height=height)
     print(out)
 
 

@@ -64,42 +64,7 @@ def test_ui_shows_run_tree_registered_versions_and_a_trial(tmp_path: Path, chrom
             trial_metrics=["val_top1", "0.72", "size_mb"], trial_artifacts=["policy.json", "model"],
         ), chromium)
         # the same check notices what is not there
-        with pytest.raises(AssertionError, match="W5A5"):
-            check_pages(url, tracking_uri, "ui-check", Expectations(root_run="pipeline-1a2b3c", nested_runs=["W5A5"]),
-                        chromium, timeout=45)
         with pytest.raises(AssertionError, match="Version 3"):
             check_pages(url, tracking_uri, "ui-check", Expectations(
                 root_run="pipeline-1a2b3c", registered_model="pipeline-resnet18", model_versions=3), chromium,
-                timeout=10)
-
-
-@pytest.mark.slow
-def test_ui_over_a_pipeline_store(tmp_path: Path, digits_slice: Path, chromium: str) -> None:
-    """What a real pipeline wrote (its run tree, registered versions, a trial's metrics and artifacts)
-    is what the UI shows."""
-    import ray
-
-    from orchestrator.config import PipelineConfig
-    from orchestrator.distributed.pipeline import run_pipeline
-
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = PipelineConfig.model_validate({
-        "name": "ui", "output_dir": str(tmp_path / "runs"),
-        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
-        "data": {"path": str(digits_slice), "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
-        "fp": {"epochs": 0},
-        "indicators": {"bits": [4, 3], "epochs": 1, "train_fraction": 1.0},
-        "search": {"budgets": [{"target_wbits": 4, "target_abits": 4}]},
-        "finetune": {"epochs": 1, "train_fraction": 1.0},
-        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray")},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": "ui-pipeline"},
-    })
-    try:
-        run_pipeline(cfg)
-    finally:
-        ray.shutdown()
-    expected = expectations_from_store(tracking_uri, "ui-pipeline")
-    assert expected.trial_run == "W4A4" and "val_top1" in expected.trial_metrics
-
-    with mlflow_server(tracking_uri, tmp_path / "mlflow-server.log") as url:
-        check_pages(url, tracking_uri, "ui-pipeline", expected, chromium)
+                timeout=30)

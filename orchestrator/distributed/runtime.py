@@ -92,6 +92,9 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    # Ray Tune's newer console output prints its experiment box and result paths even at verbose=0;
+    # its classic output honours verbose=0 (our sweep's setting): the bars and final table say it.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)

@@ -156,6 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             progress.update(epoch, step, len(y), metrics)
         for _ in batches:  # drain: the shard iterator must finish before the next epoch starts
             pass
+        progress.close()  # the epoch's bar ends with its steps, before validation
         seconds = time.monotonic() - started
         metrics = _mean_across_workers(sums.means())
         metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]
@@ -172,7 +173,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if tracker is not None:
                     tracker.log_metrics(config["run_id"], metrics, step=epoch + 1)
             ray.train.report(metrics, checkpoint=checkpoint)
-    progress.close()
 
 
 def _scaling(cfg: PipelineConfig) -> ScalingConfig:

@@ -16,7 +16,8 @@ SHOWN_METRICS = 3  # keys of the step's metrics in the bar's label: enough for l
 
 
 class Progress:
-    """Usage: `update()` after every training step, `close()` after the last one."""
+    """Usage: `update()` after every training step, `close()` after an epoch's last one (an epoch's
+    first `update()` also closes the bar of the one before)."""
 
     def __init__(self, stage: str, epochs: int, steps_per_epoch: int, bar: Any = tqdm.tqdm,
                  enabled: bool = True) -> None:
