@@ -58,13 +58,16 @@ def find_chromium(install: bool = True) -> str | None:
 
 @contextlib.contextmanager
 def mlflow_server(backend_store_uri: str, log_path: Path) -> Iterator[str]:
-    """`mlflow server` on a free 127.0.0.1 port over the store; yields its URL, stops it by pid."""
+    """`mlflow server` on a free 127.0.0.1 port over the store; yields its URL, then stops its whole
+    process group (server and workers)."""
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # no background job workers (seven processes serving GenAI evaluation jobs) for a UI check
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

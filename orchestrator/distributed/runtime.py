@@ -72,6 +72,9 @@ def _worker_env(dashboard_port: int) -> dict[str, str]:
         # Ray Train routes print() through its logger, which adds an empty line after each of the
         # distributed tqdm's state lines; plain stdout reaches the driver as is.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # It watches for nodes being drained (spot preemption), which one local machine is not, and
+        # its start logs an error line per Train run (ray-project/ray#53727).
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),
         # Ray Data's per-operator bars would interleave with ours; the dashboard's Data view has them.
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
@@ -103,14 +106,17 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         port = _free_port()
         log.info("starting local Ray (%d logical CPUs)", local_cpu_count(cfg))
         _context = ray.init(
-            num_cpus=local_cpu_count(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
+            # "local": a new instance even when `ray start` left one on this machine, which plain
+            # ray.init() would join (and then refuse num_cpus)
+            address="local", num_cpus=local_cpu_count(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
             dashboard_port=port, log_to_driver=True, configure_logging=False,
             runtime_env={"env_vars": _worker_env(port), "worker_process_setup_hook": quiet_ray_internals},
         )
     log.info("logs: %s; Ray's in %s", log_file, Path(_context.address_info["session_dir"]) / "logs")
     url = dashboard_url()
     if url:
-        log.info("Ray dashboard: %s", url)
+        log.info("Ray dashboard (Train and Data progress while this runs): %s; if it asks for a token, "
+                 "`ray get-auth-token` prints it", url)
 
 
 def dashboard_url() -> str | None:
