@@ -61,9 +61,14 @@ class _ConsoleHandler(logging.Handler):
 
 
 def setup_console(level: int = logging.INFO) -> None:
-    """Console logging for the `limpq` command; call once, before MLflow or Ray are imported (MLflow
-    would install its own stderr handler)."""
+    """Console logging for the `limpq` command; call once, at start."""
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if "mlflow" in sys.modules:  # imported first: undo its own stderr handler, as the variable would have
+        mlflow_logger = logging.getLogger("mlflow")
+        mlflow_logger.handlers.clear()
+        mlflow_logger.propagate = True
+    # a bar per artifact fetched from a finished stage's run: noise next to the training bars
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = logging.getLogger()
     root.setLevel(level)
     if any(isinstance(handler, _ConsoleHandler) for handler in root.handlers):

@@ -190,15 +190,21 @@ class Browser:
             " buttons.forEach(b => b.click()); return buttons.length; })()")
 
     async def show_metric_columns(self, names: list[str]) -> None:
-        """Add these metrics as columns of the runs table (its "Show more columns" selector)."""
+        """Add these metrics as columns of the runs table, each found through the column selector's
+        search box (the selector's tree only renders what fits)."""
         await self.evaluate("[...document.querySelectorAll('button')]"
-                            ".filter(b => b.innerText.startsWith('Show more columns')).forEach(b => b.click())")
+                            ".filter(b => b.innerText.trim() === 'Columns').forEach(b => b.click())")
         await asyncio.sleep(1.0)
-        await self.evaluate(
-            f"(() => {{ const names = {json.dumps(names)};"
-            " [...document.querySelectorAll('[role=dialog] .du-bois-light-tree-treenode')]"
-            ".filter(n => names.includes(n.innerText.trim()))"
-            ".forEach(n => (n.querySelector('.du-bois-light-tree-checkbox') || n).click()); }})()")
+        for name in names:
+            await self.evaluate(  # React reads the value through the input event, not the attribute
+                "(() => { const box = document.querySelector('[role=dialog] input[placeholder=\"Search columns\"]');"
+                " Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(box, "
+                f"{json.dumps(name)}); box.dispatchEvent(new Event('input', {{bubbles: true}})); }})()")
+            await asyncio.sleep(0.7)
+            await self.evaluate(
+                "[...document.querySelectorAll('[role=dialog] .du-bois-light-tree-treenode')]"
+                f".filter(n => n.innerText.trim() === {json.dumps(name)})"
+                ".forEach(n => (n.querySelector('.du-bois-light-tree-checkbox') || n).click())")
         await self.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape",
                         windowsVirtualKeyCode=27)
 
@@ -329,8 +335,8 @@ def main() -> None:
     parser.add_argument("--tracking-uri", required=True, help="the pipeline's store, e.g. sqlite:///mlflow.db")
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow-sweep.png"))
-    parser.add_argument("--size", default="1600x1000", help="window WIDTHxHEIGHT")
-    parser.add_argument("--metrics", default="val_top1,size_mb,bitops_g,compression_ratio,avg_wbits",
+    parser.add_argument("--size", default="1920x1000", help="window WIDTHxHEIGHT")
+    parser.add_argument("--metrics", default="val_top1,size_mb,bitops_g,compression_ratio",
                         help="comma-separated metrics shown as columns")
     args = parser.parse_args()
     chromium = find_chromium()

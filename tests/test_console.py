@@ -6,6 +6,7 @@ import io
 import logging
 from pathlib import Path
 
+import mlflow  # noqa: F401  imported before the set-up, as in a test session: MLflow has set up its own logging
 import pytest
 import tqdm
 

@@ -3,6 +3,7 @@ the text they render (see mlflow_browser.py)."""
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,42 @@ def test_ui_shows_run_tree_registered_versions_and_a_trial(tmp_path: Path, chrom
             check_pages(url, tracking_uri, "ui-check", Expectations(
                 root_run="pipeline-1a2b3c", registered_model="pipeline-resnet18", model_versions=3), chromium,
                 timeout=30)
+
+
+@pytest.mark.slow
+def test_ui_over_a_pipeline_store(tmp_path: Path, digits_slice: Path, chromium: str) -> None:
+    """What a real pipeline wrote (its run tree, registered versions, a trial's metrics and artifacts)
+    is what the UI shows; the local Ray it started had its dashboard up on 127.0.0.1, and Ray's
+    driver-side chatter went to the run's log file."""
+    import ray
+
+    from orchestrator.config import PipelineConfig
+    from orchestrator.distributed.pipeline import run_pipeline
+    from orchestrator.distributed.runtime import dashboard_url
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = PipelineConfig.model_validate({
+        "name": "ui", "output_dir": str(tmp_path / "runs"),
+        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
+        "data": {"path": str(digits_slice), "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
+        "fp": {"epochs": 0},
+        "indicators": {"bits": [4, 3], "epochs": 1, "train_fraction": 1.0},
+        "search": {"budgets": [{"target_wbits": 4, "target_abits": 4}]},
+        "finetune": {"epochs": 1, "train_fraction": 1.0},
+        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray")},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "ui-pipeline"},
+    })
+    try:
+        run_pipeline(cfg)
+        dashboard = dashboard_url()  # Ray's own view, while Ray is up
+        assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(dashboard, timeout=30) as page:
+            assert page.status == 200
+    finally:
+        ray.shutdown()
+    assert "Started a local Ray instance" in (tmp_path / "runs" / "ui" / "logs" / "limpq.log").read_text()
+    expected = expectations_from_store(tracking_uri, "ui-pipeline")
+    assert expected.trial_run == "W4A4" and "val_top1" in expected.trial_metrics
+
+    with mlflow_server(tracking_uri, tmp_path / "mlflow-server.log") as url:
+        check_pages(url, tracking_uri, "ui-pipeline", expected, chromium)

@@ -69,6 +69,7 @@ def _worker_env(dashboard_port: int) -> dict[str, str]:
     return {
         "PYTHONUNBUFFERED": "1",
         "MLFLOW_CONFIGURE_LOGGING": "false",  # MLflow's own stderr handler would bypass the levels above
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         # Ray Train routes print() through its logger, which adds an empty line after each of the
         # distributed tqdm's state lines; plain stdout reaches the driver as is.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
