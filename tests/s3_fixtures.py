@@ -14,7 +14,6 @@ afterwards. Start Ray inside its scope: Ray workers inherit the driver's environ
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

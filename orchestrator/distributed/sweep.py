@@ -320,7 +320,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, root_run_i
                 name=f"{cfg.name}-sweep-{keys.sweep}",
                 storage_path=storage_path(cfg),
                 failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                verbose=1,
+                verbose=0,  # trial tables stay off the console: the bars and the final table say it
             ),
         )
         results = tuner.fit()

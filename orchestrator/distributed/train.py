@@ -23,13 +23,14 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.experimental import tqdm_ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import PipelineConfig
 from orchestrator.data.layout import count_samples, dataset_fingerprint, dataset_source
 from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, dataset_config, iter_batches
-from orchestrator.distributed.runtime import ensure_ray
+from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
 from orchestrator.errors import UserError
 from orchestrator.indicators import save_indicators
 from orchestrator.modelinfo import build_model
@@ -178,8 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker: Tracker | None = config.get("tracker") if rank == 0 else None
     monitor = _system_metrics(tracker, config.get("run_id"))
     shard = ray.train.get_dataset_shard("train")
-    progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, start_epoch=start_epoch,
-                        show=rank == 0)
+    progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
     keep_partial = stage == "indicators"  # the reference keeps an epoch's last partial batch
     try:
         for epoch in range(start_epoch, recipe.epochs):
@@ -200,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress.update(epoch, step, len(y), metrics)
             for _ in batches:  # drain: the shard iterator must finish before the next epoch starts
                 pass
+            progress.close()  # the epoch's bar ends with its steps, before validation
             if not training.scheduler_per_step:
                 training.scheduler.step()
             seconds = time.monotonic() - started
@@ -208,7 +209,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(_validation(model, cfg, stage, training.criterion, device))
             metrics["epoch"] = epoch + 1
             metrics.update(config.get("report_extra", {}))
-            progress.end_epoch(epoch, metrics)
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None
                 if rank == 0:
@@ -282,6 +282,7 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
             storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=TRAIN_LOGGING,
         ),
     )
     result = trainer.fit()
