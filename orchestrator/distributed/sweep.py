@@ -130,10 +130,16 @@ def _trial_name(trial: Trial) -> str:
     return f"{trial.config['trial']['label']}-{trial.trial_id}"
 
 
-def _concurrency(cfg: PipelineConfig) -> int:
-    """Trials that fit at once: each needs its Train workers' CPUs plus one for its Ray Data tasks."""
+def _concurrency(cfg: PipelineConfig) -> int | None:
+    """The cap on trials running at once. `ray.max_concurrent_trials` when set. On a cluster joined by
+    address none: trials wait in Tune's queue for resources, and their pending requests are what makes
+    an autoscaler add nodes. On the embedded local Ray, which cannot grow, what fits now: each trial's
+    Train workers plus one CPU for its Ray Data tasks, which would otherwise wait forever behind
+    workers holding every CPU."""
     if cfg.ray.max_concurrent_trials:
         return cfg.ray.max_concurrent_trials
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return None
     per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker + 1
     cpus = ray.cluster_resources().get("CPU", 1)
     if cfg.ray.use_gpu:
