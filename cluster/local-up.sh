@@ -155,7 +155,9 @@ if ((WORKER_NODES > 0 && AUTOSCALE_MAX_NODES > 0)); then
     exit 1
 fi
 HEAD_CPUS="$NUM_CPUS"
-HEAD_ENV=(MLFLOW_TRACKING_URI="$MLFLOW_URI")
+# RAY_ADDRESS in every Ray process: Ray's own helpers that look the cluster up (Train's placement
+# group cleaner asks the state API) then find this one even when others run on the machine.
+HEAD_ENV=(MLFLOW_TRACKING_URI="$MLFLOW_URI" RAY_ADDRESS="$HOST:$RAY_PORT")
 HEAD_ARGS=()
 if ((WORKER_NODES > 0 || AUTOSCALE_MAX_NODES > 0)); then
     HEAD_CPUS=0  # the head schedules, serves and runs job drivers; training goes to worker nodes
@@ -219,7 +221,8 @@ start_worker_node() {
     local node="$1" pidfile="$DATA_DIR/ray-worker-$1.pid" log="$DATA_DIR/ray-worker-$1.log" attempt pid
     for attempt in 1 2 3; do
         start_detached "$pidfile" "$log" \
-            env MLFLOW_TRACKING_URI="$MLFLOW_URI" ray start --block --address "$HOST:$RAY_PORT" \
+            env MLFLOW_TRACKING_URI="$MLFLOW_URI" RAY_ADDRESS="$HOST:$RAY_PORT" \
+            ray start --block --address "$HOST:$RAY_PORT" \
             --num-cpus "$WORKER_CPUS" --dashboard-agent-listen-port "$(free_port)" --disable-usage-stats
         pid="$(cat "$pidfile")"
         until grep -q "Ray runtime started" "$log" 2>/dev/null || ! kill -0 "$pid" 2>/dev/null; do

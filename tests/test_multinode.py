@@ -228,6 +228,9 @@ def three_worker_nodes() -> Iterator[Cluster]:
         for key in FOREIGN_ENV:
             patch.delenv(key, raising=False)
         patch.setenv("RAY_AUTH_MODE", "disabled")
+        # Inherited by every Ray process: Ray's helpers that look the cluster up (Train's placement
+        # group cleaner) find this one, not another on the machine.
+        patch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "gcs_server_port": port, "temp_dir": temp_dir, "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": dashboard, "dashboard_agent_listen_port": agent,
@@ -255,7 +258,7 @@ def test_indicator_workers_span_two_nodes_and_survive_losing_one(
     # the group goes on when one of them is lost.
     cfg = _tiny_config(
         tmp_path, digits_slice, f"sqlite:///{tmp_path / 'mlflow.db'}",
-        data={"batch_size": 4}, indicators={"epochs": 2, "train_fraction": 1.0},
+        data={"batch_size": 8}, indicators={"epochs": 2, "train_fraction": 0.5},
         ray={"address": three_worker_nodes.address, "num_workers": 2, "cpus_per_worker": 2},
     )
     client = MlflowClient(cfg.mlflow.tracking_uri)
