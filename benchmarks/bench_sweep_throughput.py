@@ -33,8 +33,8 @@ from ray.cluster_utils import Cluster
 from orchestrator.config import PipelineConfig
 from orchestrator.distributed.pipeline import run_indicators
 from orchestrator.distributed.sweep import run_sweep
-from orchestrator.train.stages import FP_FILE, JOINT_FILE
 from orchestrator.tracking import Tracker
+from orchestrator.train.stages import FP_FILE, JOINT_FILE
 
 BUDGETS = [(2, 2), (2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (3, 4), (4, 4)]  # 8 (wbits, abits) targets
 
