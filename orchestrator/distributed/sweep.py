@@ -131,14 +131,16 @@ def _trial_name(trial: Trial) -> str:
 
 
 def _concurrency(cfg: PipelineConfig) -> int | None:
-    """The cap on trials running at once. `ray.max_concurrent_trials` when set. On a cluster joined by
-    address none: trials wait in Tune's queue for resources, and their pending requests are what makes
-    an autoscaler add nodes. On the embedded local Ray, which cannot grow, what fits now: each trial's
-    Train workers plus one CPU for its Ray Data tasks, which would otherwise wait forever behind
-    workers holding every CPU."""
+    """The cap on trials running at once: `ray.max_concurrent_trials` when set. On a cluster whose head
+    offers no CPUs, the mark of a cluster built to grow (ray_cluster.yaml, the KubeRay RayJob,
+    cluster/local-up.sh with worker nodes), none: trials wait in Tune's queue for resources, and their
+    pending requests are what makes the autoscaler add nodes. Elsewhere (the embedded local Ray, a
+    one-node cluster) what fits now: each trial's Train workers plus one CPU for its Ray Data tasks,
+    which would otherwise wait forever behind workers holding every CPU."""
     if cfg.ray.max_concurrent_trials:
         return cfg.ray.max_concurrent_trials
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    heads = [node for node in ray.nodes() if node["Alive"] and "node:__internal_head__" in node["Resources"]]
+    if heads and not heads[0]["Resources"].get("CPU"):
         return None
     per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker + 1
     cpus = ray.cluster_resources().get("CPU", 1)
