@@ -79,7 +79,7 @@ def local_up(data_dir: Path, **settings: str) -> Iterator[dict[str, str]]:
         pid_files = sorted(data_dir.glob("*.pid"))
         assert up.returncode == 0, up.stdout + up.stderr
         yield {**env, "RAY_ADDRESS_GCS": f"127.0.0.1:{gcs}", "DASHBOARD_URL": f"http://127.0.0.1:{dashboard}",
-               "MLFLOW_URL": f"http://127.0.0.1:{mlflow}", "RAY_AUTH_MODE": "token"}
+               "MLFLOW_URL": f"http://127.0.0.1:{mlflow}", "RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "token")}
     finally:
         pgids = [int(path.read_text()) for path in pid_files if path.exists()]
         down = subprocess.run([str(REPO / "cluster/local-down.sh")], env=env, capture_output=True, text=True, check=False,
@@ -95,7 +95,7 @@ def driver_env(cluster_env: dict[str, str]) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         for key in FOREIGN_ENV:
             patch.delenv(key, raising=False)
-        patch.setenv("RAY_AUTH_MODE", "token")
+        patch.setenv("RAY_AUTH_MODE", cluster_env["RAY_AUTH_MODE"])
         patch.setenv("RAY_AUTH_TOKEN_PATH", cluster_env["RAY_AUTH_TOKEN_PATH"])
         ray.shutdown()
         try:
@@ -169,8 +169,13 @@ def autoscaled_sweep(tmp_path_factory: pytest.TempPathFactory, digits_slice: Pat
     """The pipeline with 4 budgets of 1-CPU trials on a cluster that starts with no worker node and
     lets Ray's autoscaler add up to 4 nodes of 2 CPUs. Yields the config, MLflow client and nodes."""
     tmp_path = tmp_path_factory.mktemp("autoscaled")
+    # Ray reads the auth mode once per process: this process drives the cluster, so the cluster takes
+    # its mode (no token unless the environment asks for one).
+    auth = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        auth["RAY_AUTH_TOKEN_PATH"] = os.environ["RAY_AUTH_TOKEN_PATH"]
     with local_up(tmp_path / "cluster", LIMPQ_AUTOSCALE_MAX_NODES="4", LIMPQ_WORKER_CPUS="2",
-                  LIMPQ_IDLE_TIMEOUT_MIN="5") as env, driver_env(env):
+                  LIMPQ_IDLE_TIMEOUT_MIN="5", **auth) as env, driver_env(env):
         cfg = _tiny_config(
             tmp_path, digits_slice, env["MLFLOW_URL"],
             search={"budgets": [{"target_wbits": w, "target_abits": a} for w, a in ((2, 2), (3, 3), (4, 4), (3, 4))]},
