@@ -52,6 +52,7 @@ import numpy as np
 import ray
 import torch
 from ray.data import Dataset, DataContext, ExecutionOptions, FileShuffleConfig
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config import PipelineConfig
 from orchestrator.data.layout import (
@@ -131,7 +132,10 @@ class SkipCounter:
     """
 
     def __init__(self) -> None:
-        self.actor = _SkippedImages.remote()
+        # On the driver's node: an actor on a worker node would die with that node and take the stage
+        # down after Train itself recovered from the loss.
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = _SkippedImages.options(scheduling_strategy=driver_node).remote()
 
     def counts(self) -> dict[str, int]:
         return ray.get(self.actor.counts.remote())
