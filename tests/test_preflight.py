@@ -138,7 +138,7 @@ def test_empty_class_and_unknown_val_class(workdir: Path, digits_slice: Path,
     (data / "train" / "7b").mkdir()
     config = _write(workdir / "bad.yaml", _edit(_base(data), "model.num_classes", 11))
     _assert_one_line_exit_2(["run", "--config", str(config)], capsys, workdir,
-                            f"data.path: class directory {data / 'train' / '7b'} hold no images")
+                            f"data.path: class directory {data / 'train' / '7b'} holds no images")
     (data / "train" / "7b").rmdir()
     (data / "val" / "x").mkdir()
     shutil.copy(next((data / "val" / "0").iterdir()), data / "val" / "x" / "a.png")
@@ -250,3 +250,11 @@ def test_console_script_prints_one_line(tmp_path: Path) -> None:
     assert result.stderr == "limpq: error: model.arch: 'resnet81' is not a torchvision classification model; " \
                             "did you mean resnet18 or resnet152 or resnet101?\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_parquet_dataset_without_shards(workdir: Path, digits_slice: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for split in ("train", "val"):
+        (workdir / "pq" / split).mkdir(parents=True)
+    raw = _edit(_base(workdir / "pq"), "data.format", "parquet")
+    config = _write(workdir / "bad.yaml", raw)
+    _assert_one_line_exit_2(["run", "--config", str(config)], capsys, workdir, f"data.path: {workdir / 'pq' / 'train'} holds no .parquet shards")
