@@ -132,7 +132,7 @@ def main() -> None:
         })
         print(f"{args.images} JPEGs x {args.repeat} paths, {args.image_size}x{args.image_size} -> {args.input_size} crops, "
               f"batch {args.batch_size}, {args.cpus} CPUs, {args.rounds} alternating timed epochs per side")
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             sides = [dataloader_side(root, transforms_for(cfg)[0], args.batch_size, args.cpus),

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from orchestrator.errors import UserError
+from orchestrator.errors import PipelineFailed, Terminated, UserError
 
 COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit")
 
@@ -73,12 +73,18 @@ def run_reporting_errors(command: Callable[[], int | None]) -> int:
     is one line on stderr and exit status 2; anything else keeps its traceback (it is a bug)."""
     try:
         return int(command() or 0)
+    except PipelineFailed as error:
+        print(f"limpq: failed: {error}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # e.g. `limpq search --json | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         print("limpq: interrupted", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(f"limpq: {stop}", file=sys.stderr)
+        return 143
     except Exception as error:
         user_error = user_error_in(error)
         if user_error is None:

@@ -135,3 +135,16 @@ def parquet_labels(shards: list[Path]) -> list[int]:
     import pyarrow.parquet as pq
 
     return [label for shard in shards for label in pq.read_table(shard, columns=["label"]).column("label").to_pylist()]
+
+
+def dataset_fingerprint(cfg: PipelineConfig) -> str:
+    """Content identity of the dataset from its file listing (relative names and sizes per split),
+    independent of where the dataset lives."""
+    root = dataset_root(cfg)
+    digest = hashlib.sha256(cfg.data.format.encode())
+    for split in SPLITS:
+        split_dir = root / split
+        files = sorted(p for p in split_dir.rglob("*") if p.is_file())
+        for path in files:
+            digest.update(f"{split}/{path.relative_to(split_dir).as_posix()}\t{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]

@@ -30,5 +30,6 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     log.info("starting local Ray (%d logical CPUs)", local_cpu_count(cfg))
-    ray.init(num_cpus=local_cpu_count(cfg), include_dashboard=False, log_to_driver=True,
+    # address="local": a new instance even when `ray start` left one running on this machine
+    ray.init(address="local", num_cpus=local_cpu_count(cfg), include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
