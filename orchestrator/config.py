@@ -74,7 +74,6 @@ class DataConfig(_Section):
     demo: bool = Field(False, description="Build the scikit-learn digits demo set at `path` when it is missing.")
     resize_size: int | None = Field(None, ge=8, description="Eval resize before the center crop; default input_size * 8/7.")
     batch_size: int = Field(64, ge=1, description="Per-worker batch size.")
-    num_workers: int = Field(0, ge=0, description="In-process DataLoader workers.")
     min_crop_scale: float = Field(0.08, gt=0, le=1, description="RandomResizedCrop lower scale bound.")
     hflip: bool = Field(True, description="Random horizontal flips (off for digits).")
 
@@ -119,7 +118,6 @@ class IndicatorConfig(RecipeConfig):
     lr: float = Field(0.01, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="Clip gradients by value.")
     train_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of the training set used per epoch.")
-    checkpoint_every_steps: int | None = Field(None, ge=1, description="Extra mid-epoch checkpoints (in-process runs).")
 
     _bits = field_validator("bits")(_check_bits)
 
@@ -271,7 +269,6 @@ class PipelineConfig(_Section):
         keep = set(sections.get(stage, type(self).model_fields))
         payload = self.model_dump(mode="json", include=keep - {"name", "output_dir", "mlflow"})
         payload.pop("ray", None)
-        payload.get("data", {}).pop("num_workers", None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def flat(self) -> dict[str, Any]:
