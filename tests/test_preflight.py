@@ -208,7 +208,8 @@ def test_non_utf8_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> N
     ("=3", "--set '=3': expected KEY=VALUE"),
     ("search.budgets.3.name=x", "--set search.budgets.3.name: search.budgets has 1 item(s)"),
     ("model.arch.depth=3", "--set model.arch.depth: model.arch is a value, not a section"),
-    ("seed=abc", "seed: Input should be a valid integer"),
+    ("seed=abc", "limpq: error: --set: seed: Input should be a valid integer"),
+    ("ray.num_workers=0", "limpq: error: --set: ray.num_workers: Input should be greater than or equal to 1"),
 ])
 def test_malformed_set(override: str, message: str, workdir: Path, digits_slice: Path,
                        capsys: pytest.CaptureFixture[str]) -> None:
