@@ -259,3 +259,11 @@ def test_parquet_dataset_without_shards(workdir: Path, digits_slice: Path, capsy
     raw = _edit(_base(workdir / "pq"), "data.format", "parquet")
     config = _write(workdir / "bad.yaml", raw)
     _assert_one_line_exit_2(["run", "--config", str(config)], capsys, workdir, f"data.path: {workdir / 'pq' / 'train'} holds no .parquet shards")
+
+
+def test_nesterov_without_momentum(workdir: Path, digits_slice: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = _base(digits_slice)
+    raw["indicators"].update(nesterov=True, momentum=0.0)
+    config = _write(workdir / "bad.yaml", raw)
+    _assert_one_line_exit_2(["indicators", "train", "--config", str(config)], capsys, workdir,
+                            "indicators.nesterov: Nesterov needs momentum; set indicators.momentum > 0")
