@@ -246,7 +246,7 @@ def test_console_script_prints_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run([str(limpq), "run", "--config", str(config), "--set", "indicators.epochs=2"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr == "limpq: error: model.arch: 'resnet81' is not a torchvision classification model; " \
                             "did you mean resnet18 or resnet152 or resnet101?\n"
