@@ -6,8 +6,6 @@ Layer-neutral: pydantic and yaml only, so every layer may import it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import posixpath
 import re
 import typing
@@ -176,7 +174,6 @@ class FinetuneConfig(RecipeConfig):
         True, description="Start step sizes and BN from the joint-trained values at the chosen bits."
     )
     baselines: list[int] = Field(default_factory=list, description="Uniform WbAb baselines to fine-tune too.")
-    asha: bool = Field(False, description="Stop weak trials early (ASHA on val top-1).")
 
     _bits = field_validator("baselines")(lambda v: _check_bits(v) if v else v)
 
@@ -257,19 +254,6 @@ class PipelineConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
-
-    def config_hash(self) -> str:
-        """Stable hash of the settings that change results (not where they are logged)."""
-        return self.stage_hash("sweep")
-
-    def stage_hash(self, stage: str) -> str:
-        """Hash of the settings a stage's output depends on: changing a fine-tuning setting must not
-        invalidate the indicators, nor an indicator setting the FP weights."""
-        sections = {"fp": ("seed", "model", "data", "fp"), "indicators": ("seed", "model", "data", "fp", "indicators")}
-        keep = set(sections.get(stage, type(self).model_fields))
-        payload = self.model_dump(mode="json", include=keep - {"name", "output_dir", "mlflow"})
-        payload.pop("ray", None)
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def flat(self) -> dict[str, Any]:
         """Flattened `section.key` view, for MLflow params."""

@@ -209,86 +209,21 @@ def _check_latency(cfg: PipelineConfig, layer_names: set[str], searchable: list[
 
 # ------------------------------------------------------------------------------ data
 
-def _folder_listing(split_dir: Path) -> dict[str, list[str]]:
-    """class name -> image keys (`<class>/<path>`, as the data pipeline names them) of a split."""
-    from orchestrator.data.layout import is_image_file
+def dataset_train_samples(cfg: PipelineConfig) -> Callable[[float], int] | None:
+    """Check the dataset (local or object storage: the data layer's `check_dataset`) and return how
+    many training samples a `train_fraction` selects; None while the digits demo is still to be
+    built on first use."""
+    from orchestrator.data.layout import KEY, check_dataset, count_samples
+    from orchestrator.data.storage import locate
 
-    listing: dict[str, list[str]] = {}
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        if not entry.is_dir() or entry.name.startswith("."):
-            continue
-        keys = listing[entry.name] = []
-        for parent, dirs, files in os.walk(entry.path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            relative = Path(parent).relative_to(split_dir).as_posix()
-            keys += [f"{relative}/{name}" for name in sorted(files) if is_image_file(name) and not name.startswith(".")]
-    if not listing:
-        raise ConfigError(f"data.path: {split_dir} holds no class directories; expected "
-                          f"{split_dir.name}/<class>/<image>")
-    return listing
-
-
-def local_train_samples(cfg: PipelineConfig) -> Callable[[float], int] | None:
-    """Check a local dataset's layout (splits, classes, empty classes, images or shards) and return
-    how many training samples a `train_fraction` selects; None when the dataset is not there to list
-    yet (the digits demo, built on first use) or not local.
-
-    The one place preflight reads the dataset. To swap in the data layer's check (object storage
-    too): `check_dataset(cfg)`, then `lambda f: count_samples(cfg, "train", f)` once the data exists.
-    """
-    from orchestrator.data.layout import SPLITS, in_fraction
-
-    if "://" in cfg.data.path:
+    check_dataset(cfg)
+    if cfg.data.demo and not locate(cfg.data.path, KEY).exists(KEY):
         return None
-    root = Path(cfg.data.path)
-    if not root.exists():
-        if not cfg.data.demo:
-            raise ConfigError(f"data.path: dataset path does not exist: {root}; give a directory holding "
-                              "train/ and val/ (or set data.demo: true for the digits demo)")
-        if cfg.data.format != "folder":
-            raise ConfigError(f"data.format: data.demo builds a folder dataset, but data.format is "
-                              f"{cfg.data.format!r}; set data.format: folder")
-        return None
-    for split in SPLITS:
-        if not (root / split).is_dir():
-            raise ConfigError(f"data.path: {root} has no {split}/ directory; point data.path at the folder "
-                              "holding train/ and val/")
-    if cfg.data.format == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = {}
-        for split in SPLITS:
-            shards = sorted((root / split).glob("*.parquet"))
-            if not shards:
-                raise ConfigError(f"data.path: {root / split} holds no .parquet shards")
-            try:
-                rows[split] = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
-            except (OSError, pa.ArrowException) as error:  # ArrowInvalid: not Parquet
-                raise ConfigError(f"data.path: a shard in {root / split} is not a readable Parquet file "
-                                  f"({str(error).splitlines()[0]})") from None
-        return lambda fraction: int(rows["train"] * fraction)
-
-    train = _folder_listing(root / "train")
-    if len(train) > cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {root / 'train'} has {len(train)} "
-                          f"classes; set model.num_classes: {len(train)} (or more)")
-    val = _folder_listing(root / "val")
-    unknown = sorted(set(val) - set(train))
-    if unknown:
-        raise ConfigError(f"data.path: {root / 'val' / unknown[0]}: class not present in the train split; "
-                          "remove it or add it to train/")
-    for split, listing in (("train", train), ("val", val)):
-        empty = [name for name, keys in listing.items() if not keys]
-        if empty:
-            raise ConfigError(f"data.path: class directory {root / split / empty[0]} holds no images; "
-                              "add images or remove it")
-    keys = [key for class_keys in train.values() for key in class_keys]
-    return lambda fraction: sum(in_fraction(key, fraction, cfg.seed) for key in keys)
+    return lambda fraction: count_samples(cfg, "train", fraction)
 
 
 def _check_data(cfg: PipelineConfig) -> None:
-    train_samples = local_train_samples(cfg)
+    train_samples = dataset_train_samples(cfg)
     if train_samples is None:
         return
     workers, batch = cfg.ray.num_workers, cfg.data.batch_size

@@ -43,6 +43,7 @@ from mlflow.utils.validation import (
 
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import UserError
+from orchestrator.mlflow_ui import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, experiment_page, mark_model_development
 from orchestrator.redact import redact, redact_params
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -57,9 +58,6 @@ TAG_ATTEMPTS = "limpq.attempts"
 TAG_ERROR = "limpq.error"
 TAG_RAY_JOB = "limpq.ray_job_submission_id"
 TAG_NOTE = "mlflow.note.content"
-TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
-# The MLflow 3 UI shows the runs table and charts (not the GenAI overview) for this kind.
-EXPERIMENT_KIND = "custom_model_development"
 # Settings that say where and how work runs, not what it computes: tags, so they may change.
 _PLACEMENT_SECTIONS = ("ray.", "mlflow.", "output_dir", "name")
 
@@ -397,8 +395,9 @@ class Tracker:
     def ui_command(self) -> str:
         """The command that opens the MLflow UI on this store (credentials redacted)."""
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"open {redact(self.tracking_uri)}"
-        return f"mlflow ui --host 127.0.0.1 --backend-store-uri '{redact(self.tracking_uri)}'"
+            return f"open {experiment_page(redact(self.tracking_uri), self.experiment_id)}"
+        return (f"mlflow ui --host 127.0.0.1 --backend-store-uri '{redact(self.tracking_uri)}', then open "
+                f"{experiment_page('http://127.0.0.1:5000', self.experiment_id)}")
 
 
 @lru_cache(maxsize=None)
@@ -407,7 +406,7 @@ def _experiment_id(tracker: Tracker) -> str:
     if experiment is None:
         try:
             return tracker._call("create_experiment", tracker.experiment, tracker._artifact_location(),
-                                 tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+                                 tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -417,8 +416,8 @@ def _experiment_id(tracker: Tracker) -> str:
             f"mlflow.experiment: experiment {tracker.experiment!r} is deleted in {tracker.tracking_uri}; "
             "restore it (mlflow experiments restore) or choose another name"
         )
-    if TAG_EXPERIMENT_KIND not in experiment.tags:
-        tracker._call("set_experiment_tag", experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # the UI then opens on runs, not on GenAI pages
+        mark_model_development(tracker.client, experiment.experiment_id)
     return experiment.experiment_id
 
 

@@ -99,8 +99,8 @@ BAD_VALUES = [
     ("search.budgets", [{"target_wbits": 3, "target_abits": 3}, {"bitops_g": 1, "name": "W3A3"}],
      "search.budgets[1]: label 'W3A3' repeats search.budgets[0]"),
     ("name", "my/run", "name: 'my/run' may only hold letters"),
-    ("data.path", "nowhere", "data.path: dataset path does not exist: nowhere"),
-    ("model.num_classes", 5, "model.num_classes: 5, but"),
+    ("data.path", "nowhere", "data.path: dataset path does not exist: "),
+    ("model.num_classes", 5, "has labels 0..9 but model.num_classes is 5; set model.num_classes: 10"),
     ("fp.source", "checkpoint", "fp.checkpoint: file not found: missing.pt"),
     ("fp.source", "torchvision", "fp.weights: 'ResNet50_Weights.IMAGENET1K_V1' are not weights of resnet18"),
 ]
@@ -138,7 +138,7 @@ def test_empty_class_and_unknown_val_class(workdir: Path, digits_slice: Path,
     (data / "train" / "7b").mkdir()
     config = _write(workdir / "bad.yaml", _edit(_base(data), "model.num_classes", 11))
     _assert_one_line_exit_2(["run", "--config", str(config)], capsys, workdir,
-                            f"data.path: class directory {data / 'train' / '7b'} holds no images")
+                            f"data.path: class directory {data / 'train' / '7b'} holds no image files")
     (data / "train" / "7b").rmdir()
     (data / "val" / "x").mkdir()
     shutil.copy(next((data / "val" / "0").iterdir()), data / "val" / "x" / "a.png")
@@ -246,7 +246,7 @@ def test_console_script_prints_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run([str(limpq), "run", "--config", str(config), "--set", "indicators.epochs=2"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr == "limpq: error: model.arch: 'resnet81' is not a torchvision classification model; " \
                             "did you mean resnet18 or resnet152 or resnet101?\n"

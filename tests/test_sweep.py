@@ -46,10 +46,11 @@ def _config(tmp_path: Path, data: Path) -> PipelineConfig:
 
 
 def test_sweep_run_tree_models_failures_and_resubmission(tmp_path: Path, digits_slice: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+                                                         capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(tmp_path, digits_slice)
     marker = tmp_path / "failed-once"
-    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {FAIL_ONCE_ENV: f"W3A3:{marker}"}})
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"W3A3:{marker}")  # the local Ray the pipeline starts passes it on
 
     with pytest.raises(PipelineFailed, match="1 of 3 trials did not finish \\(G0.001\\)"):
         run_pipeline(cfg)

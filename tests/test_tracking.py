@@ -282,8 +282,9 @@ def test_tracking_uri_comes_from_config_then_environment_then_local_sqlite(monke
     assert resolve_tracking_uri(plain) == "http://127.0.0.1:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking_uri(plain) == f"sqlite:///{tmp_path}/mlflow.db"
-    assert Tracker.from_config(plain).ui_command() == (
-        f"mlflow ui --host 127.0.0.1 --backend-store-uri 'sqlite:///{tmp_path}/mlflow.db'")
+    assert Tracker.from_config(plain).ui_command().startswith(
+        f"mlflow ui --host 127.0.0.1 --backend-store-uri 'sqlite:///{tmp_path}/mlflow.db', then open "
+        "http://127.0.0.1:5000/#/experiments/")
 
 
 def test_credentials_never_reach_params_tags_or_printed_commands(make_config, client):

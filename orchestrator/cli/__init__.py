@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Callable
 
+from orchestrator.console import setup_console
 from orchestrator.errors import PipelineFailed, Terminated, UserError
 
 COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit")
@@ -96,7 +96,7 @@ def run_reporting_errors(command: Callable[[], int | None]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    setup_console()
     return run_reporting_errors(lambda: args.func(args))
 
 

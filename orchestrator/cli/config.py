@@ -10,7 +10,10 @@ def _validate(args: argparse.Namespace) -> int:
     from orchestrator.cli.pipeline import load_config_from_args
 
     cfg = load_config_from_args(args, args.file)
-    print(f"{args.file}: OK (config hash {cfg.config_hash()})")
+    from orchestrator.stagekeys import stage_keys
+
+    keys = stage_keys(cfg)
+    print(f"{args.file}: OK (stage keys fp {keys.fp}, indicators {keys.indicators}, sweep {keys.sweep})")
     return 0
 
 

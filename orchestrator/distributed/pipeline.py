@@ -195,8 +195,13 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
 
 def _print_where_to_look(cfg: PipelineConfig, tracker: Tracker) -> None:
+    from orchestrator.distributed.runtime import dashboard_url
     from orchestrator.distributed.sweep import registered_model_name
 
     print(f"\nMLflow UI: {tracker.ui_command()}", flush=True)
+    url = dashboard_url()
+    if url:
+        print(f"Ray dashboard: {url} (while Ray runs: Train and Data progress; on a cluster `ray dashboard "
+              "ray_cluster.yaml`)", flush=True)
     print(f"Registered model: {registered_model_name(cfg)} (aliases best-top1, budget-<label>; "
           f"mlflow.pytorch.load_model('models:/{registered_model_name(cfg)}@best-top1'))", flush=True)

@@ -36,7 +36,7 @@ from ray.tune.experiment import Trial
 
 from orchestrator.config import Budget, PipelineConfig
 from orchestrator.distributed.capacity import cluster_capacity
-from orchestrator.distributed.runtime import ensure_ray
+from orchestrator.distributed.runtime import ensure_ray, started_local_ray
 from orchestrator.distributed.train import example_input, log_dataset_inputs, storage_path, train_on_ray
 from orchestrator.errors import UserError
 from orchestrator.fileio import write_text_atomic
@@ -226,7 +226,7 @@ def _concurrency_cap(cfg: PipelineConfig) -> int | None:
     add nodes."""
     if cfg.ray.max_concurrent_trials:
         return cfg.ray.max_concurrent_trials
-    capacity = cluster_capacity()
+    capacity = dict(ray.cluster_resources()) if started_local_ray() else cluster_capacity()
     if capacity is None:
         return None
     cap = int(capacity.get("CPU", 0) // (cfg.ray.num_workers * cfg.ray.cpus_per_worker + TRIAL_DATA_CPU))
@@ -320,7 +320,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, root_run_i
                 name=f"{cfg.name}-sweep-{keys.sweep}",
                 storage_path=storage_path(cfg),
                 failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                verbose=1,
+                verbose=0,  # trial tables stay off the console: the bars and the final table say it
             ),
         )
         results = tuner.fit()

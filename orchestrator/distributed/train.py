@@ -23,13 +23,14 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.experimental import tqdm_ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import PipelineConfig
-from orchestrator.data.layout import dataset_fingerprint, dataset_root, in_fraction, list_classes, list_folder_split, list_parquet_shards
-from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, iter_batches
-from orchestrator.distributed.runtime import ensure_ray
+from orchestrator.data.layout import count_samples, dataset_fingerprint, dataset_source
+from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, dataset_config, iter_batches
+from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
 from orchestrator.errors import UserError
 from orchestrator.indicators import save_indicators
 from orchestrator.modelinfo import build_model
@@ -178,8 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker: Tracker | None = config.get("tracker") if rank == 0 else None
     monitor = _system_metrics(tracker, config.get("run_id"))
     shard = ray.train.get_dataset_shard("train")
-    progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, start_epoch=start_epoch,
-                        show=rank == 0)
+    progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
     keep_partial = stage == "indicators"  # the reference keeps an epoch's last partial batch
     try:
         for epoch in range(start_epoch, recipe.epochs):
@@ -200,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress.update(epoch, step, len(y), metrics)
             for _ in batches:  # drain: the shard iterator must finish before the next epoch starts
                 pass
+            progress.close()  # the epoch's bar ends with its steps, before validation
             if not training.scheduler_per_step:
                 training.scheduler.step()
             seconds = time.monotonic() - started
@@ -208,7 +209,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(_validation(model, cfg, stage, training.criterion, device))
             metrics["epoch"] = epoch + 1
             metrics.update(config.get("report_extra", {}))
-            progress.end_epoch(epoch, metrics)
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None
                 if rank == 0:
@@ -239,23 +239,11 @@ def storage_path(cfg: PipelineConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def train_samples(cfg: PipelineConfig, fraction: float) -> int:
-    """Training samples of a stage, from the file listing (reading no image)."""
-    root = dataset_root(cfg)
-    if cfg.data.format == "folder":
-        split = list_folder_split(root / "train", list_classes(root / "train"))
-        return sum(in_fraction(key, fraction, cfg.seed) for key in split.keys)
-    import pyarrow.parquet as pq
-
-    rows = sum(pq.ParquetFile(shard).metadata.num_rows for shard in list_parquet_shards(root / "train"))
-    return int(rows * fraction)
-
-
 def steps_per_epoch(cfg: PipelineConfig, stage: str) -> int:
     """Steps per epoch of a worker: the schedule's length. The loop itself stops at the shortest
     shard, so skipped images only end an epoch a step early. The indicator stage keeps the last
     partial batch; the others drop it (a batch of one breaks BatchNorm)."""
-    per_worker = train_samples(cfg, stage_recipe(cfg, stage).train_fraction) / cfg.ray.num_workers
+    per_worker = count_samples(cfg, "train", stage_recipe(cfg, stage).train_fraction) / cfg.ray.num_workers
     steps = math.ceil(per_worker / cfg.data.batch_size) if stage == "indicators" else int(per_worker // cfg.data.batch_size)
     if steps < 1:
         raise UserError(f"data.batch_size: {cfg.data.batch_size} is larger than a worker's share of the {stage} "
@@ -288,11 +276,13 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
         scaling_config=_scaling(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         datasets=datasets,
+        dataset_config=dataset_config(),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=TRAIN_LOGGING,
         ),
     )
     result = trainer.fit()
@@ -308,11 +298,16 @@ def log_dataset_inputs(cfg: PipelineConfig, tracker: Tracker, run_id: str, stage
     """Lineage of the data a training run read: the dataset's location, content digest and sizes,
     once for its training subset and once for the validation split."""
     fingerprint = dataset_fingerprint(cfg)
-    name = Path(cfg.data.path.rstrip("/")).name or cfg.data.path
+    source = dataset_source(cfg)
+    name = source.rstrip("/").rsplit("/", 1)[-1] or source
     fraction = stage_recipe(cfg, stage).train_fraction
-    tracker.log_dataset(run_id, cfg.data.path, name, fingerprint, "training",
-                        {"split": "train", "train_fraction": fraction, "images": train_samples(cfg, fraction)})
-    tracker.log_dataset(run_id, cfg.data.path, name, fingerprint, "validation", {"split": "val"})
+    for split, context, extra in (("train", "training", {"train_fraction": fraction,
+                                                          "images": count_samples(cfg, "train", fraction)}),
+                                  ("val", "validation", {"images": count_samples(cfg, "val")})):
+        sizes = fingerprint["splits"][split]
+        tracker.log_dataset(run_id, source, name, fingerprint["sha256"], context,
+                            {"split": split, "format": fingerprint["format"], "files": sizes["files"],
+                             "bytes": sizes["bytes"], **extra})
 
 
 def example_input(cfg: PipelineConfig) -> torch.Tensor:

@@ -43,7 +43,7 @@ def device_for(cfg: PipelineConfig) -> torch.device:
 
 
 def fp_meta(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"arch": cfg.model.arch, "num_classes": cfg.model.num_classes, "config_hash": cfg.config_hash()}
+    return {"arch": cfg.model.arch, "num_classes": cfg.model.num_classes}
 
 
 def load_fp_model(cfg: PipelineConfig, path: str | Path) -> nn.Module:
@@ -120,6 +120,6 @@ def joint_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int) -> Tra
 
 def indicators_of(cfg: PipelineConfig, model: nn.Module, run_id: str | None = None) -> Indicators:
     return extract_indicators(model, cfg.model.arch, provenance={
-        "run_id": run_id, "pipeline": cfg.name, "config_hash": cfg.config_hash(), "epochs": cfg.indicators.epochs,
+        "run_id": run_id, "pipeline": cfg.name, "epochs": cfg.indicators.epochs,
         "train_fraction": cfg.indicators.train_fraction, "data": cfg.data.path, "input_size": cfg.model.input_size,
     })
