@@ -270,7 +270,7 @@ class PipelineConfig(_Section):
         return out
 
 
-def _format_error(source: str, error: ValidationError) -> str:
+def _format_error(source: str, error: ValidationError, overridden: tuple[str, ...] = ()) -> str:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
@@ -278,16 +278,19 @@ def _format_error(source: str, error: ValidationError) -> str:
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required key is missing"
+    if any(location == key or location.startswith(f"{key}.") for key in overridden):
+        source = "--set"  # the value came from the command line, not the file
     where = f"{source}: {location}" if location else source
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{where}: {message}{more}"
 
 
-def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+def parse_config(raw: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()) -> PipelineConfig:
+    """Validate a raw config; errors name `source`, or `--set` for a key in `overridden`."""
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_error(source, error)) from None
+        raise ConfigError(_format_error(source, error, overridden)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -411,4 +414,4 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     """Read and validate a pipeline YAML; `overrides` maps dotted keys to values (e.g. from the CLI)."""
     raw = read_yaml_mapping(path)
     apply_overrides(raw, overrides or {})
-    return parse_config(raw, str(path))
+    return parse_config(raw, str(path), tuple(overrides or ()))

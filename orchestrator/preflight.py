@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.config import PipelineConfig, RecipeConfig
-from orchestrator.errors import ConfigError, UserError
+from orchestrator.errors import ConfigError
 
 # Ray Data reads and decodes in tasks of 1 CPU each, beside the CPUs Train workers hold for the run.
 DATA_TASK_CPUS = 1
@@ -162,9 +162,7 @@ def _check_model(cfg: PipelineConfig) -> tuple[set[str], list[str]]:
     _check_fp_source(cfg)
     try:  # traced once per model and size, then read from the cost cache (as the search does)
         costs = cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, None, cfg.model.num_classes)
-    except UserError:
-        raise
-    except Exception as error:  # a model that cannot run at this size fails inside torch
+    except (RuntimeError, AssertionError, ValueError) as error:  # a model that cannot run at this size
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"model.input_size: {cfg.model.arch} does not run at {cfg.model.input_size}x"
                           f"{cfg.model.input_size} ({reason}); choose a size it accepts") from None

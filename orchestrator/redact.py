@@ -16,6 +16,8 @@ MASK = "***"
 
 # scheme://user:password@host: the password runs to the last "@" before the path, query or space.
 _URI_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/?#@:]*:)[^\s/?#]*@")
+# scheme://token@host: a user-info without a password is often a token (https://TOKEN@host).
+_URI_USER_ONLY = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^\s/?#@:*]+@")
 # Names that say a value is a secret: query parameters (access_token, X-Amz-Signature, Azure SAS `sig`,
 # api key), KEY=VALUE words in commands and logs (MLFLOW_TRACKING_PASSWORD=...), and param keys.
 _SECRET_WORD = r"(?:token|passw(?:or)?d|pwd|secret|credential|signature|api_?key|access_?key)"
@@ -28,8 +30,10 @@ _SECRET_KEY = re.compile(rf"^{_ASSIGNED_NAME}$", re.IGNORECASE)
 
 def redact(text: str) -> str:
     """`text` (a URI, a command line, a log line) with passwords in URIs and secret-named query
-    parameters or KEY=VALUE assignments replaced by ***; user names and hosts stay readable."""
+    parameters or KEY=VALUE assignments replaced by ***; the user name before a password and the
+    host stay readable."""
     text = _URI_PASSWORD.sub(rf"\g<head>{MASK}@", text)
+    text = _URI_USER_ONLY.sub(rf"\g<head>{MASK}@", text)
     text = _QUERY_SECRET.sub(rf"\g<head>{MASK}", text)
     return _ASSIGNED_SECRET.sub(rf"\g<head>{MASK}", text)
 

@@ -208,7 +208,8 @@ def test_non_utf8_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> N
     ("=3", "--set '=3': expected KEY=VALUE"),
     ("search.budgets.3.name=x", "--set search.budgets.3.name: search.budgets has 1 item(s)"),
     ("model.arch.depth=3", "--set model.arch.depth: model.arch is a value, not a section"),
-    ("seed=abc", "seed: Input should be a valid integer"),
+    ("seed=abc", "limpq: error: --set: seed: Input should be a valid integer"),
+    ("ray.num_workers=0", "limpq: error: --set: ray.num_workers: Input should be greater than or equal to 1"),
 ])
 def test_malformed_set(override: str, message: str, workdir: Path, digits_slice: Path,
                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -245,8 +246,24 @@ def test_console_script_prints_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run([str(limpq), "run", "--config", str(config), "--set", "indicators.epochs=2"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr == "limpq: error: model.arch: 'resnet81' is not a torchvision classification model; " \
                             "did you mean resnet18 or resnet152 or resnet101?\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_parquet_dataset_without_shards(workdir: Path, digits_slice: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for split in ("train", "val"):
+        (workdir / "pq" / split).mkdir(parents=True)
+    raw = _edit(_base(workdir / "pq"), "data.format", "parquet")
+    config = _write(workdir / "bad.yaml", raw)
+    _assert_one_line_exit_2(["run", "--config", str(config)], capsys, workdir, f"data.path: {workdir / 'pq' / 'train'} holds no .parquet shards")
+
+
+def test_nesterov_without_momentum(workdir: Path, digits_slice: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = _base(digits_slice)
+    raw["indicators"].update(nesterov=True, momentum=0.0)
+    config = _write(workdir / "bad.yaml", raw)
+    _assert_one_line_exit_2(["indicators", "train", "--config", str(config)], capsys, workdir,
+                            "indicators.nesterov: Nesterov needs momentum; set indicators.momentum > 0")

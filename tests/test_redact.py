@@ -15,6 +15,7 @@ from orchestrator.redact import redact, redact_params
     ("s3://bucket/key?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ff00", "s3://bucket/key?X-Amz-Credential=***&X-Amz-Signature=***"),
     ("https://acct.blob.core.windows.net/c?sv=2022&sig=AbC%3D", "https://acct.blob.core.windows.net/c?sv=2022&sig=***"),
     ("mlflow ui --backend-store-uri postgresql://a:b@h/db --port 5000", "mlflow ui --backend-store-uri postgresql://a:***@h/db --port 5000"),
+    ("https://ghp_T0ken@mlflow.example/", "https://***@mlflow.example/"),
     ("MLFLOW_TRACKING_PASSWORD=hunter2 limpq run --config x.yaml", "MLFLOW_TRACKING_PASSWORD=*** limpq run --config x.yaml"),
     ("--set mlflow.tracking_uri=http://u:secret@host:5000", "--set mlflow.tracking_uri=http://u:***@host:5000"),
 ])
@@ -25,7 +26,7 @@ def test_redact_hides_the_secret_and_keeps_the_rest(text: str, expected: str) ->
 
 @pytest.mark.parametrize("text", [
     "sqlite:////tmp/runs/mlflow.db", "http://127.0.0.1:5000", "http://host:8080/path?x=a@b", "s3://bucket/data/train",
-    "https://user@host/repo", "indicators.epochs=3 search.cost_model=exact fp.checkpoint=/tmp/fp.pt",
+"indicators.epochs=3 search.cost_model=exact fp.checkpoint=/tmp/fp.pt",
 ])
 def test_redact_leaves_plain_text_alone(text: str) -> None:
     assert redact(text) == text

@@ -15,8 +15,10 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from orchestrator.cli import run_reporting_errors
+from orchestrator.cli.pipeline import check_cluster
+from orchestrator.config import PipelineConfig
 from orchestrator.distributed.capacity import cluster_capacity
-from orchestrator.errors import UserError
+from orchestrator.errors import ConfigError, UserError
 
 MESSAGE = "fp.pt: not a readable torch checkpoint (worker)"
 
@@ -48,11 +50,25 @@ def _raises_a_bug(config=None) -> None:
     raise KeyError("a bug in the worker")
 
 
-def test_a_fixed_local_cluster_offers_what_it_has() -> None:
+def _reported_capacity() -> dict[str, float] | None:
     deadline = time.monotonic() + 60  # Ray's monitor reports a few seconds after the start
     while (capacity := cluster_capacity()) is None and time.monotonic() < deadline:
         time.sleep(1)
+    return capacity
+
+
+def test_a_fixed_local_cluster_offers_what_it_has() -> None:
+    capacity = _reported_capacity()
     assert capacity is not None and capacity["CPU"] == 3.0
+
+
+def test_run_refuses_workers_a_fixed_cluster_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`limpq run` on a given cluster: 3 CPUs and no autoscaler hold 2 one-CPU workers and Ray Data, not 3."""
+    assert _reported_capacity() is not None
+    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)  # "joined" (already connected)
+    check_cluster(PipelineConfig.model_validate({"data": {"demo": True}, "ray": {"num_workers": 2}}))
+    with pytest.raises(ConfigError, match=r"need 4 CPUs, but the cluster offers at most 3; lower ray.num_workers"):
+        check_cluster(PipelineConfig.model_validate({"data": {"demo": True}, "ray": {"num_workers": 3}}))
 
 
 def test_user_error_in_a_ray_task_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
