@@ -34,7 +34,7 @@ import torch
 from ray import tune
 from ray.tune.experiment import Trial
 
-from orchestrator.config import Budget, PipelineConfig
+from orchestrator.config import Budget, PipelineConfig, uniform_label
 from orchestrator.distributed.capacity import cluster_capacity
 from orchestrator.distributed.runtime import ensure_ray, started_local_ray
 from orchestrator.distributed.train import example_input, log_dataset_inputs, storage_path, train_on_ray
@@ -84,14 +84,11 @@ class SweepInputs:
 
 
 def trial_specs(cfg: PipelineConfig) -> list[TrialSpec]:
+    """One trial per budget and per uniform baseline (the schema keeps their labels distinct)."""
     specs = [TrialSpec(b.label(), "mpq", budget=b.model_dump(exclude_none=True)) for b in cfg.search.budgets]
-    specs += [TrialSpec(f"uniform-W{b}A{b}", "uniform", bits=b) for b in cfg.finetune.baselines]
+    specs += [TrialSpec(uniform_label(b), "uniform", bits=b) for b in cfg.finetune.baselines]
     if not specs:
         raise UserError("search.budgets and finetune.baselines are both empty: nothing to sweep")
-    labels = [spec.label for spec in specs]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise UserError(f"search.budgets: duplicate budget labels {duplicates}; give them distinct `name`s")
     return specs
 
 
