@@ -40,6 +40,16 @@ def preflight(cfg: PipelineConfig, *, cluster_resources: dict[str, float] | None
     layer_names, searchable = _check_model(cfg)
     _check_latency(cfg, layer_names, searchable)
     _check_data(cfg)
+    _check_storage(cfg)
+
+
+def _check_storage(cfg: PipelineConfig) -> None:
+    """Checkpoints and results can be written where `ray.storage_path` and `output_dir` say (on object
+    storage: the bucket exists and takes the credentials)."""
+    from orchestrator.data.storage import check_storage_uri
+
+    check_storage_uri(cfg.ray.storage_path, "ray.storage_path")
+    check_storage_uri(cfg.output_dir, "output_dir")
 
 
 # ------------------------------------------------------------------------------ settings

@@ -109,3 +109,52 @@ def test_missing_bucket_and_wrong_credentials_are_one_line(s3_env, s3_bucket, lo
         with pytest.raises(UserError, match=rf"^{key}: access denied to s3://{s3_bucket}.*AWS_SECRET_ACCESS_KEY") as caught:
             check()
         assert "\n" not in str(caught.value) and "wrong-secret" not in str(caught.value)
+
+
+@pytest.mark.timeout(2400)
+def test_smoke_pipeline_with_data_and_ray_storage_on_s3(s3_env, s3_bucket, digits_slice, tmp_path, capsys):
+    """The pipeline end to end with `data.path` and `ray.storage_path` in a bucket of a real S3 server
+    (credentials and endpoint from the standard AWS variables); a missing storage bucket is one line."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import main
+
+    client = s3_env.client()
+    for path in digits_slice.rglob("*.png"):
+        client.upload_file(str(path), s3_bucket, f"digits/{path.relative_to(digits_slice).as_posix()}")
+    raw = {
+        "name": "on-s3", "output_dir": str(tmp_path / "runs"),
+        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
+        "data": {"path": f"s3://{s3_bucket}/digits", "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
+        "fp": {"epochs": 0},
+        "indicators": {"bits": [4, 2], "epochs": 1, "train_fraction": 1.0},
+        "search": {"budgets": [{"target_wbits": 4, "target_abits": 2}]},
+        "finetune": {"epochs": 0},
+        "ray": {"storage_path": f"s3://{s3_bucket}/ray"},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "on-s3"},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    ray.shutdown()  # the pipeline starts its own local Ray, which inherits the AWS variables
+    missing = tmp_path / "missing-bucket.yaml"
+    missing.write_text(yaml.safe_dump({**raw, "ray": {"storage_path": "s3://no-such-bucket-here/ray"}}))
+
+    assert main(["run", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "limpq: error: ray.storage_path: bucket 'no-such-bucket-here' does not exist (s3://no-such-bucket-here/ray); "
+        "create it or fix the URI"]
+
+    try:
+        assert main(["run", "--config", str(config)]) == 0
+    finally:
+        ray.shutdown()
+    stored = {item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket, Prefix="ray/")["Contents"]}
+    assert any(key.startswith("ray/on-s3-indicators-") for key in stored), sorted(stored)[:5]
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("on-s3")
+    [sweep] = mlflow.search_runs([experiment.experiment_id], "tags.`limpq.stage` = 'sweep'")
+    assert sweep.info.status == "FINISHED"
+    [indicators] = mlflow.search_runs([experiment.experiment_id], "tags.`limpq.stage` = 'indicators'")
+    sources = [item.dataset.source for item in indicators.inputs.dataset_inputs]
+    assert sources and all(f"s3://{s3_bucket}/digits" in source for source in sources)
