@@ -36,6 +36,7 @@ from orchestrator.mlflow_ui import MODEL_TRAINING_QUERY as MODEL_TRAINING
 from orchestrator.mlflow_ui import experiment_page
 
 PAGE_TIMEOUT_S = 90.0
+TRIAL_METRICS = ("val_top1", "bitops_g", "size_mb", "compression_ratio")  # what a sweep is compared on
 
 
 def free_port() -> int:
@@ -231,7 +232,7 @@ class Expectations:
 def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectations:
     """What the UI must show for whatever a pipeline wrote: its top-level run and every run under it,
     the registered model its runs produced with all its versions, and a trial (a run under another
-    one with `val_top1`) with its metrics and top-level artifacts."""
+    one with `val_top1`) with the metrics a sweep is compared on and its top-level artifacts."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -253,7 +254,7 @@ def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectat
         expected.model_versions = sum(version.name == models[0] for version in versions)
     if trial is not None:
         expected.trial_run = trial.info.run_name
-        expected.trial_metrics = sorted(trial.data.metrics)[:6]
+        expected.trial_metrics = [key for key in TRIAL_METRICS if key in trial.data.metrics]
         expected.trial_artifacts = [Path(a.path).name for a in client.list_artifacts(trial.info.run_id)][:6]
     return expected
 
