@@ -63,10 +63,13 @@ class _ConsoleHandler(logging.Handler):
 def setup_console(level: int = logging.INFO) -> None:
     """Console logging for the `limpq` command; call once, at start."""
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-    if "mlflow" in sys.modules:  # imported first: undo its own stderr handler, as the variable would have
-        mlflow_logger = logging.getLogger("mlflow")
-        mlflow_logger.handlers.clear()
-        mlflow_logger.propagate = True
+    # Imported first, MLflow and Ray have put their own stderr handlers on their loggers (Ray's also
+    # stops propagation): undo that, so their records go through the filter below and to the file.
+    for library in ("mlflow", "ray"):
+        if library in sys.modules:
+            library_logger = logging.getLogger(library)
+            library_logger.handlers.clear()
+            library_logger.propagate = True
     # a bar per artifact fetched from a finished stage's run: noise next to the training bars
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = logging.getLogger()

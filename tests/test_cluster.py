@@ -22,6 +22,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -86,6 +87,99 @@ def test_cloud_config_has_a_cpu_head_and_autoscaled_gpu_workers() -> None:
     assert config["available_node_types"][config["head_node_type"]]["node_config"]["InstanceType"].startswith(("m", "c"))
 
 
+def test_cloud_head_runs_no_training_and_storage_is_in_the_bucket() -> None:
+    config = _launcher_config("ray_cluster.yaml")
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+    text = (REPO / "ray_cluster.yaml").read_text()
+    for key, uri in (("data.path", "s3://BUCKET/"), ("ray.storage_path", "s3://BUCKET/"), ("MLflow artifacts", "s3://BUCKET/")):
+        assert any(line.lstrip("# ").startswith(key) and uri in line for line in text.splitlines()), key
+
+
+# ------------------------------------------------------------------------------ KubeRay
+
+# What the RayJob CRD of KubeRay v1.7.0 (ray-operator/config/crd/bases/ray.io_rayjobs.yaml, version v1)
+# requires, and the fields it knows at the levels this manifest writes: the API server prunes unknown
+# fields silently, so a misspelt key would just vanish.
+RAYJOB_REQUIRED = {
+    "spec.rayClusterSpec": ["headGroupSpec"],
+    "spec.rayClusterSpec.headGroupSpec": ["template"],
+    "spec.rayClusterSpec.headGroupSpec.template.spec": ["containers"],
+    "spec.rayClusterSpec.workerGroupSpecs[]": ["groupName", "maxReplicas", "minReplicas", "template"],
+    "spec.rayClusterSpec.workerGroupSpecs[].template.spec": ["containers"],
+}
+RAYJOB_FIELDS = {
+    "spec": {"activeDeadlineSeconds", "backoffLimit", "clusterSelector", "deletionStrategy", "entrypoint",
+             "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "metadata",
+             "preRunningDeadlineSeconds", "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes",
+             "submissionMode", "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished"},
+    "spec.rayClusterSpec": {"authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+                            "headGroupSpec", "headServiceAnnotations", "historyServerOptions", "managedBy",
+                            "networkPolicy", "rayVersion", "suspend", "tlsOptions", "upgradeStrategy",
+                            "workerGroupSpecs"},
+    "spec.rayClusterSpec.headGroupSpec": {"enableIngress", "headService", "ingressOptions", "labels",
+                                          "rayStartParams", "resources", "serviceType", "template"},
+    "spec.rayClusterSpec.workerGroupSpecs[]": {"groupName", "idleTimeoutSeconds", "labels", "maxReplicas",
+                                               "minReplicas", "numOfHosts", "priority", "rayStartParams", "replicas",
+                                               "resources", "scaleStrategy", "suspend", "template"},
+    "spec.rayClusterSpec.autoscalerOptions": {"args", "command", "env", "envFrom", "idleTimeoutSeconds", "image",
+                                              "imagePullPolicy", "resources", "securityContext", "upscalingMode",
+                                              "version", "volumeMounts"},
+    "spec.rayClusterSpec.authOptions": {"enableK8sTokenAuth", "mode", "secretName"},
+}
+
+
+def _at(document: dict, path: str) -> list[Any]:
+    """The values at a dotted path; `name[]` steps into every item of a list."""
+    values = [document]
+    for step in path.split("."):
+        values = [value[step.removesuffix("[]")] for value in values]
+        if step.endswith("[]"):
+            values = [item for value in values for item in value]
+    return values
+
+
+def _kuberay_documents() -> tuple[dict, dict]:
+    documents = list(yaml.safe_load_all((REPO / "cluster/kuberay-rayjob.yaml").read_text()))
+    [config_map] = [d for d in documents if d["kind"] == "ConfigMap"]
+    [rayjob] = [d for d in documents if d["kind"] == "RayJob"]
+    return config_map, rayjob
+
+
+def test_kuberay_rayjob_has_the_crds_required_fields_and_no_unknown_ones() -> None:
+    _, rayjob = _kuberay_documents()
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["metadata"]["name"]
+    for path, required in RAYJOB_REQUIRED.items():
+        for value in _at(rayjob, path):
+            assert set(required) <= set(value), f"{path} lacks {set(required) - set(value)}"
+    for path, known in RAYJOB_FIELDS.items():
+        for value in _at(rayjob, path):
+            assert set(value) <= known, f"{path}: fields the CRD does not know: {set(value) - known}"
+    for container in _at(rayjob, "spec.rayClusterSpec.headGroupSpec.template.spec.containers[]") + _at(
+            rayjob, "spec.rayClusterSpec.workerGroupSpecs[].template.spec.containers[]"):
+        assert container["name"] and container["image"]
+    for params in _at(rayjob, "spec.rayClusterSpec.headGroupSpec.rayStartParams") + _at(
+            rayjob, "spec.rayClusterSpec.workerGroupSpecs[].rayStartParams"):
+        assert all(isinstance(value, str) for value in params.values()), "rayStartParams values are strings"
+    for group in _at(rayjob, "spec.rayClusterSpec.workerGroupSpecs[]"):
+        assert 0 == group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"]["mode"] in ("disabled", "token")
+    assert isinstance(yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"]), dict)
+
+
+def test_kuberay_rayjob_keeps_the_head_free_autoscales_and_reads_the_bucket(tmp_path: Path) -> None:
+    config_map, rayjob = _kuberay_documents()
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["authOptions"]["mode"] == "token"
+    assert cluster["rayVersion"] == ray.__version__
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    pipeline = yaml.safe_load(config_map["data"]["pipeline.yaml"])
+    assert pipeline["data"]["path"].startswith("s3://") and pipeline["ray"]["storage_path"].startswith("s3://")
+    # The entrypoint reads the mounted config; every other setting must pass the schema.
+    assert rayjob["spec"]["entrypoint"].split()[-1] == "/config/pipeline.yaml"
+    PipelineConfig.model_validate({**pipeline, "data": {**pipeline["data"], "path": str(tmp_path)}})
+
+
 # ------------------------------------------------------------------------------ runtime env, submit
 
 def test_runtime_env_file_uploads_the_repository_without_local_state() -> None:
@@ -98,7 +192,13 @@ def test_runtime_env_file_uploads_the_repository_without_local_state() -> None:
 
 def test_working_dir_option_overrides_the_runtime_env_file() -> None:
     assert load_runtime_env(REPO / "cluster/runtime_env.yaml", "other")["working_dir"] == "other"
-    assert load_runtime_env(None) == {"working_dir": "."}
+    assert load_runtime_env(None)["working_dir"] == "."
+
+
+def test_submission_carries_the_git_commit_the_upload_lacks() -> None:
+    env_vars = load_runtime_env(None, str(REPO)).get("env_vars", {})
+    if (REPO / ".git").exists():
+        assert len(env_vars["LIMPQ_GIT_COMMIT"]) == 40
 
 
 @pytest.mark.parametrize("text, problem", [("- a\n- b\n", "must be a mapping"), ("a: [b\n", "not valid YAML")])

@@ -28,6 +28,7 @@ RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 TRAIN_LOGGING = ray.LoggingConfig(log_level="ERROR")
 
 _context = None  # what ray.init returned when this process started or joined Ray
+_started_here = False  # this process started its own (fixed-size) local Ray
 
 
 def local_cpu_count(cfg: PipelineConfig) -> int:
@@ -87,7 +88,7 @@ def _worker_env(dashboard_port: int) -> dict[str, str]:
 
 def ensure_ray(cfg: PipelineConfig) -> None:
     """Idempotent. Under `ray job submit` RAY_ADDRESS points at the cluster and `ray.init()` joins it."""
-    global _context
+    global _context, _started_here
     if ray.is_initialized():
         return
     log_file = log_to_file(cfg.run_dir / "logs" / "limpq.log")
@@ -106,6 +107,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     else:
         port = _free_port()
         log.info("starting local Ray (%d logical CPUs)", local_cpu_count(cfg))
+        _started_here = True
         _context = ray.init(
             # "local": a new instance even when `ray start` left one on this machine, which plain
             # ray.init() would join (and then refuse num_cpus)
@@ -118,6 +120,11 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     if url:
         log.info("Ray dashboard (Train and Data progress while this runs): %s; if it asks for a token, "
                  "`ray get-auth-token` prints it", url)
+
+
+def started_local_ray() -> bool:
+    """True when this process started its own local Ray: its size is fixed and known."""
+    return _started_here and ray.is_initialized()
 
 
 def dashboard_url() -> str | None:

@@ -1,0 +1,121 @@
+"""Sweep throughput: the same 8-budget sweep (ILP search + LSQ fine-tuning per budget, Ray Tune + Ray
+Train) on a cluster of 1, 2 and 4 worker nodes, each its own raylet on this machine
+(ray.cluster_utils.Cluster) under a head that offers no CPUs. Prints each sweep's wall time and,
+last, the ratios to the 1-node time.
+
+Simulated nodes share this machine's cores: the ratio shows how far Tune fans the trials out over the
+nodes (scheduling, per-trial start-up overlapping); it reaches the node ratio only when the machine has
+the cores to back every node.
+
+    .venv/bin/python benchmarks/bench_sweep_throughput.py [--nodes 1 2 4] [--cpus-per-node 3] \\
+        [--epochs 1] [--fraction 0.05] [--out runs/bench-sweep]
+
+The indicators come first, once, from an embedded local Ray. Each node gets --cpus-per-node logical
+CPUs; a trial needs one for its Train worker, one for its Ray Data tasks and a sliver for its Tune
+driver, so one trial runs per node at a time (ray.max_concurrent_trials = nodes: on a cluster that cannot
+grow, more trials than that would hold every CPU in Train workers and starve their own data tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from orchestrator.config import PipelineConfig
+from orchestrator.distributed.pipeline import run_indicators
+from orchestrator.distributed.sweep import run_sweep
+from orchestrator.tracking import Tracker
+from orchestrator.train.stages import FP_FILE, JOINT_FILE
+
+BUDGETS = [(2, 2), (2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (3, 4), (4, 4)]  # 8 (wbits, abits) targets
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def config(out: Path, name: str, epochs: int, fraction: float, **ray_settings) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "name": name, "output_dir": str(out / "runs"),
+        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
+        "data": {"path": str(out / "digits"), "demo": True, "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
+        "fp": {"epochs": 0},
+        "indicators": {"bits": [4, 3, 2], "epochs": 1, "train_fraction": fraction},
+        "search": {"budgets": [{"target_wbits": w, "target_abits": a} for w, a in BUDGETS]},
+        "finetune": {"epochs": epochs, "train_fraction": fraction, "baselines": []},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(out / "ray"), **ray_settings},
+        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "bench-sweep"},
+    }).with_absolute_paths()
+
+
+def sweep_seconds(out: Path, nodes: int, cpus_per_node: float, epochs: int, fraction: float,
+                  indicators: Path) -> tuple[float, int]:
+    """Wall time of the sweep on a fresh cluster of `nodes` worker nodes; also the failed-trial count."""
+    temp_dir = tempfile.mkdtemp(prefix="lqb", dir="/tmp")  # Ray's socket paths must stay short
+    port, dashboard, agent = _free_ports(3)
+    # Inherited by every Ray process, so Ray's helpers that look the cluster up find this one.
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "gcs_server_port": port, "temp_dir": temp_dir, "include_dashboard": True,
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard, "dashboard_agent_listen_port": agent,
+    })
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node)
+        cfg = config(out, f"sweep-{nodes}-nodes-{int(time.time())}", epochs, fraction,
+                     address=cluster.address, max_concurrent_trials=nodes)
+        ray.init(address=cluster.address, log_to_driver=False)
+        started = time.perf_counter()
+        rows = run_sweep(cfg, Tracker.from_config(cfg), indicators.parent / FP_FILE, indicators,
+                         indicators.parent / JOINT_FILE)
+        return time.perf_counter() - started, sum(row["status"] != "ok" for row in rows)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        del os.environ["RAY_ADDRESS"]
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--cpus-per-node", type=float, default=3)
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per trial")
+    parser.add_argument("--fraction", type=float, default=0.05, help="share of the digits train split per epoch")
+    parser.add_argument("--out", default="runs/bench-sweep")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out).resolve()
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        os.environ.pop(key, None)
+
+    indicators = run_indicators(config(out, "bench-sweep-indicators", args.epochs, args.fraction))
+    ray.shutdown()
+
+    seconds = {}
+    for nodes in args.nodes:
+        seconds[nodes], failed = sweep_seconds(out, nodes, args.cpus_per_node, args.epochs, args.fraction, indicators)
+        print(f"{nodes} node(s) x {args.cpus_per_node:g} CPUs: {len(BUDGETS)} budgets in {seconds[nodes]:.0f} s"
+              f"{f' ({failed} failed)' if failed else ''}", flush=True)
+    base = args.nodes[0]
+    print("ratios (wall time of the sweep on " + f"{base} node(s) / on n nodes): " + ", ".join(
+        f"{nodes} nodes {seconds[base] / seconds[nodes]:.2f}x" for nodes in args.nodes))
+
+
+if __name__ == "__main__":
+    main()
