@@ -169,15 +169,16 @@ class Browser:
         raise AssertionError(f"{missing} not shown within {timeout:.0f}s; the page showed: {text[:1500]!r}")
 
     async def expand_all_runs(self) -> None:
-        """Open every collapsed parent row of the runs table (their children are hidden until then):
-        the expander is the button in a row's Run Name cell; each is clicked once, and each round
-        opens one more level of nesting."""
+        """Open every collapsed parent row of the runs table (their children are hidden until then).
+        The expander is the button in a row's Run Name cell, drawn as a plus sign while collapsed
+        (the grid recycles row elements, so the icon, not the element, tells which rows are open);
+        each round opens one more level of nesting."""
         for _ in range(10):
             clicked = await self.evaluate(
                 "(() => { const buttons = [...document.querySelectorAll("
-                "'[role=gridcell][col-id=\"attributes.`Run Name`\"] button:not([data-limpq-opened])')];"
-                " buttons.forEach(b => { b.setAttribute('data-limpq-opened', ''); b.click(); });"
-                " return buttons.length; })()")
+                "'[role=gridcell][col-id=\"attributes.`Run Name`\"] button')]"
+                ".filter(b => b.innerHTML.includes('V4.5h1.5'));"
+                " buttons.forEach(b => b.click()); return buttons.length; })()")
             if not clicked:
                 return
             await asyncio.sleep(1.0)
@@ -321,9 +322,9 @@ def screenshot_experiment(tracking_uri: str, experiment_name: str, out: Path, ch
 
     async def shoot(browser: Browser) -> Path:
         await browser.open(experiment_page(url, experiment.experiment_id), ["Run Name"])
-        await browser.expand_all_runs()
-        await browser.close_assistant()
         await browser.show_metric_columns(metrics)
+        await browser.close_assistant()
+        await browser.expand_all_runs()
         await asyncio.sleep(2)  # row heights and column widths settle
         return await browser.screenshot(out)
 
