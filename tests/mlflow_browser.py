@@ -36,6 +36,7 @@ from orchestrator.mlflow_ui import MODEL_TRAINING_QUERY as MODEL_TRAINING
 from orchestrator.mlflow_ui import experiment_page
 
 PAGE_TIMEOUT_S = 90.0
+TRIAL_METRICS = ("val_top1", "bitops_g", "size_mb", "compression_ratio")  # what a sweep is compared on
 
 
 def free_port() -> int:
@@ -168,15 +169,16 @@ class Browser:
         raise AssertionError(f"{missing} not shown within {timeout:.0f}s; the page showed: {text[:1500]!r}")
 
     async def expand_all_runs(self) -> None:
-        """Open every collapsed parent row of the runs table (their children are hidden until then):
-        the expander is the button in a row's Run Name cell; each is clicked once, and each round
-        opens one more level of nesting."""
+        """Open every collapsed parent row of the runs table (their children are hidden until then).
+        The expander is the button in a row's Run Name cell, drawn as a plus sign while collapsed
+        (the grid recycles row elements, so the icon, not the element, tells which rows are open);
+        each round opens one more level of nesting."""
         for _ in range(10):
             clicked = await self.evaluate(
                 "(() => { const buttons = [...document.querySelectorAll("
-                "'[role=gridcell][col-id=\"attributes.`Run Name`\"] button:not([data-limpq-opened])')];"
-                " buttons.forEach(b => { b.setAttribute('data-limpq-opened', ''); b.click(); });"
-                " return buttons.length; })()")
+                "'[role=gridcell][col-id=\"attributes.`Run Name`\"] button')]"
+                ".filter(b => b.innerHTML.includes('V4.5h1.5'));"
+                " buttons.forEach(b => b.click()); return buttons.length; })()")
             if not clicked:
                 return
             await asyncio.sleep(1.0)
@@ -231,7 +233,7 @@ class Expectations:
 def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectations:
     """What the UI must show for whatever a pipeline wrote: its top-level run and every run under it,
     the registered model its runs produced with all its versions, and a trial (a run under another
-    one with `val_top1`) with its metrics and top-level artifacts."""
+    one with `val_top1`) with the metrics a sweep is compared on and its top-level artifacts."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -253,7 +255,7 @@ def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectat
         expected.model_versions = sum(version.name == models[0] for version in versions)
     if trial is not None:
         expected.trial_run = trial.info.run_name
-        expected.trial_metrics = sorted(trial.data.metrics)[:6]
+        expected.trial_metrics = [key for key in TRIAL_METRICS if key in trial.data.metrics]
         expected.trial_artifacts = [Path(a.path).name for a in client.list_artifacts(trial.info.run_id)][:6]
     return expected
 
@@ -320,9 +322,9 @@ def screenshot_experiment(tracking_uri: str, experiment_name: str, out: Path, ch
 
     async def shoot(browser: Browser) -> Path:
         await browser.open(experiment_page(url, experiment.experiment_id), ["Run Name"])
-        await browser.expand_all_runs()
-        await browser.close_assistant()
         await browser.show_metric_columns(metrics)
+        await browser.close_assistant()
+        await browser.expand_all_runs()
         await asyncio.sleep(2)  # row heights and column widths settle
         return await browser.screenshot(out)
 

@@ -111,8 +111,10 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         _context = ray.init(
             # "local": a new instance even when `ray start` left one on this machine, which plain
             # ray.init() would join (and then refuse num_cpus)
-            address="local", num_cpus=local_cpu_count(cfg), include_dashboard=True, dashboard_host="127.0.0.1",
-            dashboard_port=port, log_to_driver=True, configure_logging=False,
+            # include_dashboard left to Ray (None): started (ray[default] is installed), but a dashboard
+            # that fails to come up on a swamped machine is logged, not the end of the run, as True makes it
+            address="local", num_cpus=local_cpu_count(cfg), dashboard_host="127.0.0.1", dashboard_port=port,
+            log_to_driver=True, configure_logging=False,
             runtime_env={"env_vars": _worker_env(port), "worker_process_setup_hook": quiet_ray_internals},
         )
     log.info("logs: %s; Ray's in %s", log_file, Path(_context.address_info["session_dir"]) / "logs")
