@@ -87,6 +87,7 @@ def fp_stage(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, root_run_id
         return done
     from orchestrator.distributed.train import run_fp
 
+    log.info("fp: %s", "training" if cfg.fp.source == "train" and cfg.fp.epochs > 0 else f"from {cfg.fp.source}")
     description = {"train": f"Full-precision {cfg.model.arch} trained for {cfg.fp.epochs} epochs",
                    "torchvision": f"Full-precision {cfg.model.arch} from torchvision weights {cfg.fp.weights}",
                    "checkpoint": f"Full-precision {cfg.model.arch} from {cfg.fp.checkpoint}"}[cfg.fp.source]
@@ -104,6 +105,7 @@ def indicator_stage(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, root
         return done
     from orchestrator.distributed.train import run_indicators_training
 
+    log.info("indicators: joint training at bits %s for %d epoch(s)", cfg.indicators.bits, cfg.indicators.epochs)
     description = (f"Joint quantization-aware training of {cfg.model.arch} at bits {cfg.indicators.bits}: the "
                    f"learned step sizes are the importance indicators (indicators.json); FP run {fp.run_id}.")
     with tracker.open_stage_run(cfg, "indicators", keys.indicators, parent_run_id=root_run_id,

@@ -20,6 +20,7 @@ worker groups are what make an autoscaler add nodes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -48,6 +49,8 @@ from orchestrator.stagekeys import StageKeys
 from orchestrator.tracking import TAG_ERROR, TAG_ROOT, Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model, save_checkpoint
 from orchestrator.train.stages import INDICATORS_FILE, JOINT_FILE, FP_FILE, finetune_model, fp_meta
+
+log = logging.getLogger("limpq")
 
 FAIL_ONCE_ENV = "LIMPQ_TEST_TRIAL_FAIL_ONCE"  # test-only: "<trial label>:<marker file>"
 # A trial only drives a Train worker group (whose workers reserve the real resources): a token
@@ -264,7 +267,7 @@ def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: 
 def _tune_errors(results: tune.ResultGrid) -> dict[str, str]:
     errors = {}
     for result in results:
-        if result.error is not None:
+        if result.error is not None and result.config:  # a trial that never started has no config
             errors[result.config["trial"]["label"]] = str(result.error).strip().splitlines()[-1][:300]
     return errors
 
@@ -320,6 +323,8 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, root_run_i
                 verbose=0,  # trial tables stay off the console: the bars and the final table say it
             ),
         )
+        log.info("sweep: %d trials (%s), at most %s at once", len(specs), ", ".join(spec.label for spec in specs),
+                 cap or "as many as the cluster grows to")
         results = tuner.fit()
         rows = trial_rows(cfg, tracker, sweep.run_id, specs, _tune_errors(results))
         tracker.log_metrics(sweep.run_id, {"max_concurrent_trials_observed": _observed_concurrency(
