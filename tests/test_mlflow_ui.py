@@ -71,7 +71,7 @@ def test_ui_shows_run_tree_registered_versions_and_a_trial(tmp_path: Path, chrom
                 timeout=30)
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(1800)  # in CI: the browser test
 def test_ui_over_a_pipeline_store(tmp_path: Path, digits_slice: Path, chromium: str) -> None:
     """What a real pipeline wrote (its run tree, registered versions, a trial's metrics and artifacts)
     is what the UI shows; the local Ray it started had its dashboard up on 127.0.0.1, and Ray's

@@ -74,6 +74,7 @@ def _finish(process: subprocess.Popen, timeout: float = 600) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_sigint_during_sweep_then_resubmission_reuses_finished_trials(tmp_path: Path, digits_slice: Path) -> None:
     config = _write_config(tmp_path, digits_slice)
     first = _start(["run", "--config", str(config)], tmp_path)
@@ -105,7 +106,7 @@ def test_sigint_during_sweep_then_resubmission_reuses_finished_trials(tmp_path: 
         assert trials_after[name].data.metrics == trials[name].data.metrics
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(1800)  # in CI: the fault-injection test
 def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(tmp_path: Path,
                                                                                digits_slice: Path) -> None:
     config = _write_config(tmp_path, digits_slice, finetune={"epochs": 0})  # one-shot trials: quick
@@ -126,6 +127,7 @@ def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_driver_killed_during_indicator_training_resumes_from_train_checkpoint(tmp_path: Path,
                                                                               digits_slice: Path) -> None:
     config = _write_config(tmp_path, digits_slice, indicators={"epochs": 3})

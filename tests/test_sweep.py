@@ -22,7 +22,7 @@ from orchestrator.tracking import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 from orchestrator.quant.surgery import quantize_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = pytest.mark.timeout(2400)  # in CI: the end-to-end test of the pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
