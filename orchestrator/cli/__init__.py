@@ -14,7 +14,7 @@ import sys
 
 from orchestrator.errors import UserError
 
-COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit")
+COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate")
 
 
 class _OneLineErrors(argparse.ArgumentParser):
