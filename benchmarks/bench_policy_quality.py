@@ -391,86 +391,107 @@ def log_to_mlflow(results: dict, paths: list[Path], args, text: str) -> None:
 # --- main --------------------------------------------------------------------------------------------
 
 
+def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None, cache: Path) -> tuple:
+    """Indicators through the pipeline, then every one-shot measurement of this model and seed (cached)."""
+    from orchestrator.distributed.evaluate import load_joint
+    from orchestrator.distributed.pipeline import run_indicators
+    from orchestrator.train.checkpoint import load_checkpoint
+
+    cfg = pipeline_config(args, arch, seed, data, fp_checkpoint)
+    indicators_path = run_indicators(cfg)
+    key = (f"{cfg.name}-{cfg.stage_hash('indicators')}-{args.budgets}-{args.random}-{args.alpha}-"
+           f"{args.recalibrate_batches}-{seed in args.sensitivity_seeds}")
+    cached = cache / f"{key}.json"
+    costs = config_cost_table(cfg)
+    if cached.is_file():
+        measured = json.loads(cached.read_text())
+    else:
+        indicators = load_indicators(indicators_path)
+        joint_state = load_checkpoint(indicators_path.parent / "joint.pt")["model"]
+        model = load_joint(cfg, joint_state).eval()
+        batches = val_batches(cfg)
+        calibration = calibration_batches(cfg, args.recalibrate_batches) if args.recalibrate_batches else None
+        measured = {"indicators": {kind: {str(b): [getattr(indicators, kind)[n][b] for n in costs.names]
+                                          for b in args.bits} for kind in ("weight", "act")},
+                    "budgets": measure_budgets(args, cfg, model, costs, indicators, batches, calibration)}
+        if seed in args.sensitivity_seeds:
+            measured["sensitivity"] = measure_sensitivity(args, model, costs, indicators, batches, calibration)
+            log.info("%s seed %d Spearman %s", arch, seed, measured["sensitivity"]["spearman"])
+        cached.write_text(json.dumps(measured))
+    return cfg, key, measured
+
+
+def fine_tune_budgets(args, cfg, key: str, measured: dict, fp_checkpoint: Path, cache: Path) -> dict:
+    """At two budgets (a third and two thirds of the way up): searched, uniform and random policies
+    fine-tuned with the config's recipe; {budget: {"searched", "uniform", "uniform_bits", "random"}}."""
+    from orchestrator.train.checkpoint import load_checkpoint
+
+    fp_state = load_checkpoint(fp_checkpoint)["model"]
+    joint_state = load_checkpoint(cfg.run_dir / "joint.pt")["model"]
+    batches = val_batches(cfg)
+    count = len(measured["budgets"])
+    out = {}
+    for row in [measured["budgets"][i] for i in sorted({count // 3, (2 * count) // 3})]:
+        budget_key = f"{row['budget_g']:.6f}"
+        ft_cache = cache / f"ft-{key}-{budget_key}-{args.finetune_epochs}-{args.finetune_fraction}-{args.finetune_random}.json"
+        if ft_cache.is_file():
+            out[budget_key] = json.loads(ft_cache.read_text())
+            continue
+
+        def tune(label: str, policy: dict) -> float:
+            policy = {name: tuple(bits) for name, bits in policy.items()}
+            return finetune(args, cfg, f"{label}-{budget_key}", policy, fp_state, joint_state, batches)["top1"]
+
+        uniform_bits = row["uniform"]["bits"]
+        entry = {"searched": tune("searched", row["searched"]["policy"]),
+                 "uniform": tune(f"uniform{uniform_bits}", {n: (uniform_bits, uniform_bits) for n in row["searched"]["policy"]}),
+                 "uniform_bits": uniform_bits,
+                 "random": [tune(f"random{i}", p) for i, p in enumerate(row["random_policies"][:args.finetune_random])]}
+        ft_cache.write_text(json.dumps(entry))
+        log.info("%s seed %d fine-tuned at %s G: %s", cfg.model.arch, cfg.seed, budget_key, entry)
+        out[budget_key] = entry
+    return out
+
+
+def finish(results: dict, args, started: float, argv: list[str] | None) -> str:
+    text = report(results, args)
+    text += (f"\n\nrun time {(time.monotonic() - started) / 60:.1f} min; command: "
+             f"python benchmarks/bench_policy_quality.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    paths = plots(results, args)
+    (args.workdir / "results.json").write_text(json.dumps(results, default=str))
+    log_to_mlflow(results, paths, args, text)
+    print(text, flush=True)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.monotonic()
     args.workdir.mkdir(parents=True, exist_ok=True)
     from orchestrator.data.demo import write_digits_dataset
-    from orchestrator.distributed.evaluate import load_joint
-    from orchestrator.distributed.pipeline import run_indicators
-    from orchestrator.train.checkpoint import load_checkpoint
 
     data = args.workdir / "digits32"
     write_digits_dataset(data, image_size=32)
     cache = args.workdir / "cache"
     cache.mkdir(exist_ok=True)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}, "finetune": {}}
-    for arch in args.models:
+    done = []
+    for arch in args.models:  # one-shot measurements of every model and seed first
         fp_checkpoint = None
         results["models"][arch] = {}
         for seed in args.seeds:
-            cfg = pipeline_config(args, arch, seed, data, fp_checkpoint)
-            indicators_path = run_indicators(cfg)
-            if fp_checkpoint is None:
-                fp_checkpoint = cfg.run_dir / "fp.pt"
-            indicators = load_indicators(indicators_path)
-            costs = config_cost_table(cfg)
-            joint_state = load_checkpoint(indicators_path.parent / "joint.pt")["model"]
-            model = load_joint(cfg, joint_state).eval()
-            batches = val_batches(cfg)
-            calibration = calibration_batches(cfg, args.recalibrate_batches) if args.recalibrate_batches else None
-            key = f"{cfg.name}-{cfg.stage_hash('indicators')}-{args.budgets}-{args.random}-{args.alpha}-{args.recalibrate_batches}"
-            cached = cache / f"{key}.json"
-            if cached.is_file():
-                data_seed = json.loads(cached.read_text())
-            else:
-                data_seed = {"indicators": {"weight": {n: {str(b): v for b, v in indicators.weight[n].items()}
-                                                       for n in indicators.layers},
-                                            "act": {n: {str(b): v for b, v in indicators.act[n].items()}
-                                                    for n in indicators.layers}},
-                             "budgets": measure_budgets(args, cfg, model, costs, indicators, batches, calibration)}
-                if seed in args.sensitivity_seeds:
-                    data_seed["sensitivity"] = measure_sensitivity(args, model, costs, indicators, batches, calibration)
-                    log.info("%s seed %d Spearman %s", arch, seed, data_seed["sensitivity"]["spearman"])
-                cached.write_text(json.dumps(data_seed))
-            if "sensitivity" in data_seed:
-                ind = data_seed["indicators"]
-                data_seed["indicators"] = {kind: {str(b): [ind[kind][n][str(b)] for n in costs.names]
-                                                  for b in args.bits} for kind in ("weight", "act")}
-            results["models"][arch][seed] = data_seed
+            cfg, key, measured = one_shot(args, arch, seed, data, fp_checkpoint, cache)
+            fp_checkpoint = fp_checkpoint or cfg.run_dir / "fp.pt"
+            results["models"][arch][seed] = measured
+            done.append((arch, cfg, key, measured, fp_checkpoint))
+    if args.finetune_models:
+        finish(results, args, started, argv)  # the one-shot part, before the longer fine-tuning
+        for arch, cfg, key, measured, fp_checkpoint in done:
             if arch in args.finetune_models:
-                fp_state = load_checkpoint(fp_checkpoint)["model"]
-                picks = [data_seed["budgets"][i] for i in sorted({len(data_seed["budgets"]) // 3,
-                                                                   (2 * len(data_seed["budgets"])) // 3})]
-                for row in picks:
-                    budget_key = f"{row['budget_g']:.6f}"
-                    ft_cache = cache / f"ft-{key}-{budget_key}-{args.finetune_epochs}-{args.finetune_fraction}.json"
-                    if ft_cache.is_file():
-                        entry = json.loads(ft_cache.read_text())
-                    else:
-                        def tune(label, policy):
-                            policy = {n: tuple(p) for n, p in policy.items()}
-                            return finetune(args, cfg, f"{label}-{budget_key}", policy, fp_state, joint_state,
-                                            batches)["top1"]
-
-                        uniform_bits = row["uniform"]["bits"]
-                        entry = {"searched": tune("searched", row["searched"]["policy"]),
-                                 "uniform": tune(f"uniform{uniform_bits}",
-                                                 {n: (uniform_bits, uniform_bits) for n in costs.names}),
-                                 "uniform_bits": uniform_bits,
-                                 "random": [tune(f"random{i}", p) for i, p in
-                                            enumerate(row["random_policies"][:args.finetune_random])]}
-                        ft_cache.write_text(json.dumps(entry))
-                    results["finetune"].setdefault(arch, {}).setdefault(budget_key, {})[seed] = entry
-                    log.info("%s seed %d fine-tuned at %s G: %s", arch, seed, budget_key, entry)
-    text = report(results, args)
-    seconds = time.monotonic() - started
-    text += f"\n\nrun time {seconds / 60:.1f} min; command: python benchmarks/bench_policy_quality.py {' '.join(argv or sys.argv[1:])}"
-    paths = plots(results, args)
-    (args.workdir / "results.json").write_text(json.dumps(results, default=str))
-    log_to_mlflow(results, paths, args, text)
-    print(text, flush=True)
+                for budget_key, entry in fine_tune_budgets(args, cfg, key, measured, fp_checkpoint, cache).items():
+                    results["finetune"].setdefault(arch, {}).setdefault(budget_key, {})[cfg.seed] = entry
+    finish(results, args, started, argv)
     return 0
 
 
