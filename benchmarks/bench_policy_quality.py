@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import sys
@@ -473,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
 
     data = args.workdir / "digits32"
     write_digits_dataset(data, image_size=32)
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        # our own local Ray: a bare ray.init() would join any cluster `ray start` left on this machine
+        ray.init(address="local", num_cpus=4, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
     cache = args.workdir / "cache"
     cache.mkdir(exist_ok=True)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}, "finetune": {}}

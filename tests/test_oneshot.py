@@ -97,7 +97,7 @@ def smoke_pipeline(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory)
     raw["mlflow"]["tracking_uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
     config = tmp / "smoke.yaml"
     config.write_text(yaml.safe_dump(raw))
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # never join a `ray start` cluster
     try:
         run_indicators(load_config(config))
         yield config
