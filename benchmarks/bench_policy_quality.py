@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-random", type=int, default=3, help="random policies fine-tuned per budget")
     parser.add_argument("--sensitivity-seeds", type=int, nargs="*", default=None,
                         help="seeds whose per-layer sensitivity is measured (default: the first)")
+    parser.add_argument("--sensitivity-bits", type=int, nargs="*", default=None,
+                        help="bits the per-layer sensitivity is measured at (default: every candidate below the highest)")
+    parser.add_argument("--val-samples", type=int, default=None,
+                        help="score on a fixed random subset of this many val images (default: all)")
     parser.add_argument("--recalibrate-batches", type=int, default=0,
                         help="BN recalibration batches before each one-shot score (0: joint training's statistics)")
     parser.add_argument("--alpha", type=float, default=2.0)
@@ -83,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.indicator_fraction = 0.2
     if args.sensitivity_seeds is None:
         args.sensitivity_seeds = args.seeds[:1]
+    if args.sensitivity_bits is None:
+        args.sensitivity_bits = sorted(args.bits)[:-1]
     return args
 
 
@@ -106,12 +112,15 @@ def pipeline_config(args: argparse.Namespace, arch: str, seed: int, data: Path, 
     }).with_absolute_paths()
 
 
-def val_batches(cfg: PipelineConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(cfg: PipelineConfig, samples: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from torch.utils.data import DataLoader
 
     from orchestrator.data.local import build_datasets
 
     _, val = build_datasets(cfg)
+    if samples is not None and samples < len(val):
+        keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:samples]
+        val = torch.utils.data.Subset(val, sorted(keep.tolist()))
     return list(DataLoader(val, batch_size=256))
 
 
@@ -230,7 +239,7 @@ def measure_sensitivity(args, model, costs, indicators, batches, calibration) ->
     base_loss = score_policy(model, base, batches, calibration_batches=calibration)["loss"]
     out: dict = {"base_loss": base_loss, "delta": {}, "spearman": {}}
     for kind, index in (("weight", 0), ("act", 1)):
-        for b in sorted(args.bits)[:-1]:
+        for b in args.sensitivity_bits:
             deltas = []
             for name in costs.names:
                 policy = dict(base)
@@ -291,14 +300,14 @@ def report(results: dict, args) -> str:
                 f"| {', '.join('%.0f%%' % (100 * r['searched_beats_random']) for r in rows)} "
                 f"| {mean_spread([r['anti']['top1'] for r in rows])} |")
     lines += ["", "## Indicators vs measured sensitivity (Spearman, per seed measured)", "",
-              "| model | seed | " + " | ".join(f"{k}{b}" for k in ("weight", "act") for b in sorted(args.bits)[:-1]) + " |",
-              "|---|---|" + "---|" * (2 * (len(args.bits) - 1))]
+              "| model | seed | bits: Spearman (weight / act) |", "|---|---|---|"]
     for arch, per_seed in results["models"].items():
         for seed, data in per_seed.items():
             if "sensitivity" in data:
                 rho = data["sensitivity"]["spearman"]
-                lines.append(f"| {arch} | {seed} | " + " | ".join(
-                    "%+.2f" % rho[k + str(b)] for k in ("weight", "act") for b in sorted(args.bits)[:-1]) + " |")
+                bits = sorted({int(key.removeprefix("weight").removeprefix("act")) for key in rho})
+                lines.append(f"| {arch} | {seed} | " + "; ".join(
+                    "%d-bit: %+.2f / %+.2f" % (b, rho[f"weight{b}"], rho[f"act{b}"]) for b in bits) + " |")
     if results.get("finetune"):
         lines += ["", "## After fine-tuning (val top-1 %, mean ± std over seeds)", "",
                   "| model | budget (G) | searched | uniform | random (mean of each seed's randoms) |", "|---|---|---|---|---|"]
@@ -347,9 +356,9 @@ def plots(results: dict, args) -> list[Path]:
     sensitivity = [(arch, seed, data["sensitivity"], data["indicators"]) for arch in models
                    for seed, data in results["models"][arch].items() if "sensitivity" in data]
     if sensitivity:
-        low_bits = sorted(args.bits)[:-1]
         figure, axes = plt.subplots(len(sensitivity), 2, figsize=(11, 4 * len(sensitivity)), squeeze=False)
         for row_axes, (arch, seed, sens, ind) in zip(axes, sensitivity):
+            low_bits = sorted({int(key.removeprefix("weight").removeprefix("act")) for key in sens["spearman"]})
             for axis, kind in zip(row_axes, ("weight", "act")):
                 for i, b in enumerate(low_bits):
                     key = f"{kind}{b}"
@@ -401,7 +410,7 @@ def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None,
     cfg = pipeline_config(args, arch, seed, data, fp_checkpoint)
     indicators_path = run_indicators(cfg)
     key = (f"{cfg.name}-{cfg.stage_hash('indicators')}-{args.budgets}-{args.random}-{args.alpha}-"
-           f"{args.recalibrate_batches}-{seed in args.sensitivity_seeds}")
+           f"{args.recalibrate_batches}-{args.val_samples}-{seed in args.sensitivity_seeds and args.sensitivity_bits}")
     cached = cache / f"{key}.json"
     costs = config_cost_table(cfg)
     if cached.is_file():
@@ -410,7 +419,7 @@ def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None,
         indicators = load_indicators(indicators_path)
         joint_state = load_checkpoint(indicators_path.parent / "joint.pt")["model"]
         model = load_joint(cfg, joint_state).eval()
-        batches = val_batches(cfg)
+        batches = val_batches(cfg, args.val_samples)
         calibration = calibration_batches(cfg, args.recalibrate_batches) if args.recalibrate_batches else None
         measured = {"indicators": {kind: {str(b): [getattr(indicators, kind)[n][b] for n in costs.names]
                                           for b in args.bits} for kind in ("weight", "act")},
@@ -429,7 +438,7 @@ def fine_tune_budgets(args, cfg, key: str, measured: dict, fp_checkpoint: Path, 
 
     fp_state = load_checkpoint(fp_checkpoint)["model"]
     joint_state = load_checkpoint(cfg.run_dir / "joint.pt")["model"]
-    batches = val_batches(cfg)
+    batches = val_batches(cfg, args.val_samples)
     count = len(measured["budgets"])
     out = {}
     for row in [measured["budgets"][i] for i in sorted({count // 3, (2 * count) // 3})]:
@@ -478,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         # our own local Ray: a bare ray.init() would join any cluster `ray start` left on this machine
-        ray.init(address="local", num_cpus=4, include_dashboard=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=300 * 1024**2,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
     cache = args.workdir / "cache"
     cache.mkdir(exist_ok=True)
