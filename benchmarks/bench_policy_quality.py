@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=2.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/limpq-bench-policy-quality"))
     parser.add_argument("--plots-dir", type=Path, default=REPO / "docs")
+    parser.add_argument("--in-process", action="store_true",
+                        help="train FP and indicators with the in-process stage functions (same step functions, no "
+                             "Ray, no MLflow for the stages): for a machine too loaded or small for local Ray")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="RESULTS.json",
+                        help="only merge the results.json of earlier runs (e.g. one per model) into one report")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (one seed, 1 epoch each, 2 budgets, 5 random): checks that it runs")
     args = parser.parse_args(argv)
@@ -408,7 +413,14 @@ def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None,
     from orchestrator.train.checkpoint import load_checkpoint
 
     cfg = pipeline_config(args, arch, seed, data, fp_checkpoint)
-    indicators_path = run_indicators(cfg)
+    if args.in_process:
+        from orchestrator.train.stages import INDICATORS_FILE, run_fp_stage, run_indicator_stage
+
+        indicators_path = cfg.run_dir / INDICATORS_FILE
+        if not indicators_path.is_file():
+            indicators_path = run_indicator_stage(cfg, run_fp_stage(cfg))
+    else:
+        indicators_path = run_indicators(cfg)
     key = (f"{cfg.name}-{cfg.stage_hash('indicators')}-{args.budgets}-{args.random}-{args.alpha}-"
            f"{args.recalibrate_batches}-{args.val_samples}-{seed in args.sensitivity_seeds and args.sensitivity_bits}")
     cached = cache / f"{key}.json"
@@ -479,11 +491,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.monotonic()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        merged: dict = {"models": {}, "finetune": {}, "runs": []}
+        for path in args.combine:
+            part = json.loads(path.read_text())
+            merged["models"].update(part["models"])
+            merged["finetune"].update(part.get("finetune", {}))
+            merged["runs"].append(part.get("args"))
+        finish(merged, args, started, argv)
+        return 0
     from orchestrator.data.demo import write_digits_dataset
 
     data = args.workdir / "digits32"
     write_digits_dataset(data, image_size=32)
-    if not os.environ.get("RAY_ADDRESS"):
+    if not os.environ.get("RAY_ADDRESS") and not args.in_process:
         import ray
 
         # our own local Ray: a bare ray.init() would join any cluster `ray start` left on this machine

@@ -4,7 +4,8 @@ Nesterov, no decay on 1-D parameters, per-epoch cosine to 1e-5, conv-only random
 parameters out of the step).
 
 Both code versions train indicators with the demo config (jobs/configs/demo.yaml) from the same FP
-checkpoint, through the pipeline (`run_indicators`) in a subprocess each; then this prints the Spearman
+checkpoint, with the in-process indicator stage (`run_indicator_stage`: same step function as the Ray
+Train path, no cluster needed) in a subprocess each; then this prints the Spearman
 rank correlation of the two indicator sets per bit and kind, how many 2-bit activation indicators sit at
 the clamp's 1.0, and how many layers the searched policy changes at each of the demo's budgets.
 
@@ -27,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RUN = ("import sys; from orchestrator.config import load_config; "
-       "from orchestrator.distributed.pipeline import run_indicators; print(run_indicators(load_config(sys.argv[1])))")
+       "from orchestrator.train.stages import run_indicator_stage; "
+       "print(run_indicator_stage(load_config(sys.argv[1]), sys.argv[2]))")
 
 
 def train(source: Path, label: str, args: argparse.Namespace) -> Path:
@@ -37,13 +39,15 @@ def train(source: Path, label: str, args: argparse.Namespace) -> Path:
     raw["output_dir"] = str(work / "runs")
     raw["data"].update(path=str(args.data), demo=True)
     raw["fp"] = {"source": "checkpoint", "checkpoint": str(args.fp)}
+    if args.epochs is not None:
+        raw["indicators"]["epochs"] = args.epochs
     raw["ray"]["storage_path"] = str(work / "ray")
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "limpq-alignment"}
     work.mkdir(parents=True, exist_ok=True)
     config = work / "demo.yaml"
     config.write_text(yaml.safe_dump(raw))
     started = time.monotonic()
-    output = subprocess.run([sys.executable, "-c", RUN, str(config)], env={**os.environ, "PYTHONPATH": str(source)},
+    output = subprocess.run([sys.executable, "-c", RUN, str(config), str(args.fp)], env={**os.environ, "PYTHONPATH": str(source)},
                             check=True, capture_output=True, text=True).stdout
     print(f"{label}: indicators trained in {time.monotonic() - started:.0f} s", flush=True)
     return Path(output.strip().splitlines()[-1])
@@ -55,6 +59,7 @@ def main() -> int:
     parser.add_argument("--fp", type=Path, required=True, help="FP checkpoint (resnet18, 10 classes) both start from")
     parser.add_argument("--data", type=Path, default=Path("/tmp/limpq-align/digits"), help="digits demo data (built if missing)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/limpq-align"))
+    parser.add_argument("--epochs", type=int, default=None, help="indicator epochs (default: the demo's)")
     args = parser.parse_args()
     from scipy.stats import spearmanr
 
