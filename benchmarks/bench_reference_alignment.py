@@ -32,7 +32,8 @@ RUN = ("import sys; from orchestrator.config import load_config; "
        "print(run_indicator_stage(load_config(sys.argv[1]), sys.argv[2]))")
 
 
-def train(source: Path, label: str, args: argparse.Namespace) -> Path:
+def start(source: Path, label: str, args: argparse.Namespace) -> subprocess.Popen:
+    """Indicator training of one code version in its own process (both versions run at once)."""
     raw = yaml.safe_load((REPO / "jobs/configs/demo.yaml").read_text())
     work = args.workdir / label
     raw["name"] = f"align-{label}"
@@ -41,14 +42,21 @@ def train(source: Path, label: str, args: argparse.Namespace) -> Path:
     raw["fp"] = {"source": "checkpoint", "checkpoint": str(args.fp)}
     if args.epochs is not None:
         raw["indicators"]["epochs"] = args.epochs
+    if args.fraction is not None:
+        raw["indicators"]["train_fraction"] = args.fraction
     raw["ray"]["storage_path"] = str(work / "ray")
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "limpq-alignment"}
     work.mkdir(parents=True, exist_ok=True)
     config = work / "demo.yaml"
     config.write_text(yaml.safe_dump(raw))
-    started = time.monotonic()
-    output = subprocess.run([sys.executable, "-c", RUN, str(config), str(args.fp)], env={**os.environ, "PYTHONPATH": str(source)},
-                            check=True, capture_output=True, text=True).stdout
+    return subprocess.Popen([sys.executable, "-c", RUN, str(config), str(args.fp)],
+                            env={**os.environ, "PYTHONPATH": str(source)}, stdout=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, label: str, started: float) -> Path:
+    output, _ = process.communicate()
+    if process.returncode != 0:
+        raise SystemExit(f"{label}: indicator training failed (exit {process.returncode})")
     print(f"{label}: indicators trained in {time.monotonic() - started:.0f} s", flush=True)
     return Path(output.strip().splitlines()[-1])
 
@@ -60,6 +68,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("/tmp/limpq-align/digits"), help="digits demo data (built if missing)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/limpq-align"))
     parser.add_argument("--epochs", type=int, default=None, help="indicator epochs (default: the demo's)")
+    parser.add_argument("--fraction", type=float, default=None, help="indicators.train_fraction (default: the demo's)")
     args = parser.parse_args()
     from scipy.stats import spearmanr
 
@@ -68,8 +77,9 @@ def main() -> int:
     from orchestrator.search.ilp import Searcher
     from orchestrator.search.policy import config_cost_table
 
-    before = load_indicators(train(args.before_src, "before", args))
-    after = load_indicators(train(REPO, "after", args))
+    started = time.monotonic()
+    processes = {label: start(source, label, args) for label, source in (("before", args.before_src), ("after", REPO))}
+    before, after = (load_indicators(finish(processes[label], label, started)) for label in ("before", "after"))
     print(f"{'bits':>4}  {'weight rho':>10}  {'act rho':>8}  {'act at 1.0 before/after':>24}")
     for b in before.bits:
         rho_w = spearmanr([before.weight[n][b] for n in before.layers], [after.weight[n][b] for n in before.layers]).statistic
