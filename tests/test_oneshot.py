@@ -14,11 +14,11 @@ from torch import nn
 
 from orchestrator.cli import main
 from orchestrator.errors import UserError
-from orchestrator.quant.policy import random_policy, set_policy, uniform_policy
+from orchestrator.modelinfo import trace_layers
+from orchestrator.quant.policy import random_policy, set_policy
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.search.costs import costs_from_layers
 from orchestrator.search.policy import policy_totals
-from orchestrator.modelinfo import trace_layers
 from orchestrator.train.oneshot import check_policy, policy_cost, score_policy
 from orchestrator.train.steps import evaluate
 
