@@ -49,7 +49,8 @@ def start(source: Path, label: str, args: argparse.Namespace) -> subprocess.Pope
     work.mkdir(parents=True, exist_ok=True)
     config = work / "demo.yaml"
     config.write_text(yaml.safe_dump(raw))
-    return subprocess.Popen([sys.executable, "-c", RUN, str(config), str(args.fp)],
+    # cwd too: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
+    return subprocess.Popen([sys.executable, "-c", RUN, str(config), str(args.fp)], cwd=source,
                             env={**os.environ, "PYTHONPATH": str(source)}, stdout=subprocess.PIPE, text=True)
 
 
