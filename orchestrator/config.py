@@ -85,6 +85,8 @@ class RecipeConfig(_Section):
     weight_decay: float = Field(2.5e-5, ge=0)
     nesterov: bool = False
     scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    scheduler_interval: Literal["step", "epoch"] = Field("step", description="Update the lr every step or once per epoch.")
+    min_lr: float = Field(0.0, ge=0, description="Where the cosine schedule ends.")
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0, description="Clip gradients by value.")
@@ -114,6 +116,9 @@ class IndicatorConfig(RecipeConfig):
     bits: list[int] = Field(default_factory=lambda: [6, 5, 4, 3, 2])
     epochs: int = Field(3, ge=1, description="The search needs trained indicators: at least 1.")
     lr: float = Field(0.01, gt=0)
+    nesterov: bool = True  # the reference recipe (SPEC 1.3)
+    scheduler_interval: Literal["step", "epoch"] = Field("epoch", description="Update the lr every step or once per epoch.")
+    min_lr: float = Field(1e-5, ge=0, description="Where the cosine schedule ends.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip gradients by value.")
     train_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of the training set used per epoch.")
 

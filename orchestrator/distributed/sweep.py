@@ -131,16 +131,13 @@ def _description(cfg: PipelineConfig, spec: TrialSpec) -> str:
     return f"{cfg.model.arch} at the {what}, {how}. Model registered as {registered_model_name(cfg)}."
 
 
-def _score_one_shot(inputs: SweepInputs, policy: dict[str, tuple[int, int]]) -> dict[str, float]:
-    """The joint model's validation metrics at `policy` (SPEC 1.7), on this trial's CPUs."""
-    from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, iter_batches
-    from orchestrator.train.oneshot import joint_model_from_state, score_policy
+def _score_one_shot(inputs: SweepInputs, label: str, policy: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """The joint model's validation metrics at `policy` (SPEC 1.7), on this trial's CPUs: the same
+    scoring as `limpq evaluate`."""
+    from orchestrator.distributed.evaluate import score_on_this_node
 
-    cfg = inputs.cfg
-    model = joint_model_from_state(cfg, inputs.joint_weights)
-    val = build_ray_datasets(cfg, skip_counter=SkipCounter(), train_fraction=cfg.finetune.train_fraction)["val"]
-    result = score_policy(model, policy, iter_batches(val, cfg.data.batch_size, "cpu"))
-    return {"val_top1": result["top1"], "val_loss": result["loss"], "val_samples": float(result["samples"])}
+    [row] = score_on_this_node(inputs.cfg, inputs.joint_weights, [(label, policy)])
+    return {"val_top1": row["top1"], "val_loss": row["loss"], "val_samples": float(row["samples"])}
 
 
 def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
@@ -173,7 +170,7 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
         tracker.log_metrics(run.run_id, _policy_metrics(document), step=0)
         _maybe_fail_once(spec.label)
         if cfg.finetune.epochs == 0:
-            metrics = {**_policy_metrics(document), **_score_one_shot(inputs, policy), "epoch": 0.0}
+            metrics = {**_policy_metrics(document), **_score_one_shot(inputs, spec.label, policy), "epoch": 0.0}
             tracker.log_metrics(run.run_id, metrics, step=0)
             model = finetune_model(cfg, inputs.fp_weights, policy, inputs.joint_weights)
         else:
@@ -217,6 +214,17 @@ def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model:
 
 def _trial_name(trial: Trial) -> str:
     return f"{trial.config['trial']['label']}-{trial.trial_id}"
+
+
+def _trial_resources(cfg: PipelineConfig) -> dict[str, float]:
+    """A fine-tuning trial only drives its Train worker group; a one-shot trial scores in its own
+    process, so it holds one worker's resources."""
+    if cfg.finetune.epochs > 0:
+        return {"CPU": TRIAL_DRIVER_CPU}
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    return resources
 
 
 def _concurrency_cap(cfg: PipelineConfig) -> int | None:
@@ -312,7 +320,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, root_run_i
         # Ctrl-C must raise out of fit() (Tune would otherwise stop and return as if done).
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(sweep_trial, inputs=inputs), {"CPU": TRIAL_DRIVER_CPU}),
+            tune.with_resources(tune.with_parameters(sweep_trial, inputs=inputs), _trial_resources(cfg)),
             param_space={"trial": tune.grid_search([asdict(spec) for spec in specs])},
             tune_config=tune.TuneConfig(max_concurrent_trials=cap, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),

@@ -193,16 +193,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _maybe_crash(epoch * per_epoch + step)
                 x, y = batch
                 metrics = training.step(x, y)
-                if training.scheduler_per_step:
-                    training.scheduler.step()
+                training.scheduler.step()  # per step; a per-epoch schedule holds its rate within the epoch
                 sums.add(metrics, len(y))
                 images += len(y)
                 progress.update(epoch, step, len(y), metrics)
             for _ in batches:  # drain: the shard iterator must finish before the next epoch starts
                 pass
             progress.close()  # the epoch's bar ends with its steps, before validation
-            if not training.scheduler_per_step:
-                training.scheduler.step()
             seconds = time.monotonic() - started
             metrics = _mean_across_workers(sums.means())
             metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]

@@ -26,14 +26,14 @@ def export_quantized(model: nn.Module) -> dict[str, Any]:
         assert isinstance(module, (QConv2d, QLinear))
         wq = module.weight_quant
         wbits = wq.active_bits
-        step = wq.step_size(wbits)
+        step = wq.effective_step_size(wbits)
         qn, qp = levels(wbits, signed=True)
         codes = torch.clamp(module.weight / step, qn, qp).round().to(torch.int8)
         entry: dict[str, Any] = {"wbits": wbits, "weight_codes": codes, "weight_step": step,
                                  "searchable": name in layout.searchable}
         aq = module.act_quant
         if aq is not None:
-            entry.update(abits=aq.active_bits, act_step=aq.step_size(aq.active_bits), act_signed=aq.signed)
+            entry.update(abits=aq.active_bits, act_step=aq.effective_step_size(aq.active_bits), act_signed=aq.signed)
         else:
             entry.update(abits=None, act_step=None, act_signed=None)
         layers[name] = entry

@@ -25,20 +25,21 @@ class LsqFakeQuant(torch.autograd.Function):
 
     One autograd node instead of the composed detach-trick chain: it saves only `x` and `s` and
     recomputes x / s in backward, so less memory is held between forward and backward.
-    The step size is clamped to [1e-5, 1] when used; its gradient passes the clamp straight through
-    so a step size that drifted out of range can still learn its way back.
+    The step size is clamped to [1e-5, 1] when used, with clamp's own gradient (SPEC 1.1, as the
+    reference): zero for a step size outside the range, which then stays where it is.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_scale: float) -> torch.Tensor:
         s = step.clamp(STEP_MIN, STEP_MAX)
-        ctx.save_for_backward(x, s)
+        ctx.save_for_backward(x, step)
         ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
         return (x / s).clamp_(qn, qp).round_().mul_(s)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, s = ctx.saved_tensors
+        x, step = ctx.saved_tensors
+        s = step.clamp(STEP_MIN, STEP_MAX)
         v = x / s
         v_clamped = v.clamp(ctx.qn, ctx.qp)
         inside = v_clamped == v
@@ -49,6 +50,7 @@ class LsqFakeQuant(torch.autograd.Function):
             #           = round(clamp(v)) - v * inside
             ds = v_clamped.round_().sub_(v.mul_(inside))
             grad_s = torch.dot(grad_out.reshape(-1), ds.reshape(-1)).mul_(ctx.grad_scale).reshape(s.shape)
+            grad_s = grad_s * ((step >= STEP_MIN) & (step <= STEP_MAX))  # clamp's own gradient
         return grad_x, grad_s, None, None, None
 
 
@@ -106,10 +108,15 @@ class LsqQuantizer(nn.Module):
             value = torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs()) / 2 ** (bits - 1)
         else:
             value = _mean_across_workers(2 * x.abs().mean() / math.sqrt(qp))
-        self.step[str(bits)].copy_(value.clamp(STEP_MIN, STEP_MAX))
+        self.step[str(bits)].copy_(value)  # not clamped (SPEC 1.1): an init above 1 keeps its rank
         self.initialized[self.bits.index(bits)] = True
 
     def step_size(self, bits: int) -> float:
+        """The raw learned step size at `bits`: the importance indicator (SPEC 1.4)."""
+        return float(self.step[str(bits)].detach())
+
+    def effective_step_size(self, bits: int) -> float:
+        """The step size the forward pass uses at `bits` (clamped to [1e-5, 1])."""
         return float(self.step[str(bits)].detach().clamp(STEP_MIN, STEP_MAX))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

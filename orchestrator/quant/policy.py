@@ -42,10 +42,11 @@ def set_uniform_bits(model: nn.Module, bits: int) -> None:
 
 
 def random_policy(model: nn.Module, bits: Sequence[int], rng: random.Random) -> dict[str, tuple[int, int]]:
-    """Each searchable layer draws one bit-width for both weights and activations (SPEC 1.3 step 3)."""
+    """The random pass of SPEC 1.3 step 3: each searchable convolution draws one bit-width for both
+    weights and activations; a searchable Linear keeps the last uniform pass's bit-width (bits[-1])."""
     policy = {}
-    for name in layout_of(model).searchable:
-        b = rng.choice(list(bits))
+    for name, module in searchable_modules(model):
+        b = rng.choice(list(bits)) if isinstance(module, QConv2d) else bits[-1]
         policy[name] = (b, b)
     return policy
 
@@ -66,8 +67,9 @@ def extract_indicators(model: nn.Module, arch: str, provenance: dict[str, Any] |
 
 def load_step_sizes(model: nn.Module, source: nn.Module, policy: Policy) -> None:
     """Start a fine-tuning model's quantizers from a joint-trained one: for each searchable layer the
-    step sizes at its chosen bits and the matching BatchNorm copy (the one of its weight bits); the
-    fixed layers' 8-bit step sizes. Weights stay as they are."""
+    step sizes at its chosen bits and the matching BatchNorm copy (the one of its weight bits). Fixed
+    layers are full precision in the joint model, so their 8-bit step sizes initialise on the first
+    fine-tuning batch. Weights stay as they are."""
     target_inner, source_inner = unwrap(model), unwrap(source)
     target_layout, source_layout = layout_of(target_inner), layout_of(source_inner)
     for name in target_layout.searchable:
@@ -80,11 +82,6 @@ def load_step_sizes(model: nn.Module, source: nn.Module, policy: Policy) -> None
         if bn_name is not None:
             joint_bn = source_inner.get_submodule(bn_name)
             target_inner.get_submodule(bn_name).load_state_dict(joint_bn.copies[str(wbits)].state_dict())
-    for name in target_layout.fixed:
-        target, joint = target_inner.get_submodule(name), source_inner.get_submodule(name)
-        target.weight_quant.load_state_dict(joint.weight_quant.state_dict())
-        if target.act_quant is not None and joint.act_quant is not None:
-            target.act_quant.load_state_dict(joint.act_quant.state_dict())
 
 
 def _copy_step(target, source, bits: int) -> None:

@@ -2,8 +2,9 @@
 
 Searchable layers become QConv2d/QLinear with one step size per candidate bit-width for weights and
 inputs; the BatchNorm that consumes a searchable layer's output becomes switchable. Fixed layers
-(default: first conv and classifier) quantize at 8 bits: the first conv keeps a full-precision input,
-the classifier uses 8-bit activations.
+(default: first conv and classifier) stay full precision in the joint (indicator-training) model, as in
+the reference; at a fixed policy (fine-tuning, deployment) they quantize at 8 bits: the first conv keeps
+a full-precision input, the classifier uses 8-bit activations.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def quantize_model(
         if bits is not None and layer.bn_name is not None:
             _replace(model, layer.bn_name, SwitchableBatchNorm2d(model.get_submodule(layer.bn_name), bits))
             bn_of[layer.name] = layer.bn_name
-    for layer in fixed:
+    for layer in fixed if policy is not None else ():
         module = model.get_submodule(layer.name)
         abits = None if layer.name == first_conv else [FIXED_BITS]
         _replace(model, layer.name, (QConv2d if layer.kind == "conv" else QLinear).from_float(module, [FIXED_BITS], abits))

@@ -96,7 +96,6 @@ class Training:
     criterion: nn.Module
     step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
     policy_rng: random.Random | None = None
-    scheduler_per_step: bool = True  # else the loop steps the schedule once per epoch
 
 
 def fp_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int, recipe: RecipeConfig | None = None) -> Training:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import random
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from orchestrator.errors import UserError
 from orchestrator.quant.policy import Policy, random_policy, set_policy, set_uniform_bits
 
 
@@ -45,22 +48,54 @@ def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cri
     return {"loss": loss, "top1": correct / len(labels)}
 
 
+class NanLossError(UserError):
+    """Indicator training diverged: the message names the step, the pass and what to change."""
+
+
+# optimizer -> joint steps it has taken in this process, to name the step a NaN loss appeared at
+_joint_steps: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
+
+
+def _check_finite(loss: float, optimizer: torch.optim.Optimizer, where: str) -> None:
+    if math.isnan(loss) or math.isinf(loss):
+        step = _joint_steps.get(optimizer, 0) + 1
+        lr = optimizer.param_groups[0]["lr"]
+        raise NanLossError(f"indicators: loss is {'NaN' if math.isnan(loss) else 'infinite'} at step {step} "
+                           f"(counted since this worker started; {where} pass, lr {lr:.3g}); lower indicators.lr "
+                           "or keep indicators.grad_clip set, and check the FP weights")
+
+
+def _drop_zero_gradients(model: nn.Module) -> None:
+    """Parameters whose gradient is exactly zero sit out the optimizer step (SPEC 1.3 step 4, as the
+    reference): momentum does not move a step size that clamp's gradient froze."""
+    for parameter in model.parameters():
+        if parameter.grad is not None and not parameter.grad.any():
+            parameter.grad = None
+
+
 def joint_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bits: Sequence[int],
                criterion: nn.Module, optimizer: torch.optim.Optimizer, policy_rng: random.Random,
                grad_clip: float | None = 1.0, bf16: bool = False) -> dict[str, float]:
     """SPEC 1.3: one pass per uniform bit-width plus one random-policy pass, gradients accumulated,
-    clipped by value, then a single optimizer step. Metrics per pass: loss_w{b}, top1_w{b}, loss_random,
-    top1_random."""
+    clipped by value, parameters with an all-zero gradient left out, then a single optimizer step.
+    Metrics per pass: loss_w{b}, top1_w{b}, loss_random, top1_random. A NaN or infinite loss raises
+    `NanLossError` before any weight changes."""
     optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, float] = {}
     for b in bits:
         set_uniform_bits(model, b)
         loss, correct = _forward_backward(model, images, labels, criterion, bf16)
+        _check_finite(loss, optimizer, f"W{b}A{b}")
         metrics[f"loss_w{b}"], metrics[f"top1_w{b}"] = loss, correct / len(labels)
     set_policy(model, random_policy(model, bits, policy_rng))
     loss, correct = _forward_backward(model, images, labels, criterion, bf16)
+    _check_finite(loss, optimizer, "random-policy")
     metrics["loss_random"], metrics["top1_random"] = loss, correct / len(labels)
-    _finish_step(model, optimizer, grad_clip)
+    if grad_clip is not None:
+        nn.utils.clip_grad_value_(model.parameters(), grad_clip)
+    _drop_zero_gradients(model)
+    optimizer.step()
+    _joint_steps[optimizer] = _joint_steps.get(optimizer, 0) + 1
     return metrics
 
 

@@ -1,0 +1,69 @@
+"""`limpq evaluate`: score policies with the config's finished joint model, no fine-tuning (SPEC 3)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class _InOrder(argparse.Action):
+    """--policy and --uniform append to one list, so rows come out in the order given on the line."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = list(getattr(namespace, "scored") or [])
+        items += [(self.dest, value) for value in values]
+        namespace.scored = items
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.cli.pipeline import load_config_from_args
+    from orchestrator.errors import UserError
+
+    cfg = load_config_from_args(args)
+    if not args.scored:
+        raise UserError("give at least one --policy FILE or --uniform B")
+    if args.recalibrate_batches < 0:
+        raise UserError(f"--recalibrate-batches must be >= 0, got {args.recalibrate_batches}")
+    from orchestrator.distributed.evaluate import evaluate_policies, policy_from_file
+    from orchestrator.modelinfo import build_model
+    from orchestrator.quant.surgery import layout_of
+    from orchestrator.train.stages import joint_model
+
+    names = layout_of(joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))).searchable
+    labelled = [(value, policy_from_file(value)) if kind == "policy" else
+                (f"uniform-W{value}A{value}", {name: (value, value) for name in names}) for kind, value in args.scored]
+    rows = evaluate_policies(cfg, labelled, args.recalibrate_batches)
+    if args.json:
+        keys = ("policy", "bitops_g", "size_mb", "top1", "samples")
+        json.dump([{key: row[key] for key in keys} for row in rows], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    width = max(len("policy"), *(len(row["policy"]) for row in rows))
+    print(f"{'policy':<{width}}  {'BitOps G':>9}  {'size MB':>8}  {'top-1 %':>8}  {'loss':>7}  samples")
+    for row in rows:
+        print(f"{row['policy']:<{width}}  {row['bitops_g']:>9.4f}  {row['size_mb']:>8.4f}  {100 * row['top1']:>8.2f}  "
+              f"{row['loss']:>7.4f}  {row['samples']}")
+    print("joint model, no fine-tuning; BitOps of the searchable layers"
+          + (f"; BN recalibrated on {args.recalibrate_batches} training batches" if args.recalibrate_batches else ""))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from orchestrator.cli.pipeline import add_config_arguments
+
+    parser = subparsers.add_parser(
+        "evaluate", help="score policies with the finished joint model (no fine-tuning)",
+        description="Score each policy (policy JSON v1, as `limpq search --output` writes it) with the config's "
+                    "finished joint indicator-training model on the config's val split, without fine-tuning: each "
+                    "layer uses its step sizes at the chosen bits and the BN copy of its weight bits (SPEC 1.7).")
+    add_config_arguments(parser)
+    parser.add_argument("--policy", nargs="+", metavar="P.json", action=_InOrder, help="policy files to score")
+    parser.add_argument("--uniform", type=int, nargs="+", metavar="B", action=_InOrder,
+                        help="also score uniform W{B}A{B}")
+    parser.add_argument("--recalibrate-batches", type=int, default=0, metavar="N",
+                        help="recompute BN statistics on N training batches per policy first (default 0: the "
+                             "statistics joint training left)")
+    parser.add_argument("--json", action="store_true",
+                        help="print only a JSON list: {policy, bitops_g, size_mb, top1, samples} per policy")
+    parser.set_defaults(func=_evaluate, scored=[])
