@@ -16,6 +16,7 @@ from pathlib import Path
 
 from orchestrator.config import load_config
 from orchestrator.distributed.pipeline import run_indicators
+from orchestrator.stagekeys import stage_keys
 from orchestrator.tracking import Tracker
 
 
@@ -35,12 +36,12 @@ def main() -> None:
             "ray.cpus_per_worker": 1,
             "ray.storage_path": str(out / "ray"),
             "mlflow.tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "mlflow.experiment": "throughput",
-        }).with_absolute_paths()  # as the pipeline does: the stage hash then matches its run
+        })
         started = time.perf_counter()
         run_indicators(cfg)
         wall = time.perf_counter() - started
         tracker = Tracker.from_config(cfg)
-        run_id = tracker.find_finished_stage_run(cfg, "indicators", config_hash=cfg.stage_hash("indicators"))
+        run_id = tracker.find_finished_stage_run(cfg, "indicators", stage_keys(cfg).indicators)
         rates[workers] = tracker.get_run(run_id).data.metrics["images_per_second"]
         print(f"{workers} worker(s): {rates[workers]:.1f} images/s in the training loop (|B|+1 = "
               f"{len(cfg.indicators.bits) + 1} passes per image), stage wall time {wall:.0f} s")

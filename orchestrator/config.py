@@ -6,8 +6,9 @@ Layer-neutral: pydantic and yaml only, so every layer may import it.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import posixpath
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import ConfigError
 
 MIN_BITS, MAX_BITS = 2, 8
+# MLflow's characters for metric, param and tag keys (mlflow.utils.validation) less "/": a budget label
+# is a metric key (top1_<label>), a file name (policies/<label>.png) and part of Ray Train run names.
+STORABLE_NAME = re.compile(r"[\w.\- :]+")
+MAX_NAME_LENGTH = 200  # MLflow keys hold 250 characters; the label gets a prefix such as "top1_"
+
+
+def storable_name_problem(name: str) -> str | None:
+    """Why MLflow, Ray or a file system would refuse `name` as a key or file name, or None."""
+    if not STORABLE_NAME.fullmatch(name):
+        return "may only hold letters, digits, '_', '-', '.', ':' and spaces"
+    if name.startswith(".") or posixpath.normpath(name) != name:
+        return "must not start with '.'"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is longer than {MAX_NAME_LENGTH} characters"
+    return None
+
+
+def uniform_label(bits: int) -> str:
+    """The sweep label of the uniform W{bits}A{bits} baseline."""
+    return f"uniform-W{bits}A{bits}"
 
 
 def _check_bits(values: list[int] | None) -> list[int] | None:
@@ -51,7 +72,6 @@ class DataConfig(_Section):
     demo: bool = Field(False, description="Build the scikit-learn digits demo set at `path` when it is missing.")
     resize_size: int | None = Field(None, ge=8, description="Eval resize before the center crop; default input_size * 8/7.")
     batch_size: int = Field(64, ge=1, description="Per-worker batch size.")
-    num_workers: int = Field(0, ge=0, description="In-process DataLoader workers.")
     min_crop_scale: float = Field(0.08, gt=0, le=1, description="RandomResizedCrop lower scale bound.")
     hflip: bool = Field(True, description="Random horizontal flips (off for digits).")
 
@@ -75,7 +95,8 @@ class FPConfig(RecipeConfig):
     source: Literal["train", "torchvision", "checkpoint"] = "train"
     weights: str | None = Field(None, description="torchvision weights name, e.g. ResNet18_Weights.IMAGENET1K_V1.")
     checkpoint: str | None = None
-    epochs: int = Field(3, ge=0)
+    epochs: int = Field(3, ge=0, description="0 with source 'train': the random initialisation is the FP model "
+                        "(smoke tests).")
     lr: float = Field(0.1, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -84,21 +105,17 @@ class FPConfig(RecipeConfig):
     def _source_has_input(self) -> FPConfig:
         if self.source == "torchvision" and not self.weights:
             raise ValueError("source 'torchvision' needs fp.weights")
-        if self.source == "checkpoint":
-            if not self.checkpoint:
-                raise ValueError("source 'checkpoint' needs fp.checkpoint")
-            if not Path(self.checkpoint).is_file():
-                raise ValueError(f"checkpoint file not found: {self.checkpoint}")
+        if self.source == "checkpoint" and not self.checkpoint:
+            raise ValueError("source 'checkpoint' needs fp.checkpoint")
         return self
 
 
 class IndicatorConfig(RecipeConfig):
     bits: list[int] = Field(default_factory=lambda: [6, 5, 4, 3, 2])
-    epochs: int = Field(3, ge=0)
+    epochs: int = Field(3, ge=1, description="The search needs trained indicators: at least 1.")
     lr: float = Field(0.01, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="Clip gradients by value.")
     train_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of the training set used per epoch.")
-    checkpoint_every_steps: int | None = Field(None, ge=1, description="Extra mid-epoch checkpoints (in-process runs).")
 
     _bits = field_validator("bits")(_check_bits)
 
@@ -157,7 +174,6 @@ class FinetuneConfig(RecipeConfig):
         True, description="Start step sizes and BN from the joint-trained values at the chosen bits."
     )
     baselines: list[int] = Field(default_factory=list, description="Uniform WbAb baselines to fine-tune too.")
-    asha: bool = Field(False, description="Stop weak trials early (ASHA on val top-1).")
 
     _bits = field_validator("baselines")(lambda v: _check_bits(v) if v else v)
 
@@ -180,7 +196,8 @@ class MlflowConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    name: str = Field("limpq", description="Run name; submitting the same name again resumes.")
+    name: str = Field("limpq", description="Run name; submitting the same name again resumes. Letters, digits, "
+                      "'_', '-', '.', ':' and spaces.")
     seed: int = 0
     output_dir: str = Field("runs", description="Local outputs (checkpoints, indicators, policies).")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -192,10 +209,31 @@ class PipelineConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _storable_name(cls, name: str) -> str:
+        problem = storable_name_problem(name)
+        if problem:
+            raise ValueError(f"{name!r} {problem}: it names MLflow runs and directories")
+        return name
+
     @model_validator(mode="after")
-    def _dataset_exists(self) -> PipelineConfig:
-        if not self.data.demo and not Path(self.data.path).exists():
-            raise ValueError(f"data.path: dataset path does not exist: {self.data.path}")
+    def _storable_distinct_labels(self) -> PipelineConfig:
+        """Every budget and baseline label is a run name and a metric key: storable and distinct."""
+        labels: dict[str, str] = {}
+        for index, budget in enumerate(self.search.budgets):
+            key, label = f"search.budgets[{index}]", budget.label()
+            problem = storable_name_problem(label)
+            if problem:
+                which = "name" if budget.name else "generated label"
+                raise ValueError(f"{key}.name: {which} {label!r} {problem} (MLflow refuses it); give another `name`")
+            if label in labels:
+                raise ValueError(f"{key}: label {label!r} repeats {labels[label]}; give one of them a distinct `name`")
+            labels[label] = key
+        for bits in self.finetune.baselines:
+            if uniform_label(bits) in labels:
+                raise ValueError(f"{labels[uniform_label(bits)]}.name: {uniform_label(bits)!r} is the label of "
+                                 f"the finetune.baselines entry {bits}; rename the budget")
         return self
 
     def with_absolute_paths(self) -> PipelineConfig:
@@ -217,20 +255,6 @@ class PipelineConfig(_Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
-    def config_hash(self) -> str:
-        """Stable hash of the settings that change results (not where they are logged)."""
-        return self.stage_hash("sweep")
-
-    def stage_hash(self, stage: str) -> str:
-        """Hash of the settings a stage's output depends on: changing a fine-tuning setting must not
-        invalidate the indicators, nor an indicator setting the FP weights."""
-        sections = {"fp": ("seed", "model", "data", "fp"), "indicators": ("seed", "model", "data", "fp", "indicators")}
-        keep = set(sections.get(stage, type(self).model_fields))
-        payload = self.model_dump(mode="json", include=keep - {"name", "output_dir", "mlflow"})
-        payload.pop("ray", None)
-        payload.get("data", {}).pop("num_workers", None)
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
     def flat(self) -> dict[str, Any]:
         """Flattened `section.key` view, for MLflow params."""
         out: dict[str, Any] = {}
@@ -246,7 +270,7 @@ class PipelineConfig(_Section):
         return out
 
 
-def _format_error(source: str, error: ValidationError) -> str:
+def _format_error(source: str, error: ValidationError, overridden: tuple[str, ...] = ()) -> str:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
@@ -254,37 +278,140 @@ def _format_error(source: str, error: ValidationError) -> str:
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required key is missing"
-    if message.startswith("data.path:"):
-        location, message = "data.path", message.split(": ", 1)[1]
+    if any(location == key or location.startswith(f"{key}.") for key in overridden):
+        source = "--set"  # the value came from the command line, not the file
     where = f"{source}: {location}" if location else source
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     return f"{where}: {message}{more}"
 
 
-def parse_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+def parse_config(raw: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()) -> PipelineConfig:
+    """Validate a raw config; errors name `source`, or `--set` for a key in `overridden`."""
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_error(source, error)) from None
+        raise ConfigError(_format_error(source, error, overridden)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: the plain
+    loader keeps the last one, so a repeated section silently replaces the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"{self.name}: line {line}: duplicate key {key!r} (first at line {seen[key]}); "
+                                  "merge the two into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(where: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    line = f" line {mark.line + 1}:" if mark else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{where}:{line} not valid YAML: {problem}"
+
+
+def _load_yaml(text: str, name: str) -> Any:
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error(name, error)) from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict: UTF-8, valid YAML, a mapping at the top, no key given twice."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                          "save the file as UTF-8") from None
+    raw = _load_yaml(text, str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the CLI's `--set`), VALUE in YAML syntax, as {dotted key: value}."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. --set indicators.epochs=1")
+        try:
+            overrides[key] = _load_yaml(text, f"--set {item!r}")
+        except ConfigError as error:
+            raise ConfigError(f"{error}; quote a string value, e.g. --set '{key}=\"{text}\"'") from None
+    return overrides
+
+
+def _schema_kind(model: type[BaseModel] | None, key: str) -> tuple[type[BaseModel] | None, str | None]:
+    """What the schema holds under `key` of `model`: ("section" or "list" with the model of the
+    section or of the list items, or "value"); an unknown key gives (None, None) and is left to the
+    schema's own "unknown key" error."""
+    field = model.model_fields.get(key) if model is not None else None
+    if field is None:
+        return None, None
+    annotation = field.annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, "section"
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item, "list"
+    return None, "value"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set dotted keys in a raw config dict in place; list items by index (search.budgets.0.name)."""
+    for dotted, value in overrides.items():
+        node: Any = raw
+        model: type[BaseModel] | None = PipelineConfig
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts):
+            here, last = ".".join(parts[:depth]), depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {dotted}: {here} has {len(node)} item(s); index them with 0.."
+                                      f"{len(node) - 1} or set the whole list: --set {here}=[...]")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {here} is a value, not a section; set it whole: --set {here}=VALUE")
+            model, kind = _schema_kind(model, part)
+            if last:
+                node[part] = value
+                continue
+            if kind == "value":
+                key = f"{here}.{part}" if here else part
+                raise ConfigError(f"--set {dotted}: {key} is a value, not a section; set it whole: --set {key}=VALUE")
+            if node.get(part) is None:
+                node[part] = [] if kind == "list" else {}
+            node = node[part]
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Read and validate a pipeline YAML; `overrides` maps dotted keys to values (e.g. from the CLI)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(error, 'problem', error)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return parse_config(raw, str(path))
+    raw = read_yaml_mapping(path)
+    apply_overrides(raw, overrides or {})
+    return parse_config(raw, str(path), tuple(overrides or ()))

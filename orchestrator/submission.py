@@ -48,7 +48,22 @@ def load_runtime_env(path: str | Path | None, working_dir: str | None = None) ->
     if working_dir is not None:
         runtime_env["working_dir"] = working_dir
     runtime_env.setdefault("working_dir", ".")
+    commit = git_commit(runtime_env["working_dir"])
+    if commit:  # the uploaded copy has no .git: the job's MLflow runs get the commit from here
+        runtime_env.setdefault("env_vars", {}).setdefault("LIMPQ_GIT_COMMIT", commit)
     return runtime_env
+
+
+def git_commit(directory: str | Path) -> str | None:
+    """The HEAD commit of the git checkout holding `directory`, or None."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def use_auth_token_if_present() -> None:

@@ -5,16 +5,23 @@ any one process (the driver, Ray Train rank 0, a Tune trial) can write any run, 
 write several runs. A `Tracker` holds only the tracking URI and experiment name: it pickles, so it
 can be shipped to Ray workers.
 
-A stage run is identified by its tags (pipeline name, stage, config hash, run name, parent). Opening
-a stage whose earlier run did not finish reopens that run, so a resumed job continues it instead of
-leaving a half run behind; a finished one lets the pipeline skip the stage.
+Runs form one tree per pipeline submission: a root run named after the pipeline and its key, the
+stage runs (FP, indicators, sweep) as its children, one run per trial under the sweep. A stage run
+is identified by its tags (pipeline name, stage, stage key, run name, parent). Opening a stage whose
+earlier run did not finish reopens that run, so a resubmitted job continues it instead of leaving a
+half run behind; a finished one lets the pipeline skip the stage and take its outputs (artifacts).
+
+Params are the settings that define results; where work runs (`ray.*`) goes into tags, which may
+change between submissions. Credentials never reach params, tags or printed commands.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -36,17 +43,23 @@ from mlflow.utils.validation import (
 
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import UserError
+from orchestrator.mlflow_ui import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, experiment_page, mark_model_development
+from orchestrator.redact import redact, redact_params
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SQLITE_PREFIX = "sqlite:///"
 ARTIFACTS_DIR_NAME = "mlartifacts"
 
 TAG_PIPELINE = "limpq.pipeline"
-TAG_PIPELINE_ID = "limpq.pipeline_id"
 TAG_STAGE = "limpq.stage"
-TAG_CONFIG_HASH = "limpq.config_hash"
+TAG_STAGE_KEY = "limpq.stage_key"
+TAG_ROOT = "limpq.root_run_id"
 TAG_ATTEMPTS = "limpq.attempts"
 TAG_ERROR = "limpq.error"
+TAG_RAY_JOB = "limpq.ray_job_submission_id"
+TAG_NOTE = "mlflow.note.content"
+# Settings that say where and how work runs, not what it computes: tags, so they may change.
+_PLACEMENT_SECTIONS = ("ray.", "mlflow.", "output_dir", "name")
 
 UNFINISHED_STATUSES = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
 _LOCK_RETRIES = 8
@@ -73,9 +86,43 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
     return uri
 
 
-def pipeline_id(cfg: PipelineConfig, config_hash: str | None = None) -> str:
-    """Stable across resubmissions of the same config, so a resumed pipeline finds its runs again."""
-    return f"{cfg.name}-{config_hash or cfg.config_hash()}"
+def result_params(cfg: PipelineConfig) -> dict[str, Any]:
+    """The settings that define results, for MLflow params (credentials redacted)."""
+    return redact_params({key: value for key, value in cfg.flat().items() if not key.startswith(_PLACEMENT_SECTIONS)})
+
+
+def placement_tags(cfg: PipelineConfig) -> dict[str, str]:
+    """Where and how a run's work is placed (`ray.*`): tags, rewritten on every attempt."""
+    return redact_params({f"limpq.{key}": str(value) for key, value in cfg.flat().items() if key.startswith("ray.")})
+
+
+def ray_job_submission_id() -> str | None:
+    """The `ray job submit` id when this process is a submitted job's driver."""
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job_config:
+        return None
+    try:
+        return json.loads(job_config).get("metadata", {}).get("job_submission_id")
+    except ValueError:
+        return None
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's standard run tags (user, source, git commit) as the fluent API would set them, plus
+    the Ray job id. Under `ray job submit` the uploaded working dir has no .git: `limpq submit`
+    passes the commit as LIMPQ_GIT_COMMIT."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {key: str(value) for key, value in resolve_tags().items()}
+    tags.setdefault("mlflow.user", getpass.getuser())
+    if os.environ.get("LIMPQ_GIT_COMMIT"):
+        tags.setdefault("mlflow.source.git.commit", os.environ["LIMPQ_GIT_COMMIT"])
+    job = ray_job_submission_id()
+    if job:
+        tags[TAG_RAY_JOB] = job
+        tags["mlflow.source.type"] = "JOB"
+    tags["mlflow.source.name"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500] if sys.argv else "limpq"
+    return {key: redact(value) for key, value in tags.items()}
 
 
 def _param_value(value: Any) -> str:
@@ -146,66 +193,42 @@ class Tracker:
 
     # ----------------------------------------------------------------------------- stage runs
 
-    def _stage_runs(
-        self, stage: str, config_hash: str, pipeline: str, run_name: str, parent_run_id: str | None
-    ) -> list[Run]:
-        # Only the hex hash and the stage go into the filter string: user-chosen names may hold quotes.
+    def _stage_runs(self, cfg: PipelineConfig, stage: str, key: str, run_name: str) -> list[Run]:
+        # Only the hex key and the stage go into the filter string: user-chosen names may hold quotes.
         runs = self._call(
             "search_runs",
             [self.experiment_id],
-            filter_string=f"tags.`{TAG_CONFIG_HASH}` = '{config_hash}' and tags.`{TAG_STAGE}` = '{stage}'",
+            filter_string=f"tags.`{TAG_STAGE_KEY}` = '{key}' and tags.`{TAG_STAGE}` = '{stage}'",
             order_by=["attributes.start_time DESC"],
         )
-        return [
-            run
-            for run in runs
-            if run.data.tags.get(TAG_PIPELINE) == pipeline
-            and run.info.run_name == run_name
-            and run.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_run_id
-        ]
+        return [run for run in runs if run.data.tags.get(TAG_PIPELINE) == cfg.name and run.info.run_name == run_name]
 
-    def find_finished_stage_run(
-        self,
-        cfg: PipelineConfig,
-        stage: str,
-        run_name: str | None = None,
-        parent_run_id: str | None = None,
-        config_hash: str | None = None,
-    ) -> str | None:
-        """The id of a FINISHED run of this stage for the same config hash (newest), else None."""
-        runs = self._stage_runs(
-            stage, config_hash or cfg.config_hash(), cfg.name, run_name or stage, parent_run_id
-        )
-        return next((run.info.run_id for run in runs if run.info.status == "FINISHED"), None)
+    def find_finished_stage_run(self, cfg: PipelineConfig, stage: str, key: str, run_name: str | None = None,
+                                parent_run_id: str | None = None) -> str | None:
+        """The newest FINISHED run of this stage and key (under `parent_run_id` when given), else None.
 
-    def open_stage_run(
-        self,
-        cfg: PipelineConfig,
-        stage: str,
-        parent_run_id: str | None = None,
-        run_name: str | None = None,
-        extra_tags: Mapping[str, str] | None = None,
-        config_hash: str | None = None,
-    ) -> StageRun:
-        """Reopen this stage's newest unfinished run for the same config hash, or create a new run.
+        FP and indicator runs are looked up under any parent: a pipeline that differs only in later
+        settings reuses them."""
+        runs = self._stage_runs(cfg, stage, key, run_name or stage)
+        return next((run.info.run_id for run in runs if run.info.status == "FINISHED"
+                     and (parent_run_id is None or run.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_run_id)), None)
 
-        `config_hash` defaults to the whole config's hash; a stage that depends on fewer settings may
-        pass its own. The run name defaults to the stage name. Params: the flattened config.
-        """
-        config_hash = config_hash or cfg.config_hash()
+    def open_stage_run(self, cfg: PipelineConfig, stage: str, key: str, parent_run_id: str | None = None,
+                       run_name: str | None = None, extra_tags: Mapping[str, str] | None = None,
+                       description: str | None = None) -> StageRun:
+        """Reopen this stage's newest unfinished run with the same key and parent, or create one.
+
+        Params: the result-defining settings; tags: MLflow's context tags, placement (`ray.*`), the
+        root run, `extra_tags` and the description (shown on the run's page)."""
         run_name = run_name or stage
-        unfinished = [
-            run
-            for run in self._stage_runs(stage, config_hash, cfg.name, run_name, parent_run_id)
-            if run.info.status in UNFINISHED_STATUSES
-        ]
-        tags = {
-            TAG_PIPELINE: cfg.name,
-            TAG_PIPELINE_ID: pipeline_id(cfg, config_hash),
-            TAG_STAGE: stage,
-            TAG_CONFIG_HASH: config_hash,
-            **(extra_tags or {}),
-        }
+        unfinished = [run for run in self._stage_runs(cfg, stage, key, run_name)
+                      if run.info.status in UNFINISHED_STATUSES
+                      and run.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_run_id]
+        tags = {**context_tags(), TAG_PIPELINE: cfg.name, TAG_STAGE: stage, TAG_STAGE_KEY: key,
+                **placement_tags(cfg), **(extra_tags or {})}
+        if description:
+            tags[TAG_NOTE] = description
+        params = result_params(cfg)
         if unfinished:
             run = unfinished[0]
             run_id = run.info.run_id
@@ -214,16 +237,13 @@ class Tracker:
                 self._call("delete_tag", run_id, TAG_ERROR)
             tags[TAG_ATTEMPTS] = str(int(run.data.tags.get(TAG_ATTEMPTS, "1")) + 1)
             self.set_tags(run_id, tags)
-            # Logged params cannot change; settings outside the config hash (e.g. ray.address) may
-            # differ on a resubmission, and the first attempt's values stay.
-            params = {key: value for key, value in cfg.flat().items() if key not in run.data.params}
-            self.log_params(run_id, params)
+            self.log_params(run_id, {key: value for key, value in params.items() if key not in run.data.params})
             return StageRun(self, run_id, resumed=True)
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         tags[TAG_ATTEMPTS] = "1"
         run = self._call("create_run", self.experiment_id, tags=tags, run_name=run_name)
-        self.log_params(run.info.run_id, cfg.flat())
+        self.log_params(run.info.run_id, params)
         return StageRun(self, run.info.run_id, resumed=False)
 
     def finish(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
@@ -231,8 +251,20 @@ class Tracker:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"finish: status must be FINISHED, FAILED or KILLED, not {status!r}")
         if error:
-            self.set_tags(run_id, {TAG_ERROR: error})
+            self.set_tags(run_id, {TAG_ERROR: redact(error)})
         self._call("set_terminated", run_id, status=status)
+
+    def kill_open_runs(self, root_run_id: str, reason: str) -> list[str]:
+        """Mark every RUNNING run of a pipeline's tree KILLED (after an interrupt); returns their ids."""
+        runs = self._call("search_runs", [self.experiment_id],
+                          filter_string=f"tags.`{TAG_ROOT}` = '{root_run_id}' and attributes.status = 'RUNNING'")
+        ids = [run.info.run_id for run in runs]
+        root = self.get_run(root_run_id)
+        if root.info.status == "RUNNING":
+            ids.append(root_run_id)
+        for run_id in ids:
+            self.finish(run_id, "KILLED", reason)
+        return ids
 
     # ------------------------------------------------------------------------------ logging
 
@@ -267,19 +299,105 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self._call("log_text", run_id, text, artifact_file)
 
+    def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows as an MLflow table (shown in the run's artifact view and the UI's evaluation tab)."""
+        columns = list(rows[0]) if rows else []
+        self._call("log_table", run_id, {column: [row[column] for row in rows] for column in columns}, artifact_file)
+
+    def log_dataset(self, run_id: str, source_uri: str, name: str, digest: str, context: str,
+                    extra: Mapping[str, Any] | None = None) -> None:
+        """Dataset lineage (`mlflow.log_input`): where the data is, its content digest, the split used
+        (`context`) and sizes as input tags."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = MetaDataset(resolve_dataset_source(redact(source_uri)), name=name, digest=digest[:36])
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        tags += [InputTag(f"limpq.{key}", str(value)) for key, value in (extra or {}).items()]
+        self._call("log_inputs", run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+    def log_model(self, run_id: str, model: Any, example: Any, name: str = "model", step: int = 0,
+                  tags: Mapping[str, Any] | None = None) -> str:
+        """`mlflow.pytorch.log_model` into `run_id` (an MLflow 3 LoggedModel, linked to the run's metrics
+        at `step`) with a signature inferred from `example` (a CPU tensor batch) and this package as
+        code, so `mlflow.pytorch.load_model` works where limpq is not installed. Saved with MLflow's pickle
+        format: the LSQ quantizers (a custom autograd function, lazily initialised step sizes) do not go
+        through torch.export. Returns the model URI."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        import orchestrator
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        model = model.cpu().eval()
+        with torch.no_grad():
+            output = model(example)
+        signature = infer_signature(example.numpy(), output.numpy())
+        info = self._call_fluent(
+            mlflow.pytorch.log_model, model, name=name, run_id=run_id, signature=signature,
+            input_example=example.numpy(), code_paths=[str(Path(orchestrator.__file__).parent)], step=step,
+            serialization_format="pickle",
+            tags=dict(tags or {}), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+        return info.model_uri
+
+    def register_model(self, name: str, model_uri: str, run_id: str, tags: Mapping[str, Any],
+                       aliases: list[str]) -> str:
+        """A new version of registered model `name` (created if missing); returns the version."""
+        try:
+            self._call("create_registered_model", name, description="LIMPQ mixed-precision models, one version per "
+                       "searched budget; tags give budget, BitOps, size and top-1.")
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self._call("create_model_version", name, model_uri, run_id=run_id,
+                             tags={key: str(value) for key, value in tags.items()})
+        for alias in aliases:
+            self._call("set_registered_model_alias", name, alias, version.version)
+        return str(version.version)
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        self._call("set_registered_model_alias", name, alias, version)
+
+    def _call_fluent(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Fluent MLflow calls take the same sqlite lock retries as client calls."""
+        for attempt in range(_LOCK_RETRIES - 1):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                if not _is_lock_error(error):
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 2.0) * (1 + random.random()))
+        return function(*args, **kwargs)
+
     def download_artifact(self, run_id: str, path: str, dst: str | Path) -> Path:
         """Copy the run's artifact file or folder `path` under `dst`; returns the local path."""
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self._call("download_artifacts", run_id, path, str(dst)))
 
+    def child_runs(self, parent_run_id: str) -> list[Run]:
+        return self._call("search_runs", [self.experiment_id],
+                          filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+                          order_by=["attributes.start_time ASC"])
+
+    def model_versions_of_run(self, name: str, run_id: str) -> list[str]:
+        """Versions of registered model `name` created from `run_id` (newest first)."""
+        versions = self._call("search_model_versions", f"name = '{name}' and run_id = '{run_id}'")
+        return [str(v.version) for v in sorted(versions, key=lambda v: -int(v.version))]
+
     def get_run(self, run_id: str) -> Run:
         return self._call("get_run", run_id)
 
     def ui_command(self) -> str:
-        """The command that opens the MLflow UI on this store."""
+        """The command that opens the MLflow UI on this store (credentials redacted)."""
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"open {self.tracking_uri}"
-        return f"mlflow ui --backend-store-uri '{self.tracking_uri}'"
+            return f"open {experiment_page(redact(self.tracking_uri), self.experiment_id)}"
+        return (f"mlflow ui --host 127.0.0.1 --backend-store-uri '{redact(self.tracking_uri)}', then open "
+                f"{experiment_page('http://127.0.0.1:5000', self.experiment_id)}")
 
 
 @lru_cache(maxsize=None)
@@ -287,7 +405,8 @@ def _experiment_id(tracker: Tracker) -> str:
     experiment = tracker._call("get_experiment_by_name", tracker.experiment)
     if experiment is None:
         try:
-            return tracker._call("create_experiment", tracker.experiment, tracker._artifact_location())
+            return tracker._call("create_experiment", tracker.experiment, tracker._artifact_location(),
+                                 tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -297,6 +416,8 @@ def _experiment_id(tracker: Tracker) -> str:
             f"mlflow.experiment: experiment {tracker.experiment!r} is deleted in {tracker.tracking_uri}; "
             "restore it (mlflow experiments restore) or choose another name"
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # the UI then opens on runs, not on GenAI pages
+        mark_model_development(tracker.client, experiment.experiment_id)
     return experiment.experiment_id
 
 

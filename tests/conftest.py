@@ -11,6 +11,9 @@ import pytest
 
 from orchestrator.data.demo import write_digits_dataset
 
+# s3_server / s3_env / s3_bucket: a real S3-compatible server (moto) on 127.0.0.1.
+pytest_plugins = ["s3_fixtures"]
+
 
 # Cost tables traced by the tests (also inside Ray workers, which inherit this environment) stay out of
 # the user's ~/.cache.

@@ -192,7 +192,13 @@ def test_runtime_env_file_uploads_the_repository_without_local_state() -> None:
 
 def test_working_dir_option_overrides_the_runtime_env_file() -> None:
     assert load_runtime_env(REPO / "cluster/runtime_env.yaml", "other")["working_dir"] == "other"
-    assert load_runtime_env(None) == {"working_dir": "."}
+    assert load_runtime_env(None)["working_dir"] == "."
+
+
+def test_submission_carries_the_git_commit_the_upload_lacks() -> None:
+    env_vars = load_runtime_env(None, str(REPO)).get("env_vars", {})
+    if (REPO / ".git").exists():
+        assert len(env_vars["LIMPQ_GIT_COMMIT"]) == 40
 
 
 @pytest.mark.parametrize("text, problem", [("- a\n- b\n", "must be a mapping"), ("a: [b\n", "not valid YAML")])

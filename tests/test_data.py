@@ -16,7 +16,9 @@ from data_fixtures import add_corrupt_files, data_config, write_tiny_folder
 from orchestrator.cli import main as limpq
 from orchestrator.data.convert import folder_to_parquet
 from orchestrator.data.demo import MANIFEST_NAME, write_digits_dataset
+from orchestrator.data.layout import check_dataset, dataset_fingerprint, dataset_source
 from orchestrator.data.local import build_datasets
+from orchestrator.data.storage import check_storage_uri
 from orchestrator.data.transforms import IMAGENET_MEAN, eval_resize_size, eval_transform, train_transform
 from orchestrator.errors import UserError
 
@@ -174,3 +176,65 @@ def test_cli_demo_and_to_parquet(tmp_path, capsys):
     assert "train: 1438 images in 3 shard(s), 0 unreadable skipped" in capsys.readouterr().out
     assert limpq(["data", "to-parquet", str(tmp_path / "d"), str(tmp_path / "p")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_fingerprint_is_content_not_location(tiny, tmp_path):
+    """The same files under another root fingerprint the same; a replaced image or a new file does not."""
+    import shutil
+
+    original = dataset_fingerprint(data_config(tiny))
+    assert original["format"] == "folder" and original["splits"]["train"]["files"] == 3 * 8
+    assert str(tiny) not in json.dumps(original)
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(tiny, copy)
+    assert dataset_fingerprint(data_config(copy)) == original
+    image = copy / "train" / "c1" / "001.png"
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(image)  # same name, other bytes, other size
+    changed = dataset_fingerprint(data_config(copy))
+    assert changed["splits"]["train"] != original["splits"]["train"] and changed["sha256"] != original["sha256"]
+    assert changed["splits"]["val"] == original["splits"]["val"]
+    folder_to_parquet(tiny, tmp_path / "pq", shard_size=10)
+    parquet = dataset_fingerprint(data_config(tmp_path / "pq", "parquet"))
+    assert parquet["format"] == "parquet" and parquet["splits"]["train"]["files"] == 3
+    assert dataset_source(data_config(tiny)) == tiny.resolve().as_uri()
+
+
+def test_check_dataset_one_line_per_mistake(tiny, tmp_path):
+    check_dataset(data_config(tiny))
+    cases = []
+    missing = data_config(tiny)
+    missing.data.path = str(tmp_path / "absent")
+    cases.append((missing, "data.path: dataset path does not exist"))
+    cases.append((data_config(tiny, num_classes=2), "model.num_classes: .* set model.num_classes: 3"))
+    (tmp_path / "no-val" / "train" / "c0").mkdir(parents=True)
+    cases.append((data_config(tmp_path / "no-val"), "has no val/ directory"))
+    for split in ("train", "val"):
+        (tmp_path / "no-classes" / split).mkdir(parents=True)
+    cases.append((data_config(tmp_path / "no-classes"), "holds no class directories"))
+    write_tiny_folder(tmp_path / "empty-class")
+    for image in (tmp_path / "empty-class" / "val" / "c2").iterdir():
+        image.unlink()
+    cases.append((data_config(tmp_path / "empty-class"), r"class directory .*val/c2 holds no image files"))
+    for split in ("train", "val"):
+        (tmp_path / "no-images" / split / "c0").mkdir(parents=True)
+        (tmp_path / "no-images" / split / "c0" / "readme.txt").write_text("not an image")
+    cases.append((data_config(tmp_path / "no-images"), "holds no image files"))
+    folder_to_parquet(tiny, tmp_path / "pq", shard_size=10)
+    cases.append((data_config(tmp_path / "pq", "parquet", num_classes=2), "model.num_classes: .* labels 0..2"))
+    for cfg, message in cases:
+        with pytest.raises(UserError, match=message) as caught:
+            check_dataset(cfg)
+        assert "\n" not in str(caught.value)
+    check_dataset(data_config(tmp_path / "pq", "parquet", num_classes=3))
+    demo = data_config(tiny)
+    demo.data.path, demo.data.demo = str(tmp_path / "to-build"), True
+    check_dataset(demo)  # the run builds it
+    assert not (tmp_path / "to-build").exists()
+
+
+def test_check_storage_uri_local(tmp_path):
+    check_storage_uri(str(tmp_path / "ray" / "results"))
+    assert not (tmp_path / "ray").exists()  # checked, not created
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="ray.storage_path: cannot create directory .* is a file"):
+        check_storage_uri(str(tmp_path / "file" / "sub"))

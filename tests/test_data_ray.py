@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -12,13 +13,13 @@ import torch
 from data_fixtures import add_corrupt_files, data_config, write_tiny_folder
 from orchestrator.data.convert import folder_to_parquet
 from orchestrator.data.local import build_datasets
-from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, iter_batches
+from orchestrator.data.ray_pipeline import SkipCounter, block_bytes_per_image, build_ray_datasets, iter_batches
 from orchestrator.errors import UserError
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -108,3 +109,78 @@ def test_bad_input_is_a_user_error_before_any_work(tmp_path, layouts):
     for fmt, root in layouts.items():
         with pytest.raises(UserError, match="model.num_classes is 2"):
             build_ray_datasets(data_config(root, fmt, num_classes=2), skip_counter=SkipCounter())
+
+
+def first_batch(dataset, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter_batches(dataset, batch_size, device="cpu"))
+
+
+@pytest.mark.parametrize("fmt", ["folder", "parquet"])
+def test_same_seed_same_batches_each_epoch(layouts, fmt):
+    """Two executions with one seed: identical first batches in epoch 1 and in epoch 2 (order and
+    random crops), and epoch 2 differs from epoch 1."""
+    runs = []
+    for _ in range(2):
+        train = build_ray_datasets(data_config(layouts[fmt], fmt), skip_counter=SkipCounter())["train"]
+        runs.append([first_batch(train), first_batch(train)])
+    (epoch1, epoch2), (again1, again2) = runs
+    for ours, theirs in ((epoch1, again1), (epoch2, again2)):
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    assert not torch.equal(epoch1[0], epoch2[0])
+    other_seed = build_ray_datasets(data_config(layouts[fmt], fmt).model_copy(update={"seed": 1}),
+                                    skip_counter=SkipCounter())["train"]
+    assert not torch.equal(first_batch(other_seed)[0], epoch1[0])
+
+
+def test_blocks_hold_uint8_and_batches_match_the_float_transforms(layouts):
+    """Blocks carry uint8 CHW (3 bytes per pixel); iter_batches normalizes them to the same values
+    as the in-process float transforms."""
+    cfg = data_config(layouts["folder"])
+    val = build_ray_datasets(cfg, skip_counter=SkipCounter())["val"]
+    block = val.take_batch(4, batch_format="numpy")
+    assert block["image"].dtype == np.uint8 and block["image"].shape[1:] == (3, 16, 16)
+    assert block["image"][0].nbytes == block_bytes_per_image(16) == 3 * 16 * 16
+    _, in_process_val = build_datasets(cfg)
+    expected = {key: in_process_val[index][0] for index, key in enumerate(in_process_val.keys)}
+    images, labels = first_batch(val, batch_size=len(expected))
+    assert images.dtype == torch.float32
+    ordered = torch.stack([expected[key] for key in sorted(expected)])  # val is read in sorted key order
+    assert torch.allclose(images, ordered, atol=1e-5)
+    assert labels.tolist() == [in_process_val.labels[in_process_val.keys.index(key)] for key in sorted(expected)]
+
+
+@pytest.mark.slow
+def test_train_worker_sees_the_same_batches_with_the_same_seed(layouts, tmp_path):
+    """Under Ray Train (streaming_split, Train's own ingest options): one worker's first batch of
+    epochs 1 and 2 repeats across runs with one seed, and differs between the epochs."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.data.ray_pipeline import dataset_config
+
+    def loop(config):
+        import json
+
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        seen = []
+        for _ in range(2):
+            images, labels = next(iter_batches(shard, 8, device="cpu"))
+            seen.append([labels.tolist(), float(images.double().sum())])
+        Path(config["out"]).write_text(json.dumps(seen))
+
+    def first_batches(run: int) -> list:
+        import json
+
+        datasets = build_ray_datasets(data_config(layouts["folder"]), skip_counter=SkipCounter())
+        out = tmp_path / f"batches-{run}.json"
+        TorchTrainer(loop, train_loop_config={"out": str(out)},
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                     datasets={"train": datasets["train"]}, dataset_config=dataset_config(),
+                     run_config=RunConfig(name=f"seeded-{run}", storage_path=str(tmp_path))).fit()
+        return json.loads(out.read_text())
+
+    first, second = first_batches(0), first_batches(1)
+    assert first == second and len(first) == 2
+    assert first[0] != first[1]

@@ -54,7 +54,7 @@ def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: P
     cfg = _config(tmp_path, digits)
     marker = tmp_path / "crashed-once"
     # rank 0 exits mid-epoch 2 (80 images, 2 workers x 16: 2 steps per epoch), on the first attempt only
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {CRASH_ENV: f"3:{marker}"}})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {CRASH_ENV: f"3:{marker}"}})
 
     out = run_indicators(cfg)
 
@@ -68,7 +68,7 @@ def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: P
     runs = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
     assert [run.info.status for run in runs] == ["FINISHED"]
     run = runs[0]
-    assert run.data.params["indicators.bits"] == "[4, 2]" and run.data.params["ray.num_workers"] == "2"
+    assert run.data.params["indicators.bits"] == "[4, 2]" and run.data.tags["limpq.ray.num_workers"] == "2"
     for key in ("loss_w4", "top1_w2", "loss_random", "top1_random", "val_top1_w4", "images_per_second"):
         assert key in run.data.metrics, key
     epochs = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "loss_w2")]

@@ -15,9 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import UserError
-from orchestrator.tracking import Tracker, resolve_tracking_uri
+from orchestrator.tracking import Tracker, redact, resolve_tracking_uri, result_params
 
 EXPERIMENT = "tracking-tests"
+KEY = "0123abcd4567"  # a stage key, as orchestrator.stagekeys computes them
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def _run_in_subprocess(code: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_stage_run_is_tagged_and_holds_the_whole_config(make_config, client, store):
     budgets = [{"name": "tight", "target_wbits": 2, "target_abits": 3}, {"bitops_g": 1.5}]
     cfg = make_config(search={"budgets": budgets})
-    run = Tracker.from_config(cfg).open_stage_run(cfg, "fp")
+    run = Tracker.from_config(cfg).open_stage_run(cfg, "fp", KEY)
     stored = client.get_run(run.run_id)
 
     assert not run.resumed
@@ -69,10 +70,11 @@ def test_stage_run_is_tagged_and_holds_the_whole_config(make_config, client, sto
     assert stored.info.status == "RUNNING"
     assert stored.data.tags["limpq.pipeline"] == cfg.name
     assert stored.data.tags["limpq.stage"] == "fp"
-    assert stored.data.tags["limpq.config_hash"] == cfg.config_hash()
-    assert stored.data.tags["limpq.pipeline_id"] == f"{cfg.name}-{cfg.config_hash()}"
+    assert stored.data.tags["limpq.stage_key"] == KEY
+    assert stored.data.tags["limpq.ray.num_workers"] == "1"
     params = stored.data.params
-    assert set(params) == set(cfg.flat())
+    # params are the settings that define results; placement (ray.*) and logging settings are tags
+    assert set(params) == {key for key in cfg.flat() if not key.startswith(("ray.", "mlflow.", "output_dir", "name"))}
     assert params["model.arch"] == "resnet18"
     assert params["seed"] == "0"
     assert json.loads(params["indicators.bits"]) == [6, 5, 4, 3, 2]
@@ -85,20 +87,20 @@ def test_stage_run_is_tagged_and_holds_the_whole_config(make_config, client, sto
 def test_params_beyond_one_mlflow_batch(make_config, client):
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
-    run = tracker.open_stage_run(cfg, "sweep")
+    run = tracker.open_stage_run(cfg, "sweep", KEY)
     many = {f"extra.p{index:03d}": index for index in range(250)}
     tracker.log_params(run.run_id, {**many, "extra.long": "x" * 7000})
 
     params = client.get_run(run.run_id).data.params
     assert all(params[key] == str(value) for key, value in many.items())
     assert params["extra.long"] == "x" * 6000  # MLflow's param value limit
-    assert len(params) == len(cfg.flat()) + 251
+    assert len(params) == len(result_params(cfg)) + 251
 
 
 def test_metrics_keep_their_steps(make_config, client):
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
-    run = tracker.open_stage_run(cfg, "indicators")
+    run = tracker.open_stage_run(cfg, "indicators", KEY)
     for epoch in range(3):
         tracker.log_metrics(run.run_id, {"loss/w4a4": 2.0 - epoch, "images_per_s": 100 + epoch}, step=epoch)
 
@@ -110,7 +112,7 @@ def test_metrics_keep_their_steps(make_config, client):
 def test_artifacts_are_stored_and_downloadable(make_config, client, tmp_path):
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
-    run = tracker.open_stage_run(cfg, "indicators")
+    run = tracker.open_stage_run(cfg, "indicators", KEY)
     checkpoint = tmp_path / "final.pt"
     checkpoint.write_bytes(b"\x00checkpoint bytes\xff")
     tracker.log_artifact(run.run_id, checkpoint, "checkpoints")
@@ -134,7 +136,7 @@ def test_run_left_running_by_a_killed_process_is_continued(make_config, client, 
         from orchestrator.tracking import Tracker
         cfg = PipelineConfig.model_validate_json({cfg.model_dump_json()!r})
         tracker = Tracker.from_config(cfg)
-        run = tracker.open_stage_run(cfg, "indicators")
+        run = tracker.open_stage_run(cfg, "indicators", {KEY!r})
         tracker.log_metrics(run.run_id, {{"top1": 0.25}}, step=0)
         print(run.run_id, flush=True)
         os._exit(3)  # dies like a killed job: no cleanup, the run stays RUNNING
@@ -145,18 +147,17 @@ def test_run_left_running_by_a_killed_process_is_continued(make_config, client, 
     first_run_id = crashed.stdout.split()[-1]
     assert client.get_run(first_run_id).info.status == "RUNNING"
 
-    # The resubmission may differ in settings outside the config hash (where Ray runs).
-    resubmitted = make_config(ray={"address": "ray://head:10001"})
-    assert resubmitted.config_hash() == cfg.config_hash()
+    # The resubmission may differ in where and how Ray runs.
+    resubmitted = make_config(ray={"address": "ray://head:10001", "num_workers": 4})
     tracker = Tracker.from_config(resubmitted)
-    with tracker.open_stage_run(resubmitted, "indicators") as run:
+    with tracker.open_stage_run(resubmitted, "indicators", KEY) as run:
         assert (run.run_id, run.resumed) == (first_run_id, True)
         tracker.log_metrics(run.run_id, {"top1": 0.5}, step=1)
 
     runs = _runs_of(client, cfg, "indicators")
     assert [(run.info.run_id, run.info.status) for run in runs] == [(first_run_id, "FINISHED")]
     assert runs[0].data.tags["limpq.attempts"] == "2"
-    assert runs[0].data.params["ray.address"] == "null"  # params keep the first attempt's values
+    assert runs[0].data.tags["limpq.ray.num_workers"] == "4"  # placement tags follow the latest attempt
     assert sorted(metric.step for metric in client.get_metric_history(first_run_id, "top1")) == [0, 1]
 
 
@@ -164,18 +165,18 @@ def test_failed_run_records_the_error_and_is_reopened(make_config, client):
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
     with pytest.raises(ValueError, match="loss is NaN"):
-        with tracker.open_stage_run(cfg, "fp") as run:
+        with tracker.open_stage_run(cfg, "fp", KEY) as run:
             raise ValueError("loss is NaN at epoch 2")
     failed = client.get_run(run.run_id)
     assert failed.info.status == "FAILED"
     assert failed.data.tags["limpq.error"] == "ValueError: loss is NaN at epoch 2"
-    assert tracker.find_finished_stage_run(cfg, "fp") is None
+    assert tracker.find_finished_stage_run(cfg, "fp", KEY) is None
 
-    reopened = tracker.open_stage_run(cfg, "fp")
+    reopened = tracker.open_stage_run(cfg, "fp", KEY)
     assert (reopened.run_id, reopened.resumed) == (run.run_id, True)
     assert "limpq.error" not in client.get_run(run.run_id).data.tags
     tracker.finish(reopened.run_id)
-    assert tracker.find_finished_stage_run(cfg, "fp") == run.run_id
+    assert tracker.find_finished_stage_run(cfg, "fp", KEY) == run.run_id
     assert [run.info.status for run in _runs_of(client, cfg, "fp")] == ["FINISHED"]
 
 
@@ -183,34 +184,32 @@ def test_interrupted_run_is_killed(make_config, client):
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
     with pytest.raises(KeyboardInterrupt):
-        with tracker.open_stage_run(cfg, "sweep") as run:
+        with tracker.open_stage_run(cfg, "sweep", KEY) as run:
             raise KeyboardInterrupt
     assert client.get_run(run.run_id).info.status == "KILLED"
 
 
-def test_find_finished_keys_on_config_hash_stage_and_name(make_config):
+def test_find_finished_keys_on_stage_key_stage_and_name(make_config):
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
-    with tracker.open_stage_run(cfg, "fp") as finished:
+    with tracker.open_stage_run(cfg, "fp", KEY) as finished:
         pass
 
-    assert tracker.find_finished_stage_run(cfg, "fp") == finished.run_id
-    assert tracker.find_finished_stage_run(make_config(ray={"storage_path": "/elsewhere"}), "fp") == finished.run_id
-    other_seed = make_config(seed=1)
-    assert other_seed.config_hash() != cfg.config_hash()
-    assert tracker.find_finished_stage_run(other_seed, "fp") is None
-    assert tracker.find_finished_stage_run(cfg, "indicators") is None
-    assert tracker.find_finished_stage_run(cfg, "fp", run_name="fp-retrain") is None
-    assert tracker.find_finished_stage_run(cfg, "fp", config_hash="0123456789ab") is None
+    assert tracker.find_finished_stage_run(cfg, "fp", KEY) == finished.run_id
+    assert tracker.find_finished_stage_run(make_config(ray={"storage_path": "/elsewhere"}), "fp", KEY) == finished.run_id
+    assert tracker.find_finished_stage_run(make_config(name="other"), "fp", KEY) is None
+    assert tracker.find_finished_stage_run(cfg, "indicators", KEY) is None
+    assert tracker.find_finished_stage_run(cfg, "fp", KEY, run_name="fp-retrain") is None
+    assert tracker.find_finished_stage_run(cfg, "fp", "0123456789ab") is None
     # A finished stage is never reopened: opening it again starts a new run.
-    assert tracker.open_stage_run(cfg, "fp").run_id != finished.run_id
+    assert tracker.open_stage_run(cfg, "fp", KEY).run_id != finished.run_id
 
 
 def test_nested_trial_runs_carry_the_parent_id(make_config, client):
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
-    sweep = tracker.open_stage_run(cfg, "sweep")
-    trials = {name: tracker.open_stage_run(cfg, "trial", parent_run_id=sweep.run_id, run_name=name,
+    sweep = tracker.open_stage_run(cfg, "sweep", KEY)
+    trials = {name: tracker.open_stage_run(cfg, "trial", KEY, parent_run_id=sweep.run_id, run_name=name,
                                            extra_tags={"limpq.budget": name})
               for name in ("W3A3", "W2A2")}
 
@@ -222,10 +221,10 @@ def test_nested_trial_runs_carry_the_parent_id(make_config, client):
     assert all(run.data.tags["limpq.budget"] == run.info.run_name for run in children)
     assert "mlflow.parentRunId" not in client.get_run(sweep.run_id).data.tags
     # An unfinished trial is reopened under its own parent only.
-    again = tracker.open_stage_run(cfg, "trial", parent_run_id=sweep.run_id, run_name="W3A3")
+    again = tracker.open_stage_run(cfg, "trial", KEY, parent_run_id=sweep.run_id, run_name="W3A3")
     assert again.run_id == trials["W3A3"].run_id
-    other_parent = tracker.open_stage_run(cfg, "sweep", run_name="sweep-2")
-    assert tracker.open_stage_run(cfg, "trial", parent_run_id=other_parent.run_id, run_name="W3A3").run_id not in {
+    other_parent = tracker.open_stage_run(cfg, "sweep", KEY, run_name="sweep-2")
+    assert tracker.open_stage_run(cfg, "trial", KEY, parent_run_id=other_parent.run_id, run_name="W3A3").run_id not in {
         trial.run_id for trial in trials.values()
     }
 
@@ -233,7 +232,7 @@ def test_nested_trial_runs_carry_the_parent_id(make_config, client):
 def test_processes_write_their_own_runs_at_once(make_config, client, tmp_path):
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
-    sweep = tracker.open_stage_run(cfg, "sweep")
+    sweep = tracker.open_stage_run(cfg, "sweep", KEY)
     steps = 40
     writer = f"""
         import sys
@@ -243,7 +242,7 @@ def test_processes_write_their_own_runs_at_once(make_config, client, tmp_path):
         cfg = PipelineConfig.model_validate_json({cfg.model_dump_json()!r})
         tracker = Tracker.from_config(cfg)
         name = sys.argv[1]
-        with tracker.open_stage_run(cfg, "trial", parent_run_id={sweep.run_id!r}, run_name=name) as run:
+        with tracker.open_stage_run(cfg, "trial", {KEY!r}, parent_run_id={sweep.run_id!r}, run_name=name) as run:
             for step in range({steps}):
                 tracker.log_metrics(run.run_id, {{"top1": step / {steps}, "loss": 1.0 / (step + 1)}}, step)
             Path(name + ".json").write_text("{{}}")
@@ -269,7 +268,7 @@ def test_processes_write_their_own_runs_at_once(make_config, client, tmp_path):
 def test_tracker_pickles_for_ray_workers(make_config, client):
     cfg = make_config()
     tracker = pickle.loads(pickle.dumps(Tracker.from_config(cfg)))
-    run = tracker.open_stage_run(cfg, "fp")
+    run = tracker.open_stage_run(cfg, "fp", KEY)
     tracker.set_tags(run.run_id, {"limpq.skipped_images": 3})
     assert client.get_run(run.run_id).data.tags["limpq.skipped_images"] == "3"
 
@@ -283,7 +282,23 @@ def test_tracking_uri_comes_from_config_then_environment_then_local_sqlite(monke
     assert resolve_tracking_uri(plain) == "http://127.0.0.1:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking_uri(plain) == f"sqlite:///{tmp_path}/mlflow.db"
-    assert Tracker.from_config(plain).ui_command() == f"mlflow ui --backend-store-uri 'sqlite:///{tmp_path}/mlflow.db'"
+    assert Tracker.from_config(plain).ui_command().startswith(
+        f"mlflow ui --host 127.0.0.1 --backend-store-uri 'sqlite:///{tmp_path}/mlflow.db', then open "
+        "http://127.0.0.1:5000/#/experiments/")
+
+
+def test_credentials_never_reach_params_tags_or_printed_commands(make_config, client):
+    secret_uri = "postgresql://limpq:s3cret-pw@db.internal:5432/mlflow"
+    assert redact(secret_uri) == "postgresql://limpq:***@db.internal:5432/mlflow"
+    assert redact(f"error talking to {secret_uri}: refused") == "error talking to postgresql://limpq:***@db.internal:5432/mlflow: refused"
+    cfg = make_config(ray={"storage_path": "s3://key:s3cret-pw@bucket/ray"})
+    tracker = Tracker.from_config(cfg)
+    run = tracker.open_stage_run(cfg, "fp", KEY)
+    tracker.finish(run.run_id, "FAILED", f"could not reach {secret_uri}")
+    stored = client.get_run(run.run_id)
+    assert "s3cret-pw" not in json.dumps({**stored.data.params, **stored.data.tags})
+    assert stored.data.tags["limpq.ray.storage_path"] == "s3://key:***@bucket/ray"
+    assert "s3cret-pw" not in Tracker("http://me:s3cret-pw@127.0.0.1:5000", "x").ui_command()
 
 
 def test_file_store_uri_is_a_user_error(monkeypatch):
@@ -297,4 +312,4 @@ def test_deleted_experiment_is_a_user_error(make_config, client):
     client.delete_experiment(client.create_experiment("deleted-experiment"))
     cfg = make_config(mlflow={"tracking_uri": client.tracking_uri, "experiment": "deleted-experiment"})
     with pytest.raises(UserError, match="mlflow.experiment: experiment 'deleted-experiment' is deleted"):
-        Tracker.from_config(cfg).open_stage_run(cfg, "fp")
+        Tracker.from_config(cfg).open_stage_run(cfg, "fp", KEY)

@@ -6,10 +6,14 @@ import argparse
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config
+    """The same checks as the start of `limpq run` (schema and preflight), without Ray or MLflow."""
+    from orchestrator.cli.pipeline import load_config_from_args
 
-    cfg = load_config(args.file)
-    print(f"{args.file}: OK (config hash {cfg.config_hash()})")
+    cfg = load_config_from_args(args, args.file)
+    from orchestrator.stagekeys import stage_keys
+
+    keys = stage_keys(cfg)
+    print(f"{args.file}: OK (stage keys fp {keys.fp}, indicators {keys.indicators}, sweep {keys.sweep})")
     return 0
 
 
@@ -32,11 +36,14 @@ def _reference(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from orchestrator.cli.pipeline import add_config_arguments
+
     group = subparsers.add_parser("config", help="pipeline config: validate a file, configuration reference")
     commands = group.add_subparsers(dest="config_command", required=True)
 
     validate = commands.add_parser("validate", help="check a pipeline YAML; prints OK or the one-line error (exit 2)")
     validate.add_argument("file", help="pipeline config YAML")
+    add_config_arguments(validate, config_flag=False)
     validate.set_defaults(func=_validate)
 
     reference = commands.add_parser("reference", help="Markdown reference of every config key, from the schema")

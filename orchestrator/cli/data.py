@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_demo)
 
     convert = commands.add_parser("to-parquet", help="convert a folder dataset into Parquet shards")
-    convert.add_argument("src", help="folder dataset root (train/<class>/*, val/<class>/*)")
-    convert.add_argument("dst", help="output root (created; must not hold files)")
+    convert.add_argument("src", help="folder dataset root (train/<class>/*, val/<class>/*): a path or URI (s3://...)")
+    convert.add_argument("dst", help="output root, a path or URI such as s3://bucket/prefix (created; must not hold files)")
     convert.add_argument("--shard-size", type=int, default=1000, help="images per Parquet file (default 1000)")
     convert.add_argument("--seed", type=int, default=0, help="seed of the row order (default 0)")
     convert.add_argument("--workers", type=int, default=os.cpu_count() or 1,

@@ -15,9 +15,10 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from orchestrator.cli.pipeline import load_config_from_args
+    from orchestrator.cli.pipeline import check_cluster, load_config_from_args
 
     cfg = load_config_from_args(args)
+    check_cluster(cfg)
     from orchestrator.distributed.pipeline import run_indicators
     from orchestrator.indicators import load_indicators
 

@@ -9,7 +9,6 @@ more, which is fine at in-process scale; the ray.data pipeline checks while it d
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -17,22 +16,24 @@ from torch.utils.data import Dataset
 from orchestrator.config import PipelineConfig
 from orchestrator.data.layout import (
     check_labels,
+    check_parquet_shards,
     content_key,
     dataset_root,
     in_fraction,
     list_classes,
     list_folder_split,
-    list_parquet_shards,
+    parquet_shards,
 )
+from orchestrator.data.storage import Location
 from orchestrator.data.transforms import ImageTransform, decode_image, is_decodable, transforms_for
 
 log = logging.getLogger(__name__)
 
 
 class EncodedImageDataset(Dataset):
-    """(float32 CHW tensor, int label) samples from encoded images held as file paths or bytes."""
+    """(float32 CHW tensor, int label) samples from encoded images held as file locations or bytes."""
 
-    def __init__(self, sources: list[Path | bytes], labels: list[int], keys: list[str], transform: ImageTransform,
+    def __init__(self, sources: list[Location | bytes], labels: list[int], keys: list[str], transform: ImageTransform,
                  classes: list[str] | None = None, skipped_keys: list[str] | None = None) -> None:
         self.sources = sources
         self.labels = labels
@@ -55,7 +56,7 @@ class EncodedImageDataset(Dataset):
         return self.transform(decode_image(encoded)), self.labels[index]
 
 
-def _read_source(source: Path | bytes) -> bytes | None:
+def _read_source(source: Location | bytes) -> bytes | None:
     if isinstance(source, bytes):
         return source
     try:
@@ -64,8 +65,8 @@ def _read_source(source: Path | bytes) -> bytes | None:
         return None
 
 
-def _select(sources: list[Path | bytes], labels: list[int], keys: list[str], fraction: float, seed: int,
-            transform: ImageTransform, classes: list[str] | None, where: Path) -> EncodedImageDataset:
+def _select(sources: list[Location | bytes], labels: list[int], keys: list[str], fraction: float, seed: int,
+            transform: ImageTransform, classes: list[str] | None, where: Location) -> EncodedImageDataset:
     kept_sources, kept_labels, kept_keys, skipped = [], [], [], []
     for source, label, key in zip(sources, labels, keys):
         if not in_fraction(key, fraction, seed):
@@ -82,22 +83,24 @@ def _select(sources: list[Path | bytes], labels: list[int], keys: list[str], fra
     return EncodedImageDataset(kept_sources, kept_labels, kept_keys, transform, classes, skipped)
 
 
-def _folder_split(split_dir: Path, classes: list[str], fraction: float, seed: int,
+def _folder_split(split_dir: Location, classes: list[str], fraction: float, seed: int,
                   transform: ImageTransform) -> EncodedImageDataset:
     listing = list_folder_split(split_dir, classes)
-    sources: list[Path | bytes] = [split_dir / key for key in listing.keys]
+    sources: list[Location | bytes] = [split_dir / key for key in listing.keys]
     return _select(sources, listing.labels, listing.keys, fraction, seed, transform, classes, split_dir)
 
 
-def _parquet_split(split_dir: Path, fraction: float, seed: int, transform: ImageTransform) -> EncodedImageDataset:
+def _parquet_split(split_dir: Location, fraction: float, seed: int, transform: ImageTransform) -> EncodedImageDataset:
     import pyarrow.parquet as pq
 
-    sources: list[Path | bytes] = []
+    sources: list[Location | bytes] = []
     labels: list[int] = []
     keys: list[str] = []
     class_names: dict[int, str] = {}
-    for shard in list_parquet_shards(split_dir):
-        table = pq.read_table(shard)
+    shards = parquet_shards(split_dir)
+    check_parquet_shards(shards)
+    for shard in shards:
+        table = pq.read_table(shard.location.path, filesystem=shard.location.filesystem)
         images = [image or b"" for image in table.column("image").to_pylist()]
         shard_labels = [int(label) for label in table.column("label").to_pylist()]
         paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * len(images)

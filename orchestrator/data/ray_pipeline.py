@@ -1,13 +1,24 @@
-"""The ray.data input pipeline for Ray Train: folder or Parquet ImageNet layouts, decoded and
-transformed in `map_batches` tasks, rows `{"image": float32 CHW, "label": int64}`.
+"""The ray.data input pipeline for Ray Train: folder or Parquet ImageNet layouts on a local disk or
+object storage (`s3://`, see `orchestrator.data.storage`), decoded, cropped and flipped in
+`map_batches` tasks into blocks of uint8 CHW images (`{"image": uint8 (N,3,H,W), "label": int64}`:
+3 bytes per pixel instead of float32's 12); `iter_batches` normalizes each batch to float32 on the
+consumer's device.
 
-Shuffling: the training set gets a new order on every execution, and Ray Train executes a dataset
-again each time a worker iterates its shard again (once per epoch). For folders the file list is
-shuffled (`FileShuffleConfig(seed, reseed_after_execution=True)`: seeded, different per
-execution); since one file is one image that is a full shuffle, free of any data movement. Parquet
-shards are shuffled by file and rows are permuted inside every map batch; add
-`local_shuffle_buffer_size` in `iter_batches` for more mixing across shards (the converter already
-writes shards of randomly ordered rows). Random crops and flips draw fresh randomness per batch.
+Order and randomness are functions of (cfg.seed, epoch, sample), so the same config and seed give
+the same batches. Ray Train executes a dataset again each time a worker iterates its shard (once
+per epoch); Ray Data counts these executions (`DataContext._execution_idx`, the counter its own
+`FileShuffleConfig(reseed_after_execution=True)` uses) and ships that context to the map tasks, so
+the epoch is known inside them:
+- folders: the file list is shuffled with `FileShuffleConfig(seed)`, reseeded per execution (one
+  file is one image, so that is a full shuffle, free of any data movement); Parquet: shards are
+  shuffled the same way and rows are permuted inside every map batch by a generator seeded from
+  (seed, epoch, the batch's keys);
+- random crops and flips: torch's CPU generator is seeded per image from (seed, epoch, image key),
+  independent of which task or worker process handles the image;
+- `preserve_order` (set on the datasets, and on Train's ingest through `dataset_config()`) makes
+  blocks arrive in that order although tasks run in parallel.
+With several Train workers, `streaming_split` hands blocks to whichever worker asks first, so which
+worker sees which batch is not fixed; a single worker's stream is.
 
 Subset: `train_fraction` keeps the same deterministic subset of samples in every epoch and in
 either layout (see `layout.in_fraction`); folder files outside it are never read.
@@ -31,31 +42,33 @@ for tiny ones.
 
 from __future__ import annotations
 
+import copy
 import functools
+import hashlib
 import logging
-import os
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import ray
 import torch
-from ray.data import Dataset, FileShuffleConfig
+from ray.data import Dataset, DataContext, ExecutionOptions, FileShuffleConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.config import PipelineConfig
 from orchestrator.data.layout import (
     SPLITS,
-    check_labels,
+    check_label_range,
+    check_parquet_shards,
     content_key,
     dataset_root,
     in_fraction,
     list_classes,
     list_folder_split,
-    list_parquet_shards,
-    parquet_labels,
+    parquet_label_range,
+    parquet_shards,
 )
-from orchestrator.data.transforms import ImageTransform, decode_image, transforms_for
+from orchestrator.data.storage import Location
+from orchestrator.data.transforms import ImageAugment, augments_for, decode_image, normalize, to_uint8_chw
 from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,9 +76,37 @@ log = logging.getLogger(__name__)
 # Images per read+decode task. Ray Data's scheduler notices a finished task only on its next poll
 # (every 0.1 s), so short tasks leave CPUs idle between tasks: on 2 CPUs, 64-image tasks kept
 # about 1.4 of them busy. Long tasks amortize that and the per-block fetch cost, while each task's
-# output is still cut into blocks of OUTPUT_BLOCK_IMAGES (18 MiB at 224x224 float32).
+# output is still cut into blocks of OUTPUT_BLOCK_IMAGES (4.6 MiB at 224x224 uint8).
 IMAGES_PER_TASK = 256
 OUTPUT_BLOCK_IMAGES = 32
+
+
+def _execution_options() -> ExecutionOptions:
+    """Ray Data's defaults for this process, with blocks delivered in order."""
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
+    return options
+
+
+def dataset_config():
+    """Ray Train's `DataConfig` for these datasets: Train replaces each dataset's execution options
+    with its own defaults, which would drop `preserve_order`. Pass it as
+    `TorchTrainer(..., dataset_config=dataset_config())`."""
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=_execution_options())
+
+
+def _seed_of(*parts: object) -> int:
+    """A 63-bit seed from any values (stable across processes, unlike hash())."""
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _current_epoch() -> int:
+    """How many times this dataset was executed before (the epoch under Ray Train); 0 outside
+    a Ray Data task."""
+    return DataContext.get_current()._execution_idx
 
 
 @ray.remote(num_cpus=0)
@@ -104,14 +145,14 @@ class SkipCounter:
 
 
 def _decode_and_transform(encoded_images: Sequence[bytes], labels: Sequence[int], keys: Sequence[str], *,
-                          split: str, transform: ImageTransform, input_size: int, shuffle_rows: bool,
+                          split: str, augment: ImageAugment, input_size: int, seed: int, shuffle_rows: bool,
                           counter: ray.actor.ActorHandle) -> Iterator[dict[str, np.ndarray]]:
-    """Yields blocks of at most OUTPUT_BLOCK_IMAGES transformed images: a task may cover many files
+    """Yields blocks of at most OUTPUT_BLOCK_IMAGES uint8 CHW images: a task may cover many files
     (fewer, longer tasks keep the CPUs busy) while its output blocks stay small."""
-    # Every Ray worker process starts torch's global generator from the same default seed; reseed
-    # so that crops and flips differ across workers, batches and epochs.
-    torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
-    order = np.random.default_rng().permutation(len(keys)) if shuffle_rows else range(len(keys))
+    epoch = _current_epoch()
+    order = (np.random.default_rng(_seed_of(seed, epoch, *keys)).permutation(len(keys)) if shuffle_rows
+             else range(len(keys)))
+    generator = torch.default_generator  # what torchvision's random transforms draw from
     images: list[np.ndarray] = []
     kept_labels: list[int] = []
     skipped: list[str] = []
@@ -122,7 +163,8 @@ def _decode_and_transform(encoded_images: Sequence[bytes], labels: Sequence[int]
         except Exception:  # PIL raises many types for bad data; the row is dropped and counted
             skipped.append(keys[row])
             continue
-        images.append(transform(image).numpy())
+        generator.manual_seed(_seed_of(seed, epoch, keys[row]))
+        images.append(to_uint8_chw(augment(image)))
         kept_labels.append(labels[row])
         if len(images) == OUTPUT_BLOCK_IMAGES:
             yield {"image": np.stack(images), "label": np.asarray(kept_labels, np.int64)}
@@ -132,7 +174,7 @@ def _decode_and_transform(encoded_images: Sequence[bytes], labels: Sequence[int]
         # Waited on, so the count is complete once the task's output has been consumed.
         ray.get(counter.add.remote(split, skipped))
     if images or not yielded:
-        yield {"image": np.asarray(images, np.float32).reshape(-1, 3, input_size, input_size),
+        yield {"image": np.asarray(images, np.uint8).reshape(-1, 3, input_size, input_size),
                "label": np.asarray(kept_labels, np.int64)}
 
 
@@ -143,46 +185,53 @@ def _preprocess_files(batch: dict[str, np.ndarray], *, split_prefix: str, class_
     yield from _decode_and_transform(batch["bytes"], labels, keys, **options)
 
 
-def _preprocess_rows(batch: dict[str, np.ndarray], *, fraction: float, seed: int,
-                     **options) -> Iterator[dict[str, np.ndarray]]:
+def _preprocess_rows(batch: dict[str, np.ndarray], *, fraction: float, **options) -> Iterator[dict[str, np.ndarray]]:
     images = [image if image is not None else b"" for image in batch["image"]]
     paths = batch["path"] if "path" in batch else [None] * len(images)
     keys = [path or content_key(image) for path, image in zip(paths, images)]
-    selected = [row for row, key in enumerate(keys) if in_fraction(key, fraction, seed)]
+    selected = [row for row, key in enumerate(keys) if in_fraction(key, fraction, options["seed"])]
     yield from _decode_and_transform([images[row] for row in selected], [int(batch["label"][row]) for row in selected],
                                      [keys[row] for row in selected], **options)
 
 
-def _folder_split(split_dir: Path, classes: list[str], fraction: float, seed: int, shuffle: bool,
+def _in_order(dataset: Dataset) -> Dataset:
+    dataset.context.execution_options = _execution_options()
+    return dataset
+
+
+def _folder_split(split_dir: Location, classes: list[str], fraction: float, seed: int, shuffle: bool,
                   num_classes: int, **options) -> Dataset:
     listing = list_folder_split(split_dir, classes)
-    check_labels(listing.labels, num_classes, split_dir)
-    paths = [str(split_dir / key) for key in listing.keys if in_fraction(key, fraction, seed)]
+    check_label_range((min(listing.labels), max(listing.labels)), num_classes, split_dir)
+    paths = [(split_dir / key).path for key in listing.keys if in_fraction(key, fraction, seed)]
     if not paths:
         raise UserError(f"{split_dir}: train_fraction {fraction} selects no image")
     # One read task per IMAGES_PER_TASK files, and map_batches over whole blocks, so that Ray fuses
     # reading, decoding and transforming into one task: the encoded bytes never enter the object store.
     files = ray.data.read_binary_files(
-        paths, include_paths=True, shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
+        paths, filesystem=split_dir.filesystem, include_paths=True,
+        shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
         override_num_blocks=-(-len(paths) // IMAGES_PER_TASK),
     )
-    preprocess = functools.partial(_preprocess_files, split_prefix=f"{split_dir}/",
+    preprocess = functools.partial(_preprocess_files, split_prefix=f"{split_dir.path.rstrip('/')}/",
                                    class_index={name: index for index, name in enumerate(classes)},
-                                   shuffle_rows=False, **options)
-    return files.map_batches(preprocess, batch_size=None, batch_format="numpy")
+                                   seed=seed, shuffle_rows=False, **options)
+    return _in_order(files.map_batches(preprocess, batch_size=None, batch_format="numpy"))
 
 
-def _parquet_split(split_dir: Path, fraction: float, seed: int, shuffle: bool, num_classes: int,
+def _parquet_split(split_dir: Location, fraction: float, seed: int, shuffle: bool, num_classes: int,
                    **options) -> Dataset:
+    shards = parquet_shards(split_dir)
+    check_parquet_shards(shards)
+    check_label_range(parquet_label_range(shards), num_classes, split_dir)
     import pyarrow.parquet as pq
 
-    shards = list_parquet_shards(split_dir)
-    check_labels(parquet_labels(shards), num_classes, split_dir)
-    columns = ["image", "label"] + (["path"] if "path" in pq.read_schema(shards[0]).names else [])
-    rows = ray.data.read_parquet([str(shard) for shard in shards],
+    names = pq.read_schema(shards[0].location.path, filesystem=split_dir.filesystem).names
+    columns = ["image", "label"] + (["path"] if "path" in names else [])
+    rows = ray.data.read_parquet([shard.location.path for shard in shards], filesystem=split_dir.filesystem,
                                  shuffle=FileShuffleConfig(seed=seed) if shuffle else None).select_columns(columns)
     preprocess = functools.partial(_preprocess_rows, fraction=fraction, seed=seed, shuffle_rows=shuffle, **options)
-    return rows.map_batches(preprocess, batch_size=IMAGES_PER_TASK, batch_format="numpy")
+    return _in_order(rows.map_batches(preprocess, batch_size=IMAGES_PER_TASK, batch_format="numpy"))
 
 
 def build_ray_datasets(cfg: PipelineConfig, *, skip_counter: SkipCounter,
@@ -192,31 +241,33 @@ def build_ray_datasets(cfg: PipelineConfig, *, skip_counter: SkipCounter,
     The dataset layout is checked here, on the driver, before any work; a missing path is a
     UserError (or builds the digits demo when `data.demo` is set).
     """
-    root = dataset_root(cfg).resolve()  # tasks on other nodes or in other directories need absolute paths
-    train_tf, eval_tf = transforms_for(cfg)
+    root = dataset_root(cfg)  # absolute or a URI: tasks on other nodes or in other directories read it
+    train_augment, eval_augment = augments_for(cfg)
     size = cfg.model.input_size
-    train_options = dict(split="train", transform=train_tf, input_size=size, counter=skip_counter.actor)
-    val_options = dict(split="val", transform=eval_tf, input_size=size, counter=skip_counter.actor)
+    common = dict(seed=cfg.seed, num_classes=cfg.model.num_classes, input_size=size, counter=skip_counter.actor)
+    train_options = dict(split="train", augment=train_augment, fraction=train_fraction, shuffle=True, **common)
+    val_options = dict(split="val", augment=eval_augment, fraction=1.0, shuffle=False, **common)
     if cfg.data.format == "folder":
         classes = list_classes(root / "train")
-        common = dict(classes=classes, seed=cfg.seed, num_classes=cfg.model.num_classes)
-        return {
-            "train": _folder_split(root / "train", fraction=train_fraction, shuffle=True, **common, **train_options),
-            "val": _folder_split(root / "val", fraction=1.0, shuffle=False, **common, **val_options),
-        }
-    common = dict(seed=cfg.seed, num_classes=cfg.model.num_classes)
-    return {
-        "train": _parquet_split(root / "train", fraction=train_fraction, shuffle=True, **common, **train_options),
-        "val": _parquet_split(root / "val", fraction=1.0, shuffle=False, **common, **val_options),
-    }
+        return {"train": _folder_split(root / "train", classes, **train_options),
+                "val": _folder_split(root / "val", classes, **val_options)}
+    return {"train": _parquet_split(root / "train", **train_options),
+            "val": _parquet_split(root / "val", **val_options)}
 
 
 def iter_batches(shard: Dataset | ray.data.DataIterator, batch_size: int, device: str | torch.device = "auto",
                  local_shuffle_buffer_size: int | None = None,
                  drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) tensor batches from a dataset or a Train worker's shard; one call is one
-    epoch. `device="auto"` is the Train worker's device (CPU outside Train)."""
+    """(images, labels) batches from a dataset or a Train worker's shard: float32 NCHW images
+    normalized on `device`, int64 labels; one call is one epoch. `device="auto"` is the Train
+    worker's device (CPU outside Train). The uint8 blocks travel to the device as they are and are
+    normalized there."""
     batches = shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
                                        local_shuffle_buffer_size=local_shuffle_buffer_size)
     for batch in batches:
-        yield batch["image"], batch["label"]
+        yield normalize(batch["image"]), batch["label"]
+
+
+def block_bytes_per_image(input_size: int) -> int:
+    """Bytes one image takes in a block: uint8 CHW."""
+    return 3 * input_size * input_size * np.dtype(np.uint8).itemsize

@@ -1,17 +1,18 @@
-"""FP and joint indicator training on Ray Train (TorchTrainer), fed by the ray.data pipeline and
-recorded in MLflow.
+"""FP, joint indicator and fine-tuning training on Ray Train (TorchTrainer), fed by the ray.data
+pipeline and recorded in MLflow. This is the only training loop: a laptop runs it on local Ray.
 
-The driver opens the stage's MLflow run and logs the config; the rank-0 worker logs per-epoch
-metrics while training runs (the driver is blocked in `fit()` meanwhile, so one process at a time
-writes the run); after training the driver logs the artifacts and closes the run. Checkpoints go
-through `ray.train.report` every epoch, so a lost worker restarts the group from the last one
-(FailureConfig), and submitting the same run name again resumes a crashed job (Train V2 restores
-a run from its (storage_path, name)).
+The driver opens the stage's MLflow run; the rank-0 worker logs per-epoch metrics, Ray Data's
+stats and system metrics while training runs (the driver is blocked in `fit()` meanwhile); after
+training the driver writes the outputs, logs them as artifacts and as an MLflow model. Checkpoints
+go through `ray.train.report` every epoch, so a lost worker restarts the group from the last one
+(FailureConfig), and submitting the same run again resumes a crashed job (Train V2 restores a run
+from its (storage_path, name)).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -22,31 +23,48 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.experimental import tqdm_ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import PipelineConfig
-from orchestrator.data.layout import dataset_root, in_fraction, list_classes, list_folder_split, list_parquet_shards
-from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, iter_batches
-from orchestrator.distributed.runtime import ensure_ray
+from orchestrator.data.layout import count_samples, dataset_fingerprint, dataset_source
+from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, dataset_config, iter_batches
+from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
+from orchestrator.errors import UserError
 from orchestrator.indicators import save_indicators
 from orchestrator.modelinfo import build_model
 from orchestrator.plots import indicator_heatmap
 from orchestrator.quant.policy import uniform_policy
 from orchestrator.tracking import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model, restore_rng, save_checkpoint
-from orchestrator.train.loop import MetricSums
 from orchestrator.train.progress import Progress
 from orchestrator.train.stages import (
     FP_FILE, INDICATORS_FILE, JOINT_FILE, finetune_model, fp_meta, fp_training, indicators_of, initial_fp_model,
     joint_model, joint_training, stage_recipe,
 )
-from orchestrator.train.steps import evaluate
+from orchestrator.train.steps import evaluate_policies
 
 log = logging.getLogger("limpq")
 
 STATE_FILE = "state.pt"
 CRASH_ENV = "LIMPQ_TEST_CRASH_AT_STEP"  # test-only fault injection: "<global step>:<marker file>"
+
+
+class MetricSums:
+    """Sample-weighted running sums of step metrics."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, float], samples: int) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * samples
+        self.count += samples
+
+    def means(self) -> dict[str, float]:
+        return {key: value / max(1, self.count) for key, value in self.sums.items()}
 
 
 def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
@@ -81,13 +99,15 @@ def _maybe_crash(global_step: int) -> None:
 
 
 def _validation(model, cfg: PipelineConfig, stage: str, criterion, device) -> dict[str, float]:
-    """Validation over every worker's share of the val set, aggregated by sample count: at every
-    uniform bit-width for the joint model, else as the model stands (FP, or its fixed policy)."""
+    """Validation over every worker's share of the val set, aggregated by sample count. The joint
+    model is scored at every uniform bit-width on the same batches (the split is decoded once per
+    epoch); other models as they stand (FP, or their fixed policy)."""
     shard = ray.train.get_dataset_shard("val")
     policies = {f"_w{b}": uniform_policy(model, b) for b in cfg.indicators.bits} if stage == "indicators" else {"": None}
+    results = evaluate_policies(model, iter_batches(shard, cfg.data.batch_size, device), criterion, policies,
+                                cfg.ray.bf16)
     metrics = {}
-    for suffix, policy in policies.items():
-        result = evaluate(model, iter_batches(shard, cfg.data.batch_size, device), criterion, policy, cfg.ray.bf16)
+    for suffix, result in results.items():
         n = result["samples"]
         sums = _all_reduce([result[k] * n if n else 0.0 for k in ("loss", "top1", "top5")] + [float(n)])
         for key, total in zip(("loss", "top1", "top5"), sums):
@@ -99,13 +119,34 @@ def _validation(model, cfg: PipelineConfig, stage: str, criterion, device) -> di
 def _worker_model(cfg: PipelineConfig, stage: str, config: dict[str, Any]) -> torch.nn.Module:
     if stage == "fp":
         return initial_fp_model(cfg)
-    fp_state = ray.get(config["fp_weights"])
+    fp_state = _resolve(config["fp_weights"])
     if stage == "finetune":
-        joint_state = ray.get(config["joint_weights"]) if config.get("joint_weights") is not None else None
-        return finetune_model(cfg, fp_state, config["policy"], joint_state)
+        return finetune_model(cfg, fp_state, config["policy"], _resolve(config.get("joint_weights")))
     model = build_model(cfg.model.arch, cfg.model.num_classes)
     restore_model(model, fp_state, "FP weights")
     return joint_model(cfg, model)
+
+
+def _resolve(value: Any) -> Any:
+    """Weights arrive as object refs (from the driver's object store) or as values."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _system_metrics(tracker: Tracker | None, run_id: str | None):
+    """MLflow's system-metrics monitor (CPU, memory, GPU when present) on this worker's run, or None."""
+    if tracker is None or run_id is None:
+        return None
+    import mlflow
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=2)
+    except Exception as error:  # a missing optional probe (e.g. no GPU library) must not stop training
+        log.warning("system metrics unavailable: %s", error)
+        return None
+    monitor.start()
+    return monitor
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -136,41 +177,53 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("%s: resuming at epoch %d from the last checkpoint", stage, start_epoch + 1)
 
     tracker: Tracker | None = config.get("tracker") if rank == 0 else None
+    monitor = _system_metrics(tracker, config.get("run_id"))
     shard = ray.train.get_dataset_shard("train")
-    progress = Progress(stage, recipe.epochs, per_epoch)
-    for epoch in range(start_epoch, recipe.epochs):
-        model.train()
-        sums, started, images = MetricSums(), time.monotonic(), 0
-        batches = iter_batches(shard, cfg.data.batch_size, device, drop_last=True)
-        for step in range(per_epoch):
-            batch = next(batches, None)
-            if not _every_worker_has_batch(batch is not None):
-                break
-            _maybe_crash(epoch * per_epoch + step)
-            x, y = batch
-            metrics = training.step(x, y)
-            training.scheduler.step()
-            sums.add(metrics, len(y))
-            images += len(y)
-            progress.update(epoch, step, len(y), metrics)
-        for _ in batches:  # drain: the shard iterator must finish before the next epoch starts
-            pass
-        seconds = time.monotonic() - started
-        metrics = _mean_across_workers(sums.means())
-        metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]
-        metrics.update(_validation(model, cfg, stage, training.criterion, device))
-        metrics["epoch"] = epoch + 1
-        metrics.update(config.get("report_extra", {}))
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:
-                save_checkpoint(Path(directory) / STATE_FILE, model, optimizer=training.optimizer,
-                                scheduler=training.scheduler, epoch=epoch + 1, policy_rng=training.policy_rng,
-                                meta=fp_meta(cfg))
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-                if tracker is not None:
-                    tracker.log_metrics(config["run_id"], metrics, step=epoch + 1)
-            ray.train.report(metrics, checkpoint=checkpoint)
+    progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
+    keep_partial = stage == "indicators"  # the reference keeps an epoch's last partial batch
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            model.train()
+            sums, started, images = MetricSums(), time.monotonic(), 0
+            batches = iter_batches(shard, cfg.data.batch_size, device, drop_last=not keep_partial)
+            for step in range(per_epoch):
+                batch = next(batches, None)
+                if not _every_worker_has_batch(batch is not None):
+                    break
+                _maybe_crash(epoch * per_epoch + step)
+                x, y = batch
+                metrics = training.step(x, y)
+                if training.scheduler_per_step:
+                    training.scheduler.step()
+                sums.add(metrics, len(y))
+                images += len(y)
+                progress.update(epoch, step, len(y), metrics)
+            for _ in batches:  # drain: the shard iterator must finish before the next epoch starts
+                pass
+            progress.close()  # the epoch's bar ends with its steps, before validation
+            if not training.scheduler_per_step:
+                training.scheduler.step()
+            seconds = time.monotonic() - started
+            metrics = _mean_across_workers(sums.means())
+            metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]
+            metrics.update(_validation(model, cfg, stage, training.criterion, device))
+            metrics["epoch"] = epoch + 1
+            metrics.update(config.get("report_extra", {}))
+            with tempfile.TemporaryDirectory() as directory:
+                checkpoint = None
+                if rank == 0:
+                    save_checkpoint(Path(directory) / STATE_FILE, model, optimizer=training.optimizer,
+                                    scheduler=training.scheduler, epoch=epoch + 1, policy_rng=training.policy_rng,
+                                    meta=fp_meta(cfg))
+                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+                    if tracker is not None:
+                        tracker.log_metrics(config["run_id"], metrics, step=epoch + 1)
+                        tracker.log_text(config["run_id"], shard.stats(), f"data_stats/epoch_{epoch + 1:03d}.txt")
+                ray.train.report(metrics, checkpoint=checkpoint)
+    finally:
+        progress.close()
+        if monitor is not None:
+            monitor.finish()
 
 
 def _scaling(cfg: PipelineConfig) -> ScalingConfig:
@@ -186,38 +239,36 @@ def storage_path(cfg: PipelineConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _estimated_steps(cfg: PipelineConfig, fraction: float) -> int:
-    """Steps per epoch from the file listing (reading no image): the schedule's length. The loop
-    itself stops at the shortest shard, so skipped images only end an epoch a step early."""
-    root = dataset_root(cfg)
-    if cfg.data.format == "folder":
-        split = list_folder_split(root / "train", list_classes(root / "train"))
-        samples = sum(in_fraction(key, fraction, cfg.seed) for key in split.keys)
-    else:
-        import pyarrow.parquet as pq
-
-        rows = sum(pq.ParquetFile(shard).metadata.num_rows for shard in list_parquet_shards(root / "train"))
-        samples = int(rows * fraction)
-    return max(1, samples // cfg.ray.num_workers // cfg.data.batch_size)
+def steps_per_epoch(cfg: PipelineConfig, stage: str) -> int:
+    """Steps per epoch of a worker: the schedule's length. The loop itself stops at the shortest
+    shard, so skipped images only end an epoch a step early. The indicator stage keeps the last
+    partial batch; the others drop it (a batch of one breaks BatchNorm)."""
+    per_worker = count_samples(cfg, "train", stage_recipe(cfg, stage).train_fraction) / cfg.ray.num_workers
+    steps = math.ceil(per_worker / cfg.data.batch_size) if stage == "indicators" else int(per_worker // cfg.data.batch_size)
+    if steps < 1:
+        raise UserError(f"data.batch_size: {cfg.data.batch_size} is larger than a worker's share of the {stage} "
+                        f"training data ({int(per_worker)} images); lower it or use fewer ray.num_workers")
+    return steps
 
 
 def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str, run_name: str,
-                 inputs: dict[str, Any] | None = None, callbacks: list | None = None) -> dict:
-    """Run one stage's TorchTrainer (FP, indicators or fine-tuning) and return the final model state.
+                 inputs: dict[str, Any] | None = None, label: str | None = None) -> tuple[dict, dict[str, float]]:
+    """Run one stage's TorchTrainer (FP, indicators or fine-tuning); returns the final model state and
+    the last epoch's metrics.
 
-    `inputs` go to every worker (object refs of weights, a policy); the same `run_name` under the
-    same storage path resumes a crashed run from its last checkpoint. The skipped-image count and
-    steps per epoch are logged to `run_id`.
+    `inputs` go to every worker (weights as object refs, a policy); the same `run_name` under the
+    same storage path resumes a crashed run from its last checkpoint. The skipped-image count is
+    logged to `run_id`.
     """
     ensure_ray(cfg)
     recipe = stage_recipe(cfg, stage)
     counter = SkipCounter()
     datasets = build_ray_datasets(cfg, skip_counter=counter, train_fraction=recipe.train_fraction)
-    per_epoch = _estimated_steps(cfg, recipe.train_fraction)
-    tracker.log_params(run_id, {"steps_per_epoch": per_epoch})
+    per_epoch = steps_per_epoch(cfg, stage)
+    tracker.set_tags(run_id, {"limpq.steps_per_epoch": per_epoch})
     loop_config: dict[str, Any] = {
         "pipeline": cfg, "stage": stage, "steps_per_epoch": per_epoch, "tracker": tracker, "run_id": run_id,
-        **(inputs or {}),
+        "label": label or stage, **(inputs or {}),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -225,12 +276,13 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
         scaling_config=_scaling(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         datasets=datasets,
+        dataset_config=dataset_config(),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            logging_config=TRAIN_LOGGING,
         ),
     )
     result = trainer.fit()
@@ -239,42 +291,67 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
     if any(skipped.values()):
         log.warning("skipped unreadable images: %s", skipped)
     with result.checkpoint.as_directory() as directory:
-        return load_checkpoint(Path(directory) / STATE_FILE)["model"]
+        return load_checkpoint(Path(directory) / STATE_FILE)["model"], dict(result.metrics or {})
 
 
-def run_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, fp_path: Path | None = None) -> Path:
-    """Run the FP or indicator stage on Ray Train; returns the stage's output file.
+def log_dataset_inputs(cfg: PipelineConfig, tracker: Tracker, run_id: str, stage: str) -> None:
+    """Lineage of the data a training run read: the dataset's location, content digest and sizes,
+    once for its training subset and once for the validation split."""
+    fingerprint = dataset_fingerprint(cfg)
+    source = dataset_source(cfg)
+    name = source.rstrip("/").rsplit("/", 1)[-1] or source
+    fraction = stage_recipe(cfg, stage).train_fraction
+    for split, context, extra in (("train", "training", {"train_fraction": fraction,
+                                                          "images": count_samples(cfg, "train", fraction)}),
+                                  ("val", "validation", {"images": count_samples(cfg, "val")})):
+        sizes = fingerprint["splits"][split]
+        tracker.log_dataset(run_id, source, name, fingerprint["sha256"], context,
+                            {"split": split, "format": fingerprint["format"], "files": sizes["files"],
+                             "bytes": sizes["bytes"], **extra})
 
-    Writes `<run_dir>/fp.pt`, or `joint.pt` + `indicators.json`; MLflow gets the params, per-epoch
-    metrics, images/s, the skipped-image count and the artifacts.
-    """
+
+def example_input(cfg: PipelineConfig) -> torch.Tensor:
+    """The model's input for signatures: one normalized image batch at the configured size."""
+    return torch.zeros(1, 3, cfg.model.input_size, cfg.model.input_size)
+
+
+def run_fp(cfg: PipelineConfig, tracker: Tracker, run_id: str, directory: Path, train_name: str) -> Path:
+    """The FP stage into `directory`: trained on Ray Train, or taken from torchvision/a checkpoint."""
     ensure_ray(cfg)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    inputs = {"fp_weights": ray.put(load_checkpoint(fp_path)["model"])} if stage == "indicators" else {}
-    with tracker.open_stage_run(cfg, stage, config_hash=cfg.stage_hash(stage)) as run:
-        state = train_on_ray(cfg, stage, tracker, run.run_id, f"{cfg.name}-{stage}-{cfg.stage_hash(stage)}", inputs)
-        return _write_outputs(cfg, stage, state, tracker, run.run_id, cfg.run_dir)
-
-
-def _write_outputs(cfg: PipelineConfig, stage: str, state: dict, tracker: Tracker, run_id: str, out_dir: Path) -> Path:
-    if stage == "fp":
-        model = build_model(cfg.model.arch, cfg.model.num_classes)
+    model = initial_fp_model(cfg)
+    if cfg.fp.source == "train" and cfg.fp.epochs > 0:
+        log_dataset_inputs(cfg, tracker, run_id, "fp")
+        state, _ = train_on_ray(cfg, "fp", tracker, run_id, train_name)
         restore_model(model, state, "final FP checkpoint")
-        out = save_checkpoint(out_dir / FP_FILE, model, meta=fp_meta(cfg))
-        tracker.log_artifact(run_id, out, "checkpoint")
-        return out
+    out = save_checkpoint(directory / FP_FILE, model, meta=fp_meta(cfg))
+    tracker.log_artifact(run_id, out, "checkpoint")
+    tracker.log_model(run_id, model, example_input(cfg), name="fp-model", step=max(cfg.fp.epochs, 1) if
+                      cfg.fp.source == "train" else 0, tags={"limpq.stage": "fp", "limpq.arch": cfg.model.arch})
+    return out
+
+
+def run_indicators_training(cfg: PipelineConfig, tracker: Tracker, run_id: str, directory: Path, fp_path: Path,
+                            train_name: str) -> Path:
+    """Joint indicator training on Ray Train into `directory`: joint.pt, indicators.json, a heatmap,
+    all logged to `run_id`, with the joint model as an MLflow model."""
+    ensure_ray(cfg)
+    log_dataset_inputs(cfg, tracker, run_id, "indicators")
+    inputs = {"fp_weights": ray.put(load_checkpoint(fp_path)["model"])}
+    state, _ = train_on_ray(cfg, "indicators", tracker, run_id, train_name, inputs)
     model = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
     restore_model(model, state, "final joint checkpoint")
-    joint = save_checkpoint(out_dir / JOINT_FILE, model, meta=fp_meta(cfg))
+    joint = save_checkpoint(directory / JOINT_FILE, model, meta=fp_meta(cfg))
     indicators = indicators_of(cfg, model, run_id)
-    out = out_dir / INDICATORS_FILE
+    out = directory / INDICATORS_FILE
     save_indicators(indicators, out)
-    heatmap = out_dir / "indicators.png"
+    heatmap = directory / "indicators.png"
     indicator_heatmap(indicators.layers, indicators.bits,
                       [[indicators.weight[n][b] for b in indicators.bits] for n in indicators.layers],
                       [[indicators.act[n][b] for b in indicators.bits] for n in indicators.layers],
                       heatmap, title=f"{cfg.model.arch} step sizes ({cfg.name})")
     for path, folder in ((out, None), (heatmap, "plots"), (joint, "checkpoint")):
         tracker.log_artifact(run_id, path, folder)
+    tracker.log_model(run_id, model, example_input(cfg), name="joint-model", step=cfg.indicators.epochs,
+                      tags={"limpq.stage": "indicators", "limpq.arch": cfg.model.arch,
+                            "limpq.bits": ",".join(map(str, cfg.indicators.bits))})
     return out
-

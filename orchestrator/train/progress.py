@@ -1,42 +1,54 @@
-"""Progress lines for long loops (epoch, step, images/s, ETA) that read well in `ray job logs`."""
+"""One progress bar per stage and epoch: step, ETA, rate, and the latest loss/top-1 in its label.
+
+`bar` is the tqdm class that draws it: plain `tqdm.tqdm` in one process, or Ray's distributed
+`ray.experimental.tqdm_ray.tqdm` inside Ray workers, which forwards the bar's state to the driver's
+console (this layer does not import Ray, so the caller chooses).
+"""
 
 from __future__ import annotations
 
-import logging
 import time
+from typing import Any
 
-log = logging.getLogger("limpq")
+import tqdm
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+SHOWN_METRICS = 3  # keys of the step's metrics in the bar's label: enough for loss and top-1 at one bit-width
 
 
 class Progress:
-    """Logs at most every `interval` seconds, plus the last step of every epoch."""
+    """Usage: `update()` after every training step, `close()` after an epoch's last one (an epoch's
+    first `update()` also closes the bar of the one before)."""
 
-    def __init__(self, stage: str, epochs: int, steps_per_epoch: int, interval: float = 10.0) -> None:
-        self.stage, self.epochs, self.steps_per_epoch, self.interval = stage, epochs, steps_per_epoch, interval
-        self._start = self._last = time.monotonic()
+    def __init__(self, stage: str, epochs: int, steps_per_epoch: int, bar: Any = tqdm.tqdm,
+                 enabled: bool = True) -> None:
+        self.stage, self.epochs, self.steps_per_epoch = stage, epochs, steps_per_epoch
+        self._bar_class, self._enabled = bar, enabled
+        self._bar = None
+        self._epoch = -1
+        self._start = time.monotonic()
         self._images = 0
-        self._steps_done = 0
 
     def update(self, epoch: int, step: int, images: int, metrics: dict[str, float]) -> None:
         """`epoch` and `step` are 0-based positions of the step just finished."""
         self._images += images
-        self._steps_done += 1
-        now = time.monotonic()
-        last_of_epoch = step + 1 == self.steps_per_epoch
-        if now - self._last < self.interval and not last_of_epoch:
+        if not self._enabled:
             return
-        self._last = now
-        elapsed = now - self._start
-        remaining_steps = (self.epochs - epoch - 1) * self.steps_per_epoch + (self.steps_per_epoch - step - 1)
-        eta = elapsed / self._steps_done * remaining_steps
-        shown = " ".join(f"{k}={v:.3f}" for k, v in list(metrics.items())[:4])
-        log.info("%s epoch %d/%d step %d/%d %s %.1f img/s ETA %s", self.stage, epoch + 1, self.epochs, step + 1,
-                 self.steps_per_epoch, shown, self.images_per_second, _duration(eta))
+        if epoch != self._epoch:
+            self.close()
+            self._epoch = epoch
+            self._bar = self._bar_class(desc=self._label(), total=self.steps_per_epoch, unit="step")
+            self._bar.update(step)  # a resumed epoch starts part-way
+        shown = " ".join(f"{k}={v:.3f}" for k, v in list(metrics.items())[:SHOWN_METRICS])
+        self._bar.set_description(self._label() + (f" {shown}" if shown else ""))
+        self._bar.update(1)
+
+    def _label(self) -> str:
+        return f"{self.stage} epoch {self._epoch + 1}/{self.epochs}"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     @property
     def images_per_second(self) -> float:

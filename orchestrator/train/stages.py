@@ -1,8 +1,8 @@
-"""The FP and joint indicator-training stages as plain functions of the pipeline config.
+"""The models and training recipes of the FP, joint indicator-training and fine-tuning stages as
+plain functions of the pipeline config.
 
-Layer 1: they build models, optimizers and step functions from the config. In-process runners
-(`run_fp_stage`, `run_indicator_stage`) drive them with `loop.fit`; the Ray Train workers
-(orchestrator.distributed) call the same builders on their own shards.
+Layer 1: they build models, optimizers and step functions from the config; the Ray Train workers
+(orchestrator.distributed.train) drive them on their own shards.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from torch import nn
 
 from orchestrator.config import PipelineConfig, RecipeConfig
 from orchestrator.errors import UserError
-from orchestrator.indicators import Indicators, save_indicators
+from orchestrator.indicators import Indicators
 from orchestrator.modelinfo import build_model
-from orchestrator.quant.policy import Policy, extract_indicators, load_step_sizes, uniform_policy
+from orchestrator.quant.policy import Policy, extract_indicators, load_step_sizes
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.train import recipe as recipes
-from orchestrator.train.checkpoint import load_checkpoint, restore_model, save_checkpoint
-from orchestrator.train.loop import fit, steps_per_epoch
-from orchestrator.train.steps import evaluate, joint_step, plain_step
+from orchestrator.train.checkpoint import load_checkpoint, restore_model
+from orchestrator.train.steps import joint_step, plain_step
 
 FP_FILE, JOINT_FILE, INDICATORS_FILE = "fp.pt", "joint.pt", "indicators.json"
 
@@ -44,7 +43,7 @@ def device_for(cfg: PipelineConfig) -> torch.device:
 
 
 def fp_meta(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"arch": cfg.model.arch, "num_classes": cfg.model.num_classes, "config_hash": cfg.config_hash()}
+    return {"arch": cfg.model.arch, "num_classes": cfg.model.num_classes}
 
 
 def load_fp_model(cfg: PipelineConfig, path: str | Path) -> nn.Module:
@@ -97,6 +96,7 @@ class Training:
     criterion: nn.Module
     step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
     policy_rng: random.Random | None = None
+    scheduler_per_step: bool = True  # else the loop steps the schedule once per epoch
 
 
 def fp_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int, recipe: RecipeConfig | None = None) -> Training:
@@ -118,80 +118,8 @@ def joint_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int) -> Tra
     return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, policy_rng)
 
 
-def evaluate_joint(model: nn.Module, batches_fn: Callable[[], Any], criterion: nn.Module, bits: list[int],
-                   bf16: bool = False) -> dict[str, float]:
-    """Validation top-1 and loss at every uniform bit-width."""
-    metrics = {}
-    for b in bits:
-        result = evaluate(model, batches_fn(), criterion, uniform_policy(model, b), bf16)
-        metrics[f"val_top1_w{b}"], metrics[f"val_loss_w{b}"] = result["top1"], result["loss"]
-    return metrics
-
-
 def indicators_of(cfg: PipelineConfig, model: nn.Module, run_id: str | None = None) -> Indicators:
     return extract_indicators(model, cfg.model.arch, provenance={
-        "run_id": run_id, "pipeline": cfg.name, "config_hash": cfg.config_hash(), "epochs": cfg.indicators.epochs,
+        "run_id": run_id, "pipeline": cfg.name, "epochs": cfg.indicators.epochs,
         "train_fraction": cfg.indicators.train_fraction, "data": cfg.data.path, "input_size": cfg.model.input_size,
     })
-
-
-def _val_batches(val_set, batch_size: int, device: torch.device):
-    from torch.utils.data import DataLoader
-
-    for images, labels in DataLoader(val_set, batch_size=batch_size):
-        yield images.to(device), labels.to(device)
-
-
-def run_fp_stage(cfg: PipelineConfig) -> Path:
-    """In-process FP stage; writes `<run_dir>/fp.pt` and returns its path (kept if it already exists)."""
-    out = cfg.run_dir / FP_FILE
-    if out.exists():
-        return out
-    model = initial_fp_model(cfg)
-    if cfg.fp.source == "train" and cfg.fp.epochs > 0:
-        from orchestrator.data.local import build_datasets
-
-        device = device_for(cfg)
-        model.to(device)
-        train_set, val_set = build_datasets(cfg, cfg.fp.train_fraction)
-        per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
-        training = fp_training(cfg, model, per_epoch)
-        fit(model, train_set, cfg.fp, stage="fp", step_fn=training.step, optimizer=training.optimizer,
-            scheduler=training.scheduler, batch_size=cfg.data.batch_size, seed=cfg.seed, device=device,
-            checkpoint_path=cfg.run_dir / "fp_state.pt", num_workers=cfg.data.num_workers, meta=fp_meta(cfg),
-            on_epoch_end=lambda epoch, _: {
-                f"val_{k}": v for k, v in evaluate(model, _val_batches(val_set, cfg.data.batch_size, device),
-                                                   training.criterion).items() if k != "samples"})
-        model.cpu()
-    save_checkpoint(out, model, meta=fp_meta(cfg))
-    return out
-
-
-def run_indicator_stage(cfg: PipelineConfig, fp_path: str | Path, stop_after_steps: int | None = None) -> Path | None:
-    """In-process joint indicator training; writes `<run_dir>/joint.pt` and `indicators.json`.
-
-    Resumes from `<run_dir>/joint_state.pt`. Returns the indicators path, or None when stopped early.
-    """
-    from orchestrator.data.local import build_datasets
-
-    device = device_for(cfg)
-    model = joint_model(cfg, load_fp_model(cfg, fp_path)).to(device)
-    train_set, val_set = build_datasets(cfg, cfg.indicators.train_fraction)
-    per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
-    training = joint_training(cfg, model, per_epoch)
-    result = fit(
-        model, train_set, cfg.indicators, stage="indicators", step_fn=training.step, optimizer=training.optimizer,
-        scheduler=training.scheduler, batch_size=cfg.data.batch_size, seed=cfg.seed, device=device,
-        checkpoint_path=cfg.run_dir / "joint_state.pt", policy_rng=training.policy_rng,
-        num_workers=cfg.data.num_workers, checkpoint_every_steps=cfg.indicators.checkpoint_every_steps,
-        meta=fp_meta(cfg), stop_after_steps=stop_after_steps,
-        on_epoch_end=lambda epoch, _: evaluate_joint(
-            model, lambda: _val_batches(val_set, cfg.data.batch_size, device), training.criterion,
-            cfg.indicators.bits, cfg.ray.bf16),
-    )
-    if not result.finished:
-        return None
-    save_checkpoint(cfg.run_dir / JOINT_FILE, model, meta=fp_meta(cfg))
-    out = cfg.run_dir / INDICATORS_FILE
-    save_indicators(indicators_of(cfg, model), out)
-    return out

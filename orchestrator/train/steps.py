@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -64,25 +64,36 @@ def joint_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bit
     return metrics
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], criterion: nn.Module,
              policy: Policy | None = None, bf16: bool = False) -> dict[str, float]:
     """Loss, top-1 and top-5 (fractions) over `batches`, at `policy` when given."""
-    if policy is not None:
-        set_policy(model, policy)
+    return evaluate_policies(model, batches, criterion, {"": policy}, bf16)[""]
+
+
+@torch.no_grad()
+def evaluate_policies(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], criterion: nn.Module,
+                      policies: Mapping[str, Policy | None], bf16: bool = False) -> dict[str, dict[str, float]]:
+    """`evaluate` at several policies over one pass of `batches`: each batch is decoded once and
+    scored at every policy. Returns {name: {loss, top1, top5, samples}}."""
     was_training = model.training
     model.eval()
-    total, loss_sum, top1, top5 = 0, 0.0, 0, 0
+    sums = {name: [0.0, 0, 0] for name in policies}
+    total = 0
     try:
         for images, labels in batches:
-            with _autocast(images.device, bf16):
-                logits = model(images).float()
-            loss_sum += float(criterion(logits, labels)) * len(labels)
-            top1 += _topk_correct(logits, labels, 1)
-            top5 += _topk_correct(logits, labels, 5)
+            for name, policy in policies.items():
+                if policy is not None:
+                    set_policy(model, policy)
+                with _autocast(images.device, bf16):
+                    logits = model(images).float()
+                sums[name][0] += float(criterion(logits, labels)) * len(labels)
+                sums[name][1] += _topk_correct(logits, labels, 1)
+                sums[name][2] += _topk_correct(logits, labels, 5)
             total += len(labels)
     finally:
         model.train(was_training)
     if total == 0:
-        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "samples": 0}
-    return {"loss": loss_sum / total, "top1": top1 / total, "top5": top5 / total, "samples": total}
+        return {name: {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "samples": 0}
+                for name in policies}
+    return {name: {"loss": loss / total, "top1": top1 / total, "top5": top5 / total, "samples": total}
+            for name, (loss, top1, top5) in sums.items()}

@@ -1,0 +1,170 @@
+"""Local paths and object-storage URIs behind one interface: pyarrow filesystems (plain Python).
+
+`data.path`, `ray.storage_path` and `limpq data to-parquet` take a local path or any URI that
+pyarrow's filesystems open (`s3://bucket/prefix`, `gs://`, `hdfs://`, `file://`). S3 credentials,
+endpoint and region come from the standard AWS variables, read by the AWS SDK inside pyarrow:
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile, or the node's IAM role), AWS_ENDPOINT_URL
+for an S3-compatible server (MinIO, Ceph, moto; honoured by pyarrow >= 16), AWS_REGION or
+AWS_DEFAULT_REGION. Ray workers read the same variables, so they must be set on every node (they are
+inherited from the driver when it starts local Ray). Credentials written into a URI are never
+echoed: messages show `redact(uri)`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+from orchestrator.errors import UserError
+
+CREDENTIAL_VARIABLES = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+
+
+def is_uri(path: str) -> bool:
+    """A URI with a scheme (s3://, gs://, file://...), as opposed to a local path."""
+    return "://" in str(path)
+
+
+def redact(uri: str) -> str:
+    """The URI without a password or secret in its user-info part."""
+    parts = urlsplit(str(uri))
+    if not is_uri(uri) or "@" not in parts.netloc:
+        return str(uri)
+    user_info, host = parts.netloc.rsplit("@", 1)
+    user = user_info.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if ":" in user_info else f"***@{host}"))
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory or file on a pyarrow filesystem: `path` is what the filesystem takes
+    (`/abs/dir` locally, `bucket/prefix` on S3); `uri` is what users see (absolute path or URI)."""
+
+    filesystem: pafs.FileSystem
+    path: str
+    uri: str
+
+    def __truediv__(self, name: str) -> Location:
+        return Location(self.filesystem, f"{self.path.rstrip('/')}/{name}", f"{self.uri.rstrip('/')}/{name}")
+
+    def __str__(self) -> str:
+        return redact(self.uri)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    @property
+    def bucket(self) -> str | None:
+        """The bucket (first path component) on object storage; None for local paths."""
+        return None if self.is_local else self.path.split("/", 1)[0]
+
+    def info(self, key: str) -> pafs.FileInfo:
+        try:
+            return self.filesystem.get_file_info(self.path)
+        except OSError as error:
+            raise storage_error(error, key, self) from None
+
+    def is_dir(self, key: str) -> bool:
+        return self.info(key).type == pafs.FileType.Directory
+
+    def exists(self, key: str) -> bool:
+        return self.info(key).type != pafs.FileType.NotFound
+
+    def files(self, key: str) -> list[pafs.FileInfo]:
+        """Every file below this directory (recursive), sorted by path."""
+        try:
+            infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=True))
+        except OSError as error:
+            raise storage_error(error, key, self) from None
+        return sorted((info for info in infos if info.type == pafs.FileType.File), key=lambda info: info.path)
+
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_stream(self.path) as stream:
+            return stream.read()
+
+    def relative(self, path: str) -> str:
+        """`path` (a filesystem path below this location) relative to it, '/'-separated."""
+        prefix = self.path.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def locate(path_or_uri: str | Path, key: str = "path") -> Location:
+    """The filesystem and path of a local path (made absolute) or a URI."""
+    text = str(path_or_uri)
+    if not is_uri(text):
+        absolute = str(Path(text).expanduser().resolve())
+        return Location(pafs.LocalFileSystem(), absolute, absolute)
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(text)
+    except (OSError, ValueError, TypeError) as error:  # unknown scheme, malformed URI, unreachable service
+        raise UserError(f"{key}: cannot open {redact(text)}: {_first_line(error)}") from None
+    return Location(filesystem, path.rstrip("/"), text.rstrip("/"))
+
+
+def storage_error(error: OSError, key: str, location: Location) -> UserError:
+    """One line naming the key and the likely fix for a filesystem error on `location`."""
+    message = str(error)
+    code = re.search(r"AWS Error ([A-Z_]+)", message)
+    code = code.group(1) if code else ""
+    where = str(location)
+    if code == "NO_SUCH_BUCKET" or "bucket does not exist" in message.lower():
+        return UserError(f"{key}: bucket '{location.bucket}' does not exist ({where}); create it or fix the URI")
+    if code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "UNRECOGNIZED_CLIENT",
+                "EXPIRED_TOKEN", "MISSING_AUTHENTICATION_TOKEN") or "403" in message or "Forbidden" in message:
+        return UserError(f"{key}: access denied to {where} ({code or 'forbidden'}); check {CREDENTIAL_VARIABLES}, "
+                         "AWS_ENDPOINT_URL and AWS_REGION")
+    if code == "NETWORK_CONNECTION" or "curlCode" in message or "Couldn't connect" in message:
+        return UserError(f"{key}: cannot reach the storage service for {where}; check AWS_ENDPOINT_URL")
+    return UserError(f"{key}: {where}: {_first_line(error)}")
+
+
+def bucket_exists(location: Location, key: str) -> bool:
+    """Whether the bucket of an object-storage location exists (raises on refused credentials)."""
+    scheme = location.uri.split("://", 1)[0]
+    return Location(location.filesystem, location.bucket or "", f"{scheme}://{location.bucket}").exists(key)
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def check_storage_uri(uri: str, key: str = "ray.storage_path") -> None:
+    """Checks, before any work, that results can be written under `uri`: a local directory that
+    exists or can be created (nothing is created), or an object-storage URI whose bucket exists and
+    accepts the credentials for writing (one small probe object is written and deleted). Raises a
+    one-line UserError naming `key` otherwise."""
+    location = locate(uri, key)
+    if location.is_local:
+        _check_local_writable(Path(location.path), key)
+        return
+    if location.bucket and not bucket_exists(location, key):
+        raise UserError(f"{key}: bucket '{location.bucket}' does not exist ({location}); create it or fix the URI")
+    probe = location / f".limpq-write-probe-{uuid.uuid4().hex}"
+    try:
+        with location.filesystem.open_output_stream(probe.path) as stream:
+            stream.write(b"limpq write probe\n")
+        location.filesystem.delete_file(probe.path)
+    except OSError as error:
+        raise storage_error(error, key, location) from None
+
+
+def _check_local_writable(path: Path, key: str) -> None:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}: cannot create directory {path}: {existing} is a file; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}: {existing} is not writable; choose a writable path")

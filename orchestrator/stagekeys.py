@@ -1,0 +1,73 @@
+"""Stage keys: what a stage's output depends on, as a short hash.
+
+A stage is skipped when MLflow holds a finished run with its key, so the key must change exactly
+when the output would: it covers the stage's settings and the *content identity* of what it reads
+(the FP checkpoint's and latency table's digests, a fingerprint of the dataset's file listing), and
+the key of the stage before it. It never covers where things are (absolute paths, the job's
+per-upload working directory), nor how the work is spread (Ray resources), nor where it is logged.
+
+Layer-neutral: no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import PipelineConfig
+
+STAGES = ("fp", "indicators", "sweep")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (streamed)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class StageKeys:
+    fp: str
+    indicators: str
+    sweep: str
+
+    def __getitem__(self, stage: str) -> str:
+        return getattr(self, stage)
+
+
+def stage_keys(cfg: PipelineConfig) -> StageKeys:
+    """The key of every stage of `cfg` (reads the dataset listing and hashes input files)."""
+    from orchestrator.data.layout import dataset_fingerprint
+
+    settings = cfg.model_dump(mode="json")
+    fp_settings = dict(settings["fp"])
+    if cfg.fp.source == "checkpoint":
+        fp_settings["checkpoint"] = file_digest(cfg.fp.checkpoint)
+        fp_payload = {"model": settings["model"], "fp": fp_settings}
+    elif cfg.fp.source == "torchvision":
+        fp_payload = {"model": settings["model"], "fp": {"source": cfg.fp.source, "weights": cfg.fp.weights}}
+    else:
+        fp_payload = {"model": settings["model"], "fp": fp_settings, "seed": cfg.seed}
+    data_settings = {k: v for k, v in settings["data"].items() if k not in ("path", "demo")}
+    data_identity = {"settings": data_settings, "fingerprint": dataset_fingerprint(cfg)}
+    if cfg.fp.source == "train":
+        fp_payload["data"] = data_identity
+    fp = _hash(fp_payload)
+    indicators = _hash({"fp": fp, "indicators": settings["indicators"], "data": data_identity, "seed": cfg.seed,
+                        "model": settings["model"]})
+    search_settings = dict(settings["search"])
+    if cfg.search.latency_table:
+        search_settings["latency_table"] = file_digest(cfg.search.latency_table)
+    sweep = _hash({"indicators": indicators, "search": search_settings, "finetune": settings["finetune"],
+                   "seed": cfg.seed})
+    return StageKeys(fp=fp, indicators=indicators, sweep=sweep)

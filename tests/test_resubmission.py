@@ -1,0 +1,148 @@
+"""Faults injected into real `limpq` processes (real Ray, Tune, Train, MLflow): exit status, MLflow
+run status and what a resubmission reruns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.distributed.sweep import FAIL_ONCE_ENV
+
+LIMPQ = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def _write_config(tmp_path: Path, data: Path, **sections) -> Path:
+    raw = {
+        "name": "faults", "output_dir": str(tmp_path / "runs"),
+        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
+        "data": {"path": str(data), "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
+        "fp": {"epochs": 0},
+        "indicators": {"bits": [4, 2], "epochs": 1, "train_fraction": 1.0},
+        "search": {"budgets": [{"target_wbits": 4, "target_abits": 4}, {"target_wbits": 3, "target_abits": 3}]},
+        "finetune": {"epochs": 1, "train_fraction": 0.5, "baselines": [2]},
+        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray"), "max_failures": 0,
+                "max_concurrent_trials": 1},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "faults"},
+    }
+    for section, values in sections.items():
+        raw[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log = open(tmp_path / f"limpq-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen([*LIMPQ, *args], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def _runs(tmp_path: Path, stage: str | None = None) -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("faults")
+    if experiment is None:
+        return []
+    query = f"tags.`limpq.stage` = '{stage}'" if stage else ""
+    return client.search_runs([experiment.experiment_id], query)
+
+
+def _wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"limpq exited with {process.returncode} before the fault could be injected")
+        time.sleep(1)
+    pytest.fail("timed out waiting for the moment to inject the fault")
+
+
+def _finish(process: subprocess.Popen, timeout: float = 600) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigint_during_sweep_then_resubmission_reuses_finished_trials(tmp_path: Path, digits_slice: Path) -> None:
+    config = _write_config(tmp_path, digits_slice)
+    first = _start(["run", "--config", str(config)], tmp_path)
+
+    def one_trial_done_and_another_running() -> bool:
+        statuses = [run.info.status for run in _runs(tmp_path, "trial")]
+        return "FINISHED" in statuses and "RUNNING" in statuses
+
+    _wait_for(one_trial_done_and_another_running, 900, first)
+    first.send_signal(signal.SIGINT)
+    assert _finish(first, 180) == 130
+    [sweep] = _runs(tmp_path, "sweep")
+    assert sweep.info.status == "KILLED"
+    [root] = _runs(tmp_path, "pipeline")
+    assert root.info.status == "KILLED"
+    trials = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
+    finished = {name for name, run in trials.items() if run.info.status == "FINISHED"}
+    assert finished and all(run.info.status in ("FINISHED", "KILLED") for run in trials.values())
+
+    second = _start(["run", "--config", str(config)], tmp_path)
+    assert _finish(second) == 0
+    [sweep] = _runs(tmp_path, "sweep")
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["limpq.attempts"] == "2"
+    trials_after = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
+    assert set(trials_after) == {"W4A4", "W3A3", "uniform-W2A2"}
+    assert all(run.info.status == "FINISHED" for run in trials_after.values())
+    for name in finished:  # reused from MLflow, not trained again
+        assert trials_after[name].data.tags["limpq.attempts"] == "1"
+        assert trials_after[name].data.metrics == trials[name].data.metrics
+
+
+@pytest.mark.slow
+def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(tmp_path: Path,
+                                                                               digits_slice: Path) -> None:
+    config = _write_config(tmp_path, digits_slice, finetune={"epochs": 0})  # one-shot trials: quick
+    marker = tmp_path / "failed"
+    first = _start(["run", "--config", str(config)], tmp_path, env={FAIL_ONCE_ENV: f"W3A3:{marker}"})
+    assert _finish(first) == 1
+    assert marker.exists()
+    trials = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
+    assert trials["W3A3"].info.status == "FAILED" and "fails once" in trials["W3A3"].data.tags["limpq.error"]
+    [sweep] = _runs(tmp_path, "sweep")
+    assert sweep.info.status == "FAILED"
+
+    second = _start(["run", "--config", str(config)], tmp_path)
+    assert _finish(second) == 0
+    after = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
+    assert after["W3A3"].info.status == "FINISHED" and after["W3A3"].data.tags["limpq.attempts"] == "2"
+    assert {after[name].data.tags["limpq.attempts"] for name in ("W4A4", "uniform-W2A2")} == {"1"}
+
+
+@pytest.mark.slow
+def test_driver_killed_during_indicator_training_resumes_from_train_checkpoint(tmp_path: Path,
+                                                                              digits_slice: Path) -> None:
+    config = _write_config(tmp_path, digits_slice, indicators={"epochs": 3})
+    first = _start(["indicators", "train", "--config", str(config)], tmp_path)
+
+    def second_epoch_logged() -> bool:  # so epoch 1's checkpoint was surely reported
+        runs = _runs(tmp_path, "indicators")
+        return bool(runs) and runs[0].data.metrics.get("epoch", 0) >= 2
+
+    _wait_for(second_epoch_logged, 900, first)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, with no chance to clean up
+    first.wait()
+
+    second = _start(["indicators", "train", "--config", str(config), "--set", "ray.num_workers=2"], tmp_path)
+    assert _finish(second) == 0
+    [run] = _runs(tmp_path, "indicators")
+    assert run.info.status == "FINISHED" and run.data.tags["limpq.attempts"] == "2"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    epochs = sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "epoch"))
+    assert epochs[-1] == 3 and epochs.count(1) == 1, f"epoch 1 was trained again: {epochs}"
