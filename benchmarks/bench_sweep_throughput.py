@@ -37,7 +37,7 @@ from orchestrator.config import PipelineConfig
 from orchestrator.distributed.pipeline import run_pipeline
 from orchestrator.errors import PipelineFailed
 
-BUDGETS = [(2, 2), (2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (3, 4), (4, 4)]  # 8 (wbits, abits) targets
+BUDGETS = [(2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (3, 4), (4, 3), (4, 4)]  # 8 feasible (wbits, abits) targets
 
 
 def _free_ports(count: int) -> list[int]:
