@@ -10,7 +10,9 @@ the cores to back every node.
     .venv/bin/python benchmarks/bench_sweep_throughput.py [--nodes 1 2 4] [--cpus-per-node 3] \\
         [--epochs 1] [--fraction 0.05] [--out runs/bench-sweep]
 
-The indicators come first, once, from an embedded local Ray. Each node gets --cpus-per-node logical
+Each cluster runs the whole pipeline (`run_pipeline`, FP weights from a fresh init, one tiny indicator
+epoch, then the sweep) into an MLflow experiment of its own; the time reported is the sweep's, from its
+MLflow run's start and end. Each node gets --cpus-per-node logical
 CPUs; a trial needs one for its Train worker, one for its Ray Data tasks and a sliver for its Tune
 driver, so one trial runs per node at a time (ray.max_concurrent_trials = nodes: on a cluster that cannot
 grow, more trials than that would hold every CPU in Train workers and starve their own data tasks).
@@ -28,15 +30,14 @@ import time
 from pathlib import Path
 
 import ray
+from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
 from orchestrator.config import PipelineConfig
-from orchestrator.distributed.pipeline import run_indicators
-from orchestrator.distributed.sweep import run_sweep
-from orchestrator.tracking import Tracker
-from orchestrator.train.stages import FP_FILE, JOINT_FILE
+from orchestrator.distributed.pipeline import run_pipeline
+from orchestrator.errors import PipelineFailed
 
-BUDGETS = [(2, 2), (2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (3, 4), (4, 4)]  # 8 (wbits, abits) targets
+BUDGETS = [(2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (3, 4), (4, 3), (4, 4)]  # 8 feasible (wbits, abits) targets
 
 
 def _free_ports(count: int) -> list[int]:
@@ -49,7 +50,7 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def config(out: Path, name: str, epochs: int, fraction: float, **ray_settings) -> PipelineConfig:
+def config(out: Path, name: str, epochs: int, fraction: float, experiment: str, **ray_settings) -> PipelineConfig:
     return PipelineConfig.model_validate({
         "name": name, "output_dir": str(out / "runs"),
         "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
@@ -59,12 +60,11 @@ def config(out: Path, name: str, epochs: int, fraction: float, **ray_settings) -
         "search": {"budgets": [{"target_wbits": w, "target_abits": a} for w, a in BUDGETS]},
         "finetune": {"epochs": epochs, "train_fraction": fraction, "baselines": []},
         "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(out / "ray"), **ray_settings},
-        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "bench-sweep"},
+        "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": experiment},
     }).with_absolute_paths()
 
 
-def sweep_seconds(out: Path, nodes: int, cpus_per_node: float, epochs: int, fraction: float,
-                  indicators: Path) -> tuple[float, int]:
+def sweep_seconds(out: Path, nodes: int, cpus_per_node: float, epochs: int, fraction: float) -> tuple[float, int]:
     """Wall time of the sweep on a fresh cluster of `nodes` worker nodes; also the failed-trial count."""
     temp_dir = tempfile.mkdtemp(prefix="lqb", dir="/tmp")  # Ray's socket paths must stay short
     port, dashboard, agent = _free_ports(3)
@@ -77,13 +77,19 @@ def sweep_seconds(out: Path, nodes: int, cpus_per_node: float, epochs: int, frac
     try:
         for _ in range(nodes):
             cluster.add_node(num_cpus=cpus_per_node)
-        cfg = config(out, f"sweep-{nodes}-nodes-{int(time.time())}", epochs, fraction,
+        # An experiment of its own: a finished sweep of the same settings elsewhere would be reused.
+        cfg = config(out, f"sweep-{nodes}-nodes", epochs, fraction, f"bench-sweep-{nodes}-nodes-{int(time.time())}",
                      address=cluster.address, max_concurrent_trials=nodes)
-        ray.init(address=cluster.address, log_to_driver=False)
-        started = time.perf_counter()
-        rows = run_sweep(cfg, Tracker.from_config(cfg), indicators.parent / FP_FILE, indicators,
-                         indicators.parent / JOINT_FILE)
-        return time.perf_counter() - started, sum(row["status"] != "ok" for row in rows)
+        try:
+            run_pipeline(cfg)
+        except PipelineFailed:  # some trial failed: reported below, the time still counts
+            pass
+        client = MlflowClient(cfg.mlflow.tracking_uri)
+        experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+        [sweep] = client.search_runs([experiment.experiment_id], "tags.`limpq.stage` = 'sweep'")
+        trials = client.search_runs([experiment.experiment_id], "tags.`limpq.stage` = 'trial'")
+        failed = len(BUDGETS) - sum(run.info.status == "FINISHED" for run in trials)
+        return (sweep.info.end_time - sweep.info.start_time) / 1000, failed
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -104,12 +110,9 @@ def main() -> None:
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         os.environ.pop(key, None)
 
-    indicators = run_indicators(config(out, "bench-sweep-indicators", args.epochs, args.fraction))
-    ray.shutdown()
-
     seconds = {}
     for nodes in args.nodes:
-        seconds[nodes], failed = sweep_seconds(out, nodes, args.cpus_per_node, args.epochs, args.fraction, indicators)
+        seconds[nodes], failed = sweep_seconds(out, nodes, args.cpus_per_node, args.epochs, args.fraction)
         print(f"{nodes} node(s) x {args.cpus_per_node:g} CPUs: {len(BUDGETS)} budgets in {seconds[nodes]:.0f} s"
               f"{f' ({failed} failed)' if failed else ''}", flush=True)
     base = args.nodes[0]

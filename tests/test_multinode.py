@@ -167,14 +167,15 @@ def test_local_up_worker_nodes_take_the_work_and_a_job_is_accepted_at_once(tmp_p
 @pytest.fixture(scope="module")
 def autoscaled_sweep(tmp_path_factory: pytest.TempPathFactory, digits_slice: Path) -> Iterator[dict]:
     """The pipeline with 4 budgets of 1-CPU trials on a cluster that starts with no worker node and
-    lets Ray's autoscaler add up to 4 nodes of 2 CPUs. Yields the config, MLflow client and nodes."""
+    lets Ray's autoscaler add up to 3 nodes of 3 CPUs (a trial: 1 for its Train worker, 1 for its Ray
+    Data tasks, a sliver for its Tune driver). Yields the config, MLflow client and nodes."""
     tmp_path = tmp_path_factory.mktemp("autoscaled")
     # Ray reads the auth mode once per process: this process drives the cluster, so the cluster takes
     # its mode (no token unless the environment asks for one).
     auth = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     if os.environ.get("RAY_AUTH_TOKEN_PATH"):
         auth["RAY_AUTH_TOKEN_PATH"] = os.environ["RAY_AUTH_TOKEN_PATH"]
-    with local_up(tmp_path / "cluster", LIMPQ_AUTOSCALE_MAX_NODES="4", LIMPQ_WORKER_CPUS="2",
+    with local_up(tmp_path / "cluster", LIMPQ_AUTOSCALE_MAX_NODES="3", LIMPQ_WORKER_CPUS="3",
                   LIMPQ_IDLE_TIMEOUT_MIN="5", **auth) as env, driver_env(env):
         cfg = _tiny_config(
             tmp_path, digits_slice, env["MLFLOW_URL"],
