@@ -421,21 +421,26 @@ def _experiment_id(tracker: Tracker) -> str:
     return experiment.experiment_id
 
 
-@dataclass(frozen=True)
+@dataclass
 class StageRun:
-    """An open stage run. As a context manager it finishes the run: FINISHED on success, FAILED
-    (with the error) on an exception, KILLED on an interrupt."""
+    """An open stage run. As a context manager it ends the run: FINISHED on success (FAILED instead
+    after `fail()`), FAILED with the error on an exception, KILLED on an interrupt."""
 
     tracker: Tracker
     run_id: str
     resumed: bool
+    failure: str | None = None
+
+    def fail(self, error: str) -> None:
+        """The work ran to its end but did not succeed (e.g. some trials failed): end the run FAILED."""
+        self.failure = error
 
     def __enter__(self) -> StageRun:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: Any) -> None:
         if exc is None:
-            self.tracker.finish(self.run_id)
+            self.tracker.finish(self.run_id, "FAILED" if self.failure else "FINISHED", error=self.failure)
         else:
             status = "FAILED" if isinstance(exc, Exception) else "KILLED"
             self.tracker.finish(self.run_id, status, error=f"{type(exc).__name__}: {exc}")

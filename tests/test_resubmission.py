@@ -123,6 +123,9 @@ def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(
     assert _finish(second) == 0
     after = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
     assert after["W3A3"].info.status == "FINISHED" and after["W3A3"].data.tags["limpq.attempts"] == "2"
+    for run in after.values():  # finetune.epochs 0: scored with the joint model, no Train run
+        assert run.data.params["trial.evaluation"] == "joint model, no fine-tuning"
+        assert "limpq.steps_per_epoch" not in run.data.tags and "val_top1" in run.data.metrics
     assert {after[name].data.tags["limpq.attempts"] for name in ("W4A4", "uniform-W2A2")} == {"1"}
 
 
@@ -148,3 +151,29 @@ def test_driver_killed_during_indicator_training_resumes_from_train_checkpoint(t
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     epochs = sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "epoch"))
     assert epochs[-1] == 3 and epochs.count(1) == 1, f"epoch 1 was trained again: {epochs}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_same_config_and_seed_give_the_same_indicators_and_top1(tmp_path: Path, digits_slice: Path) -> None:
+    """Seeds mean something: data order, augmentation and the random policies repeat on CPU, so two runs
+    of one config (under two names, so nothing is reused) agree exactly."""
+    import json
+
+    results = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        config = _write_config(tmp_path / name, digits_slice, search={"budgets": [{"target_wbits": 3, "target_abits": 3}]},
+                               finetune={"epochs": 1, "baselines": []})
+        raw = yaml.safe_load(config.read_text())
+        raw["name"] = name
+        config.write_text(yaml.safe_dump(raw))
+        assert _finish(_start(["run", "--config", str(config)], tmp_path / name)) == 0
+        client = MlflowClient(raw["mlflow"]["tracking_uri"])
+        experiment = client.get_experiment_by_name("faults")
+        [indicators] = client.search_runs([experiment.experiment_id], "tags.`limpq.stage` = 'indicators'")
+        [trial] = client.search_runs([experiment.experiment_id], "tags.`limpq.stage` = 'trial'")
+        document = json.loads(Path(client.download_artifacts(indicators.info.run_id, "indicators.json",
+                                                             str(tmp_path / name))).read_text())
+        results.append((document["layers"], trial.data.metrics["val_top1"], indicators.data.metrics["loss_w2"]))
+    assert results[0] == results[1]

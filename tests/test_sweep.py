@@ -57,7 +57,7 @@ def test_sweep_run_tree_models_failures_and_resubmission(tmp_path: Path, digits_
 
     assert marker.exists(), "the fault was not injected"
     printed = capsys.readouterr().out
-    assert "FAILED G0.001: BitOps budget 0.001 G is below the minimum" in printed
+    assert "FAILED G0.001: InfeasibleError: BitOps budget 0.001 G is below the minimum" in printed
     tracker = Tracker.from_config(cfg)
     client = tracker.client
     runs = client.search_runs([tracker.experiment_id], "")

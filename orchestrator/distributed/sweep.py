@@ -53,9 +53,10 @@ from orchestrator.train.stages import INDICATORS_FILE, JOINT_FILE, FP_FILE, fine
 log = logging.getLogger("limpq")
 
 FAIL_ONCE_ENV = "LIMPQ_TEST_TRIAL_FAIL_ONCE"  # test-only: "<trial label>:<marker file>"
-# A trial only drives a Train worker group (whose workers reserve the real resources): a token
-# share, since Tune refuses an empty resource request.
-TRIAL_DRIVER_CPU = 0.01
+# A fine-tuning trial only drives a Train worker group (whose workers reserve the CPUs and GPUs). It
+# asks for memory alone: Tune refuses an empty request, and a token CPU share would leave nodes with
+# less than the whole CPU a Ray Data task needs and keep drivers off a CPU-less head.
+TRIAL_DRIVER_MEMORY = 512 * 2**20
 # CPUs each running trial needs beside its workers' for the Ray Data tasks that feed them.
 TRIAL_DATA_CPU = 1
 SUMMARY_COLUMNS = ("budget", "kind", "status", "bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
@@ -220,7 +221,7 @@ def _trial_resources(cfg: PipelineConfig) -> dict[str, float]:
     """A fine-tuning trial only drives its Train worker group; a one-shot trial scores in its own
     process, so it holds one worker's resources."""
     if cfg.finetune.epochs > 0:
-        return {"CPU": TRIAL_DRIVER_CPU}
+        return {"memory": TRIAL_DRIVER_MEMORY}
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
@@ -340,8 +341,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, root_run_i
         _log_summary(cfg, tracker, sweep.run_id, rows)
         failed = [row["budget"] for row in rows if row["status"] != "ok"]
         if failed:
-            tracker.finish(sweep.run_id, "FAILED", f"{len(failed)} of {len(rows)} trials did not finish: "
-                           f"{', '.join(failed)}")
+            sweep.fail(f"{len(failed)} of {len(rows)} trials did not finish: {', '.join(failed)}")
     return rows
 
 
