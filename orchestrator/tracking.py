@@ -107,16 +107,26 @@ def ray_job_submission_id() -> str | None:
         return None
 
 
+@lru_cache(maxsize=1)
+def _package_commit() -> str | None:
+    """The commit of the checkout this package runs from (MLflow looks only at the main script's)."""
+    from orchestrator.submission import git_commit
+
+    return git_commit(Path(__file__).resolve().parent)
+
+
 def context_tags() -> dict[str, str]:
     """MLflow's standard run tags (user, source, git commit) as the fluent API would set them, plus
-    the Ray job id. Under `ray job submit` the uploaded working dir has no .git: `limpq submit`
-    passes the commit as LIMPQ_GIT_COMMIT."""
+    the Ray job id. The commit is the running package's checkout's when MLflow finds none; under
+    `ray job submit` the uploaded working dir has no .git, and `limpq submit` passes it as
+    LIMPQ_GIT_COMMIT."""
     from mlflow.tracking.context.registry import resolve_tags
 
     tags = {key: str(value) for key, value in resolve_tags().items()}
     tags.setdefault("mlflow.user", getpass.getuser())
-    if os.environ.get("LIMPQ_GIT_COMMIT"):
-        tags.setdefault("mlflow.source.git.commit", os.environ["LIMPQ_GIT_COMMIT"])
+    commit = os.environ.get("LIMPQ_GIT_COMMIT") or _package_commit()
+    if commit:
+        tags.setdefault("mlflow.source.git.commit", commit)
     job = ray_job_submission_id()
     if job:
         tags[TAG_RAY_JOB] = job

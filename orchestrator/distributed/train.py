@@ -302,7 +302,8 @@ def log_dataset_inputs(cfg: PipelineConfig, tracker: Tracker, run_id: str, stage
                                                           "images": count_samples(cfg, "train", fraction)}),
                                   ("val", "validation", {"images": count_samples(cfg, "val")})):
         sizes = fingerprint["splits"][split]
-        tracker.log_dataset(run_id, source, name, fingerprint["sha256"], context,
+        # one dataset entry per split: MLflow keeps one input per (name, digest) and run
+        tracker.log_dataset(run_id, source, f"{name}/{split}", fingerprint["splits"][split]["sha256"], context,
                             {"split": split, "format": fingerprint["format"], "files": sizes["files"],
                              "bytes": sizes["bytes"], **extra})
 
