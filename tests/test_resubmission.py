@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.distributed.sweep import FAIL_ONCE_ENV
 
-LIMPQ = [sys.executable, "-m", "orchestrator.cli"]
+LIMPQ = [str(Path(sys.executable).parent / "limpq")]  # the console script, as a user runs it
 
 
 def _write_config(tmp_path: Path, data: Path, **sections) -> Path:
