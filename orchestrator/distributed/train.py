@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,28 @@ def steps_per_epoch(cfg: PipelineConfig, stage: str) -> int:
     return steps
 
 
+def _fit_keeping_interrupts(trainer: TorchTrainer):
+    """`trainer.fit()` on a helper thread. On the main thread Ray Train installs a SIGINT handler that
+    aborts the run "gracefully" and stays installed after fit returns, where it later turns Ctrl-C into
+    `sys.exit(0)`; off the main thread it installs none, so Ctrl-C and SIGTERM keep raising in the main
+    thread and the pipeline closes its runs KILLED. The thread is a daemon: an interrupted process
+    exits without waiting for it (its Ray workers end with the driver)."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the main thread as it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str, run_name: str,
                  inputs: dict[str, Any] | None = None, label: str | None = None) -> tuple[dict, dict[str, float]]:
     """Run one stage's TorchTrainer (FP, indicators or fine-tuning); returns the final model state and
@@ -282,7 +305,7 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
             logging_config=TRAIN_LOGGING,
         ),
     )
-    result = trainer.fit()
+    result = _fit_keeping_interrupts(trainer)
     skipped = counter.counts()
     tracker.log_metrics(run_id, {f"skipped_images_{split}": n for split, n in skipped.items()}, step=recipe.epochs)
     if any(skipped.values()):
