@@ -154,6 +154,18 @@ def _is_lock_error(error: BaseException) -> bool:
     return False
 
 
+def _retrying_lock_errors(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, retried with backoff while another process holds the sqlite lock."""
+    for attempt in range(_LOCK_RETRIES - 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if not _is_lock_error(error):
+                raise
+            time.sleep(min(0.05 * 2**attempt, 2.0) * (1 + random.random()))
+    return call(*args, **kwargs)
+
+
 @lru_cache(maxsize=None)
 def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
@@ -180,15 +192,7 @@ class Tracker:
         MLflow's sqlite sessions read then write in one transaction, and two processes doing that
         at once deadlock: sqlite fails one of them at once, whatever the busy timeout.
         """
-        call = getattr(self.client, method)
-        for attempt in range(_LOCK_RETRIES - 1):
-            try:
-                return call(*args, **kwargs)
-            except Exception as error:
-                if not _is_lock_error(error):
-                    raise
-                time.sleep(min(0.05 * 2**attempt, 2.0) * (1 + random.random()))
-        return call(*args, **kwargs)
+        return _retrying_lock_errors(getattr(self.client, method), *args, **kwargs)
 
     @property
     def experiment_id(self) -> str:
@@ -347,7 +351,7 @@ class Tracker:
         with torch.no_grad():
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy())
-        info = self._call_fluent(
+        info = _retrying_lock_errors(  # fluent calls take the same lock retries
             mlflow.pytorch.log_model, model, name=name, run_id=run_id, signature=signature,
             input_example=example.numpy(), code_paths=[str(Path(orchestrator.__file__).parent)], step=step,
             serialization_format="pickle",
@@ -372,17 +376,6 @@ class Tracker:
 
     def set_model_alias(self, name: str, alias: str, version: str) -> None:
         self._call("set_registered_model_alias", name, alias, version)
-
-    def _call_fluent(self, function: Any, *args: Any, **kwargs: Any) -> Any:
-        """Fluent MLflow calls take the same sqlite lock retries as client calls."""
-        for attempt in range(_LOCK_RETRIES - 1):
-            try:
-                return function(*args, **kwargs)
-            except Exception as error:
-                if not _is_lock_error(error):
-                    raise
-                time.sleep(min(0.05 * 2**attempt, 2.0) * (1 + random.random()))
-        return function(*args, **kwargs)
 
     def download_artifact(self, run_id: str, path: str, dst: str | Path) -> Path:
         """Copy the run's artifact file or folder `path` under `dst`; returns the local path."""
