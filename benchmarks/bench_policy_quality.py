@@ -6,8 +6,8 @@ WITHOUT fine-tuning (one-shot scoring, SPEC 1.7), for budgets spread between uni
   - the searched policy (the ILP of SPEC 1.5 on the learned indicators),
   - uniform precision at equal or higher BitOps,
   - N random policies with BitOps in [0.98 B, B],
-  - the anti-policy (the same ILP with the indicators' order reversed: the layers the indicators call
-    important get the fewest bits) as a control.
+  - the anti-policy (the ILP's objective maximised instead of minimised, BitOps in the same
+    [0.98 B, B] window: the layers the indicators call important get the fewest bits) as a control.
 Then indicators against measured sensitivity: the val-loss increase when only one layer's weights
 (or activations) drop from the highest candidate to a lower one, Spearman per bit; and at two
 budgets, fine-tuning (Ray Train, the sweep's `train_on_ray(cfg, "finetune", ...)`) of the searched,
@@ -171,18 +171,31 @@ def random_policy_in_window(costs, bits: list[int], low: float, high: float, rng
 
 
 def searched_and_anti(indicators, costs, bits: list[int], alpha: float, budget_g: float):
-    """The searched policy and the anti-policy (the cost of every choice reversed within the ILP's
-    finite range, so the layers the indicators rank important get the fewest bits; excluded
-    non-monotonic entries stay excluded)."""
+    """The searched policy, and the anti-policy at equal BitOps: the same ILP objective *maximised*
+    (the layers the indicators rank important get the fewest bits) with BitOps held in the random
+    policies' window [0.98 B, B]. Without the lower bound the maximum is uniform W2A2 at every budget,
+    a floor rather than a control. Entries the search excludes (non-monotonic) stay excluded."""
+    import pulp
+
     searcher = Searcher(indicators, costs, bits, bits, alpha)
     searched = searcher.solve(Budget(bitops_g=budget_g))
-    anti = Searcher(indicators, costs, bits, bits, alpha)
-    finite = np.isfinite(anti.cost)
-    anti.cost = np.where(finite, anti.cost[finite].max() - anti.cost, np.inf)
-    anti._knapsacks.clear()
-    reversed_policy = anti.solve(Budget(bitops_g=budget_g))
-    as_dict = lambda p: {layer.name: (layer.wbits, layer.abits) for layer in p.layers}  # noqa: E731
-    return as_dict(searched), as_dict(reversed_policy)
+    choices = [(layer, column) for layer in range(len(searcher.names))
+               for column in range(searcher.cost.shape[1]) if np.isfinite(searcher.cost[layer, column])]
+    problem = pulp.LpProblem("anti_policy", pulp.LpMaximize)
+    pick = {choice: pulp.LpVariable(f"x_{choice[0]}_{choice[1]}", cat=pulp.LpBinary) for choice in choices}
+    problem += pulp.lpSum(float(searcher.cost[choice]) * var for choice, var in pick.items())
+    for layer in range(len(searcher.names)):
+        problem += pulp.lpSum(var for (owner, _), var in pick.items() if owner == layer) == 1
+    bitops = pulp.lpSum(float(searcher.macs[layer] * searcher.pair_w[column] * searcher.pair_a[column] / 1e9) * var
+                        for (layer, column), var in pick.items())
+    problem += bitops <= budget_g
+    problem += bitops >= 0.98 * budget_g
+    status = problem.solve(pulp.HiGHS(msg=False, gapRel=0.0, gapAbs=0.0))
+    if pulp.LpStatus[status] != "Optimal":
+        raise RuntimeError(f"anti-policy ILP at {budget_g:.4f} G: {pulp.LpStatus[status]}")
+    anti = {searcher.names[layer]: (int(searcher.pair_w[column]), int(searcher.pair_a[column]))
+            for (layer, column), var in pick.items() if var.value() > 0.5}
+    return {layer.name: (layer.wbits, layer.abits) for layer in searched.layers}, anti
 
 
 def percentile_beaten(score: float, others: list[float]) -> float:
@@ -265,10 +278,14 @@ def finetune(args, cfg, label: str, policy: dict, fp_state: dict, joint_state: d
     from orchestrator.train.stages import finetune_model
     from orchestrator.train.steps import evaluate
 
+    from orchestrator.stagekeys import stage_keys
+
     tracker = Tracker.from_config(cfg)
-    with tracker.open_stage_run(cfg, "trial", run_name=label, extra_tags={"limpq.kind": "policy-quality"}) as run:
+    key = stage_keys(cfg).sweep
+    with tracker.open_stage_run(cfg, "trial", key, run_name=label, extra_tags={"limpq.kind": "policy-quality"}) as run:
         inputs = {"fp_weights": ray.put(fp_state), "joint_weights": ray.put(joint_state), "policy": policy}
-        state = train_on_ray(cfg, "finetune", tracker, run.run_id, f"{cfg.name}-ft-{label}-{cfg.config_hash()}", inputs)
+        state, _ = train_on_ray(cfg, "finetune", tracker, run.run_id, f"{cfg.name}-ft-{label}-{key}", inputs,
+                                label=label)
     model = finetune_model(cfg, fp_state, policy)
     restore_model(model, state, f"fine-tuned {label}")
     return evaluate(model, batches, make_criterion(cfg.finetune))
@@ -406,12 +423,14 @@ def log_to_mlflow(results: dict, paths: list[Path], args, text: str) -> None:
 def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None, cache: Path) -> tuple:
     """Indicators through the pipeline, then every one-shot measurement of this model and seed (cached)."""
     from orchestrator.distributed.evaluate import load_joint
-    from orchestrator.distributed.pipeline import run_indicators
+    from orchestrator.distributed.pipeline import finished_stage, run_indicators
     from orchestrator.stagekeys import stage_keys
+    from orchestrator.tracking import Tracker
     from orchestrator.train.checkpoint import load_checkpoint
 
     cfg = pipeline_config(args, arch, seed, data, fp_checkpoint)
     indicators_path = run_indicators(cfg)
+    fp = finished_stage(cfg, Tracker.from_config(cfg), "fp", stage_keys(cfg).fp)  # this seed's FP weights
     key = (f"{cfg.name}-{stage_keys(cfg).indicators}-{args.budgets}-{args.random}-{args.alpha}-"
            f"{args.recalibrate_batches}-{args.val_samples}-{seed in args.sensitivity_seeds and args.sensitivity_bits}")
     cached = cache / f"{key}.json"
@@ -431,16 +450,17 @@ def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None,
             measured["sensitivity"] = measure_sensitivity(args, model, costs, indicators, batches, calibration)
             log.info("%s seed %d Spearman %s", arch, seed, measured["sensitivity"]["spearman"])
         cached.write_text(json.dumps(measured))
-    return cfg, key, measured
+    return cfg, key, measured, fp.file("fp.pt"), indicators_path.parent / "joint.pt"
 
 
-def fine_tune_budgets(args, cfg, key: str, measured: dict, fp_checkpoint: Path, cache: Path) -> dict:
+def fine_tune_budgets(args, cfg, key: str, measured: dict, fp_checkpoint: Path, joint_checkpoint: Path,
+                      cache: Path) -> dict:
     """At two budgets (a third and two thirds of the way up): searched, uniform and random policies
     fine-tuned with the config's recipe; {budget: {"searched", "uniform", "uniform_bits", "random"}}."""
     from orchestrator.train.checkpoint import load_checkpoint
 
     fp_state = load_checkpoint(fp_checkpoint)["model"]
-    joint_state = load_checkpoint(cfg.run_dir / "joint.pt")["model"]
+    joint_state = load_checkpoint(joint_checkpoint)["model"]
     batches = val_batches(cfg, args.val_samples)
     count = len(measured["budgets"])
     out = {}
@@ -509,15 +529,16 @@ def main(argv: list[str] | None = None) -> int:
         fp_checkpoint = None
         results["models"][arch] = {}
         for seed in args.seeds:
-            cfg, key, measured = one_shot(args, arch, seed, data, fp_checkpoint, cache)
-            fp_checkpoint = fp_checkpoint or cfg.run_dir / "fp.pt"
+            cfg, key, measured, fp_path, joint_path = one_shot(args, arch, seed, data, fp_checkpoint, cache)
+            fp_checkpoint = fp_checkpoint or fp_path  # seed 0's FP weights for every seed
             results["models"][arch][seed] = measured
-            done.append((arch, cfg, key, measured, fp_checkpoint))
+            done.append((arch, cfg, key, measured, fp_checkpoint, joint_path))
     if args.finetune_models:
         finish(results, args, started, argv)  # the one-shot part, before the longer fine-tuning
-        for arch, cfg, key, measured, fp_checkpoint in done:
+        for arch, cfg, key, measured, fp_checkpoint, joint_path in done:
             if arch in args.finetune_models:
-                for budget_key, entry in fine_tune_budgets(args, cfg, key, measured, fp_checkpoint, cache).items():
+                for budget_key, entry in fine_tune_budgets(args, cfg, key, measured, fp_checkpoint, joint_path,
+                                                           cache).items():
                     results["finetune"].setdefault(arch, {}).setdefault(budget_key, {})[cfg.seed] = entry
     finish(results, args, started, argv)
     return 0

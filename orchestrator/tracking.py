@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -58,6 +60,18 @@ TAG_ATTEMPTS = "limpq.attempts"
 TAG_ERROR = "limpq.error"
 TAG_RAY_JOB = "limpq.ray_job_submission_id"
 TAG_NOTE = "mlflow.note.content"
+
+# MLflow registers its local-artifact dataset source twice, so resolving any local path warns that
+# it is ambiguous between two identical classes: nothing for the user to act on.
+_AMBIGUOUS_SOURCE_WARNING = "The specified dataset source can be interpreted in multiple ways"
+
+
+class _DropPickleFormatWarning(logging.Filter):
+    """`mlflow.pytorch` warns on every pickle-format save; pickle is our deliberate choice (see
+    `Tracker.log_model`), so the warning would be repeated noise in every trial's log stream."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Saving pytorch model by Pickle")
 # Settings that say where and how work runs, not what it computes: tags, so they may change.
 _PLACEMENT_SECTIONS = ("ray.", "mlflow.", "output_dir", "name")
 
@@ -327,7 +341,10 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        dataset = MetaDataset(resolve_dataset_source(redact(source_uri)), name=name, digest=digest[:36])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_AMBIGUOUS_SOURCE_WARNING)
+            source = resolve_dataset_source(redact(source_uri))
+        dataset = MetaDataset(source, name=name, digest=digest[:36])
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
         tags += [InputTag(f"limpq.{key}", str(value)) for key, value in (extra or {}).items()]
         self._call("log_inputs", run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
@@ -347,6 +364,9 @@ class Tracker:
         import orchestrator
 
         mlflow.set_tracking_uri(self.tracking_uri)
+        pytorch_logger = logging.getLogger("mlflow.pytorch")
+        if not any(isinstance(f, _DropPickleFormatWarning) for f in pytorch_logger.filters):
+            pytorch_logger.addFilter(_DropPickleFormatWarning())
         model = model.cpu().eval()
         with torch.no_grad():
             output = model(example)
@@ -368,8 +388,12 @@ class Tracker:
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        from mlflow.store.artifact.utils.models import _parse_model_id_if_present
+
+        # a tracking server rejects a `models:/<id>` source unless the version names that model id
         version = self._call("create_model_version", name, model_uri, run_id=run_id,
-                             tags={key: str(value) for key, value in tags.items()})
+                             tags={key: str(value) for key, value in tags.items()},
+                             model_id=_parse_model_id_if_present(model_uri))
         for alias in aliases:
             self._call("set_registered_model_alias", name, alias, version.version)
         return str(version.version)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from faults import fail_once
 
 from orchestrator.config import PipelineConfig
 from orchestrator.distributed.pipeline import run_indicators
-from orchestrator.distributed.train import CRASH_ENV
 from orchestrator.indicators import load_indicators
 from orchestrator.tracking import Tracker
 
@@ -50,11 +50,16 @@ def _config(tmp_path: Path, data: Path, **overrides) -> PipelineConfig:
     return PipelineConfig.model_validate(raw)
 
 
-def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: Path, digits: Path) -> None:
+def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: Path, digits: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(tmp_path, digits)
     marker = tmp_path / "crashed-once"
-    # rank 0 exits mid-epoch 2 (80 images, 2 workers x 16: 2 steps per epoch), on the first attempt only
-    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {CRASH_ENV: f"3:{marker}"}})
+    # rank 0's process exits at its 4th step, mid-epoch 2 (80 images, 2 workers x 16: 2 steps per epoch),
+    # on the first attempt only; Ray's workers inherit PYTHONPATH from the local Ray started here
+    monkeypatch.setenv("PYTHONPATH", fail_once(
+        tmp_path / "faults", "orchestrator.distributed.train", "_every_worker_has_batch",
+        "calls == 4 and __import__('ray').train.get_context().get_world_rank() == 0", marker, action="exit"))
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
 
     out = run_indicators(cfg)
 

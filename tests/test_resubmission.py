@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from faults import fail_once
 from mlflow.tracking import MlflowClient
 
-from orchestrator.distributed.sweep import FAIL_ONCE_ENV
 
 LIMPQ = [str(Path(sys.executable).parent / "limpq")]  # the console script, as a user runs it
 
@@ -111,7 +111,9 @@ def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(
                                                                                digits_slice: Path) -> None:
     config = _write_config(tmp_path, digits_slice, finetune={"epochs": 0})  # one-shot trials: quick
     marker = tmp_path / "failed"
-    first = _start(["run", "--config", str(config)], tmp_path, env={FAIL_ONCE_ENV: f"W3A3:{marker}"})
+    faults = fail_once(tmp_path / "faults", "orchestrator.distributed.sweep", "_policy_metrics",
+                       "args[0]['label'] == 'W3A3'", marker)
+    first = _start(["run", "--config", str(config)], tmp_path, env={"PYTHONPATH": faults})
     assert _finish(first) == 1
     assert marker.exists()
     trials = {run.info.run_name: run for run in _runs(tmp_path, "trial")}

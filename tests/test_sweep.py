@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from faults import fail_once
 
 from orchestrator.config import PipelineConfig
 from orchestrator.distributed.pipeline import run_pipeline
-from orchestrator.distributed.sweep import FAIL_ONCE_ENV, registered_model_name
+from orchestrator.distributed.sweep import registered_model_name
 from orchestrator.errors import PipelineFailed
 from orchestrator.modelinfo import build_model
 from orchestrator.tracking import Tracker
@@ -50,7 +51,9 @@ def test_sweep_run_tree_models_failures_and_resubmission(tmp_path: Path, digits_
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(tmp_path, digits_slice)
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(FAIL_ONCE_ENV, f"W3A3:{marker}")  # the local Ray the pipeline starts passes it on
+    # trial W3A3 raises once, after opening its run; the local Ray the pipeline starts passes PYTHONPATH on
+    monkeypatch.setenv("PYTHONPATH", fail_once(tmp_path / "faults", "orchestrator.distributed.sweep",
+                                               "_policy_metrics", "args[0]['label'] == 'W3A3'", marker))
 
     with pytest.raises(PipelineFailed, match="1 of 3 trials did not finish \\(G0.001\\)"):
         run_pipeline(cfg)

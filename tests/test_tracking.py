@@ -314,3 +314,22 @@ def test_deleted_experiment_is_a_user_error(make_config, client):
     cfg = make_config(mlflow={"tracking_uri": client.tracking_uri, "experiment": "deleted-experiment"})
     with pytest.raises(UserError, match="mlflow.experiment: experiment 'deleted-experiment' is deleted"):
         Tracker.from_config(cfg).open_stage_run(cfg, "fp", KEY)
+
+
+def test_models_register_through_a_tracking_server(tmp_path):
+    """A tracking server checks what a sqlite store does not: a version whose source is a logged model
+    (`models:/<id>`) must name that model id. The sweep registers every trial's model this way."""
+    import torch
+    from mlflow_browser import mlflow_server
+
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server.log") as url:
+        cfg = PipelineConfig.model_validate({"name": "server", "data": {"demo": True},
+                                             "mlflow": {"tracking_uri": url, "experiment": EXPERIMENT}})
+        tracker = Tracker.from_config(cfg)
+        with tracker.open_stage_run(cfg, "trial", KEY, run_name="W3A3") as run:
+            uri = tracker.log_model(run.run_id, torch.nn.Linear(4, 2), torch.zeros(1, 4))
+            version = tracker.register_model("server-model", uri, run.run_id, {"limpq.budget": "W3A3"},
+                                             ["budget-w3a3"])
+        registered = MlflowClient(url).get_model_version_by_alias("server-model", "budget-w3a3")
+        assert registered.version == version and registered.source == uri
+        assert registered.tags["limpq.budget"] == "W3A3"

@@ -52,7 +52,6 @@ from orchestrator.train.stages import INDICATORS_FILE, JOINT_FILE, FP_FILE, fine
 
 log = logging.getLogger("limpq")
 
-FAIL_ONCE_ENV = "LIMPQ_TEST_TRIAL_FAIL_ONCE"  # test-only: "<trial label>:<marker file>"
 # A fine-tuning trial only drives a Train worker group (whose workers reserve the CPUs and GPUs). It
 # asks for memory alone: Tune refuses an empty request, and a token CPU share would leave nodes with
 # less than the whole CPU a Ray Data task needs and keep drivers off a CPU-less head.
@@ -111,14 +110,6 @@ def _policy_document(cfg: PipelineConfig, spec: TrialSpec, indicators: Indicator
     return policy_for_budget(cfg, indicators, Budget(**spec.budget))
 
 
-def _maybe_fail_once(label: str) -> None:
-    spec = os.environ.get(FAIL_ONCE_ENV, "")
-    target, _, marker = spec.partition(":")
-    if target == label and marker and not Path(marker).exists():
-        Path(marker).touch()
-        raise RuntimeError(f"test fault injection: trial {label} fails once")
-
-
 def _policy_metrics(document: dict[str, Any]) -> dict[str, float]:
     keys = ("bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits")
     return {key: float(document[key]) for key in keys if document.get(key) is not None}
@@ -169,7 +160,6 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
         tracker.log_params(run.run_id, {"trial.kind": spec.kind, "trial.budget": spec.label,
                                         "trial.evaluation": ONE_SHOT if cfg.finetune.epochs == 0 else "fine-tuned"})
         tracker.log_metrics(run.run_id, _policy_metrics(document), step=0)
-        _maybe_fail_once(spec.label)
         if cfg.finetune.epochs == 0:
             metrics = {**_policy_metrics(document), **_score_one_shot(inputs, spec.label, policy), "epoch": 0.0}
             tracker.log_metrics(run.run_id, metrics, step=0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import threading
 import time
@@ -49,7 +48,6 @@ from orchestrator.train.steps import evaluate_policies
 log = logging.getLogger("limpq")
 
 STATE_FILE = "state.pt"
-CRASH_ENV = "LIMPQ_TEST_CRASH_AT_STEP"  # test-only fault injection: "<global step>:<marker file>"
 
 
 class MetricSums:
@@ -86,17 +84,6 @@ def _every_worker_has_batch(has_batch: bool) -> bool:
     """Shards can differ by a few rows (skipped images): all workers stop at the shortest one,
     or DDP would wait forever for the worker that ran out."""
     return _all_reduce([1.0 if has_batch else 0.0], op=dist.ReduceOp.MIN)[0] > 0
-
-
-def _maybe_crash(global_step: int) -> None:
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    step, marker = spec.split(":", 1)
-    if global_step == int(step) and not Path(marker).exists() and ray.train.get_context().get_world_rank() == 0:
-        Path(marker).touch()
-        log.warning("test fault injection: worker exits at step %d", global_step)
-        os._exit(1)
 
 
 def _validation(model, cfg: PipelineConfig, stage: str, criterion, device) -> dict[str, float]:
@@ -191,7 +178,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batch = next(batches, None)
                 if not _every_worker_has_batch(batch is not None):
                     break
-                _maybe_crash(epoch * per_epoch + step)
                 x, y = batch
                 metrics = training.step(x, y)
                 training.scheduler.step()  # per step; a per-epoch schedule holds its rate within the epoch
