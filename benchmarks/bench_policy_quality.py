@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="candidate bit-widths")
-    parser.add_argument("--budgets", type=int, default=5, help="BitOps budgets strictly between W2A2 and W4A4")
+    parser.add_argument("--budgets", type=int, default=5, help="BitOps budgets evenly spread strictly between uniform lowest and highest bits "
+                        "(each interior uniform precision's BitOps is added as a budget too)")
     parser.add_argument("--random", type=int, default=20, help="random policies per budget")
     parser.add_argument("--fp-epochs", type=int, default=10)
     parser.add_argument("--indicator-epochs", type=int, default=3)
@@ -218,7 +219,10 @@ def measure_budgets(args, cfg, model, costs, indicators, batches, calibration) -
     bits = sorted(args.bits)
     low_g = bitops_of(costs, {n: (bits[0], bits[0]) for n in costs.names})
     high_g = bitops_of(costs, {n: (bits[-1], bits[-1]) for n in costs.names})
-    budgets = [low_g + (high_g - low_g) * (i + 1) / (args.budgets + 1) for i in range(args.budgets)]
+    spread = [low_g + (high_g - low_g) * (i + 1) / (args.budgets + 1) for i in range(args.budgets)]
+    # plus each interior uniform precision's own BitOps: there uniform and searched compare at equal cost
+    at_uniform = [bitops_of(costs, {n: (b, b) for n in costs.names}) for b in bits[1:-1]]
+    budgets = sorted(spread + at_uniform)
     rng = random.Random(1000 + cfg.seed)
     score = lambda policy: score_policy(model, policy, batches, calibration_batches=calibration)  # noqa: E731
     rows = []
@@ -230,6 +234,7 @@ def measure_budgets(args, cfg, model, costs, indicators, batches, calibration) -
         random_scores = [score(p) for p in randoms]
         row = {
             "budget_g": budget_g, "budget_wa_equiv": math.sqrt(budget_g / low_g) * bits[0],
+            "at_uniform": budget_g in at_uniform,
             "searched": {**score(searched), "bitops_g": bitops_of(costs, searched), "policy": searched},
             "uniform": {**score(uniform), "bitops_g": bitops_of(costs, uniform), "bits": uniform_bits},
             "anti": {**score(anti), "bitops_g": bitops_of(costs, anti)},
@@ -311,8 +316,10 @@ def report(results: dict, args) -> str:
             rows = [s["budgets"][i] for s in seeds]
             uniform_bits = rows[0]["uniform"]["bits"]
             lines.append(
-                f"| {arch} | {rows[0]['budget_g']:.4f} (~W{rows[0]['budget_wa_equiv']:.1f}A{rows[0]['budget_wa_equiv']:.1f}) "
-                f"| {mean_spread([r['searched']['top1'] for r in rows])} "
+                f"| {arch} | {rows[0]['budget_g']:.4f} "
+                + (f"(= W{uniform_bits}A{uniform_bits}) " if rows[0].get("at_uniform") else
+                   f"(~W{rows[0]['budget_wa_equiv']:.1f}A{rows[0]['budget_wa_equiv']:.1f}) ")
+                + f"| {mean_spread([r['searched']['top1'] for r in rows])} "
                 f"| W{uniform_bits}A{uniform_bits}: {mean_spread([r['uniform']['top1'] for r in rows])} "
                 f"| {mean_spread([statistics.mean(r['random_top1']) for r in rows])} "
                 f"| {mean_spread([max(r['random_top1']) for r in rows])} "
@@ -462,9 +469,10 @@ def fine_tune_budgets(args, cfg, key: str, measured: dict, fp_checkpoint: Path, 
     fp_state = load_checkpoint(fp_checkpoint)["model"]
     joint_state = load_checkpoint(joint_checkpoint)["model"]
     batches = val_batches(cfg, args.val_samples)
-    count = len(measured["budgets"])
+    spread = [row for row in measured["budgets"] if not row.get("at_uniform")]
+    count = len(spread)
     out = {}
-    for row in [measured["budgets"][i] for i in sorted({count // 3, (2 * count) // 3})]:
+    for row in [spread[i] for i in sorted({count // 3, (2 * count) // 3})]:
         budget_key = f"{row['budget_g']:.6f}"
         ft_cache = cache / f"ft-{key}-{budget_key}-{args.finetune_epochs}-{args.finetune_fraction}-{args.finetune_random}.json"
         if ft_cache.is_file():
