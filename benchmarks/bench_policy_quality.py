@@ -440,7 +440,7 @@ def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None,
     fp = finished_stage(cfg, Tracker.from_config(cfg), "fp", stage_keys(cfg).fp)  # this seed's FP weights
     key = (f"{cfg.name}-{stage_keys(cfg).indicators}-{args.budgets}-{args.random}-{args.alpha}-"
            f"{args.recalibrate_batches}-{args.val_samples}-{seed in args.sensitivity_seeds and args.sensitivity_bits}")
-    cached = cache / f"{key}.json"
+    cached = cache / f"{key}-with-uniform-budgets.json"  # the one-shot measurements (fine-tuning caches on key)
     costs = config_cost_table(cfg)
     if cached.is_file():
         measured = json.loads(cached.read_text())
