@@ -179,6 +179,10 @@ class FinetuneConfig(RecipeConfig):
         True, description="Start step sizes and BN from the joint-trained values at the chosen bits."
     )
     baselines: list[int] = Field(default_factory=list, description="Uniform WbAb baselines to fine-tune too.")
+    bn_recalibration_batches: int = Field(
+        8, ge=0, description="Where a policy is scored with the joint model instead of fine-tuned (epochs 0, "
+        "`limpq evaluate`): first recompute BN statistics on this many training batches; 0 keeps the statistics "
+        "joint training left, which mismatch mixed policies (README Results).")
 
     _bits = field_validator("baselines")(lambda v: _check_bits(v) if v else v)
 

@@ -90,7 +90,7 @@ def smoke_pipeline(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory)
 
     tmp = tmp_path_factory.mktemp("evaluate")
     raw = yaml.safe_load((REPO / "jobs/configs/smoke.yaml").read_text())
-    raw["data"].update(path=str(digits_slice), demo=False)
+    raw["data"].update(path=str(digits_slice), demo=False, batch_size=16)  # a step per epoch on the slice
     raw["fp"]["epochs"] = 0
     raw["output_dir"] = str(tmp / "runs")
     raw["ray"]["storage_path"] = str(tmp / "ray")
@@ -107,12 +107,13 @@ def smoke_pipeline(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def _final_metric(config: Path, key: str) -> float:
     from orchestrator.config import load_config
+    from orchestrator.distributed.pipeline import finished_stage
+    from orchestrator.stagekeys import stage_keys
     from orchestrator.tracking import Tracker
 
-    cfg = load_config(config)
+    cfg = load_config(config).with_absolute_paths()
     tracker = Tracker.from_config(cfg)
-    run_id = tracker.find_finished_stage_run(cfg.with_absolute_paths(), "indicators",
-                                             config_hash=cfg.stage_hash("indicators"))
+    run_id = finished_stage(cfg, tracker, "indicators", stage_keys(cfg).indicators).run_id
     history = tracker.client.get_metric_history(run_id, key)
     return max(history, key=lambda m: m.step).value
 
@@ -120,13 +121,15 @@ def _final_metric(config: Path, key: str) -> float:
 @pytest.mark.slow
 def test_evaluate_uniform_equals_the_joint_models_val_metric(smoke_pipeline: Path, capsys, tmp_path: Path) -> None:
     policy_file = tmp_path / "w3.json"
-    code = main(["search", "--indicators", str(smoke_pipeline.parent / "runs/smoke/indicators.json"),
+    [indicators] = (smoke_pipeline.parent / "runs/smoke").glob("*/indicators.json")  # runs/<name>/<run id>/
+    code = main(["search", "--indicators", str(indicators),
                  "--input-size", "16", "--num-classes", "10", "--target-wbits", "3", "--target-abits", "3",
                  "--output", str(policy_file)])
     assert code == 0
     capsys.readouterr()
 
-    assert main(["evaluate", "--config", str(smoke_pipeline), "--uniform", "4", "2",
+    # joint training's own BN statistics (no recalibration), as its val metric used
+    assert main(["evaluate", "--config", str(smoke_pipeline), "--uniform", "4", "2", "--recalibrate-batches", "0",
                  "--policy", str(policy_file), "--json"]) == 0  # Ray is up: scored as a Ray task
 
     rows = json.loads(capsys.readouterr().out)

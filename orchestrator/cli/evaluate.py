@@ -23,6 +23,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = load_config_from_args(args)
     if not args.scored:
         raise UserError("give at least one --policy FILE or --uniform B")
+    if args.recalibrate_batches is None:
+        args.recalibrate_batches = cfg.finetune.bn_recalibration_batches
     if args.recalibrate_batches < 0:
         raise UserError(f"--recalibrate-batches must be >= 0, got {args.recalibrate_batches}")
     from orchestrator.distributed.evaluate import evaluate_policies, policy_from_file
@@ -61,9 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--policy", nargs="+", metavar="P.json", action=_InOrder, help="policy files to score")
     parser.add_argument("--uniform", type=int, nargs="+", metavar="B", action=_InOrder,
                         help="also score uniform W{B}A{B}")
-    parser.add_argument("--recalibrate-batches", type=int, default=0, metavar="N",
-                        help="recompute BN statistics on N training batches per policy first (default 0: the "
-                             "statistics joint training left)")
+    parser.add_argument("--recalibrate-batches", type=int, default=None, metavar="N",
+                        help="recompute BN statistics on N training batches per policy first (default: the config's "
+                             "finetune.bn_recalibration_batches, 8; 0: the statistics joint training left)")
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON list: {policy, bitops_g, size_mb, top1, samples} per policy")
     parser.set_defaults(func=_evaluate, scored=[])

@@ -89,11 +89,11 @@ def evaluate_policies(cfg: PipelineConfig, policies: Labelled, calibration_batch
     from orchestrator.train.oneshot import check_policy
 
     cfg = cfg.with_absolute_paths()
-    state = load_checkpoint(finished_joint_checkpoint(cfg))["model"]
-    model = load_joint(cfg, state)
+    model = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))  # its layout, before any lookup
     for label, policy in policies:
         check_policy(model, policy, label)
     del model
+    state = load_checkpoint(finished_joint_checkpoint(cfg))["model"]
     import ray
 
     if not (ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS")):

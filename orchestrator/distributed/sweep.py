@@ -128,7 +128,8 @@ def _score_one_shot(inputs: SweepInputs, label: str, policy: dict[str, tuple[int
     scoring as `limpq evaluate`."""
     from orchestrator.distributed.evaluate import score_on_this_node
 
-    [row] = score_on_this_node(inputs.cfg, inputs.joint_weights, [(label, policy)])
+    [row] = score_on_this_node(inputs.cfg, inputs.joint_weights, [(label, policy)],
+                               inputs.cfg.finetune.bn_recalibration_batches)
     return {"val_top1": row["top1"], "val_loss": row["loss"], "val_samples": float(row["samples"])}
 
 

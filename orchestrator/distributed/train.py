@@ -176,7 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches = iter_batches(shard, cfg.data.batch_size, device, drop_last=not keep_partial)
             for step in range(per_epoch):
                 batch = next(batches, None)
-                if not _every_worker_has_batch(batch is not None):
+                # a kept last batch of one image cannot go through BatchNorm in training mode: it ends the epoch
+                if not _every_worker_has_batch(batch is not None and len(batch[1]) > 1):
                     break
                 x, y = batch
                 metrics = training.step(x, y)
