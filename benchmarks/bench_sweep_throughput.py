@@ -12,10 +12,10 @@ the cores to back every node.
 
 Each cluster runs the whole pipeline (`run_pipeline`, FP weights from a fresh init, one tiny indicator
 epoch, then the sweep) into an MLflow experiment of its own; the time reported is the sweep's, from its
-MLflow run's start and end. Each node gets --cpus-per-node logical
-CPUs; a trial needs one for its Train worker, one for its Ray Data tasks and a sliver for its Tune
-driver, so one trial runs per node at a time (ray.max_concurrent_trials = nodes: on a cluster that cannot
-grow, more trials than that would hold every CPU in Train workers and starve their own data tasks).
+MLflow run's start and end. Each node gets --cpus-per-node logical CPUs; a trial's Train worker takes
+one and its Ray Data tasks want one (the trial's Tune driver asks for memory only), so the sweep runs
+one trial per node at a time (ray.max_concurrent_trials = nodes: on a cluster that cannot grow, more
+trials than that would hold every CPU in Train workers and starve their own data tasks).
 """
 
 from __future__ import annotations
