@@ -364,6 +364,10 @@ class Tracker:
         import orchestrator
 
         mlflow.set_tracking_uri(self.tracking_uri)
+        # MLflow creates the LoggedModel in the fluent active experiment, not the run's: without this
+        # it lands in experiment 0 (and its artifacts under ./mlruns of the working directory)
+        experiment_id = self._call("get_run", run_id).info.experiment_id
+        _retrying_lock_errors(mlflow.set_experiment, experiment_id=experiment_id)
         pytorch_logger = logging.getLogger("mlflow.pytorch")
         if not any(isinstance(f, _DropPickleFormatWarning) for f in pytorch_logger.filters):
             pytorch_logger.addFilter(_DropPickleFormatWarning())

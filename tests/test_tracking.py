@@ -333,3 +333,21 @@ def test_models_register_through_a_tracking_server(tmp_path):
         registered = MlflowClient(url).get_model_version_by_alias("server-model", "budget-w3a3")
         assert registered.version == version and registered.source == uri
         assert registered.tags["limpq.budget"] == "W3A3"
+        logged = MlflowClient(url).get_logged_model(uri.removeprefix("models:/"))
+        assert logged.experiment_id == tracker.experiment_id  # the run's experiment, not Default
+
+
+def test_models_are_logged_in_the_runs_experiment_under_its_artifact_root(make_config, client, tmp_path,
+                                                                          monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)  # where MLflow would put a model of the Default experiment (./mlruns)
+    cfg = make_config()
+    tracker = Tracker.from_config(cfg)
+    with tracker.open_stage_run(cfg, "fp", KEY) as run:
+        uri = tracker.log_model(run.run_id, torch.nn.Linear(4, 2), torch.zeros(1, 4), name="fp-model")
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert logged.experiment_id == tracker.experiment_id
+    experiment_root = client.get_experiment(tracker.experiment_id).artifact_location
+    assert logged.artifact_location.startswith(experiment_root)
+    assert not (tmp_path / "mlruns").exists()
