@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from orchestrator.config import Budget, PipelineConfig  # noqa: E402
 from orchestrator.indicators import load_indicators  # noqa: E402
 from orchestrator.search.ilp import Searcher  # noqa: E402
+from orchestrator.search.mckp import solve_mckp  # noqa: E402
 from orchestrator.search.policy import config_cost_table  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -174,29 +175,19 @@ def random_policy_in_window(costs, bits: list[int], low: float, high: float, rng
 def searched_and_anti(indicators, costs, bits: list[int], alpha: float, budget_g: float):
     """The searched policy, and the anti-policy at equal BitOps: the same ILP objective *maximised*
     (the layers the indicators rank important get the fewest bits) with BitOps held in the random
-    policies' window [0.98 B, B]. Without the lower bound the maximum is uniform W2A2 at every budget,
-    a floor rather than a control. Entries the search excludes (non-monotonic) stay excluded."""
-    import pulp
-
+    policies' window [0.98 B, B], solved by the search's own exact MCKP solver. Without the lower bound
+    the maximum is uniform W2A2 at every budget, a floor rather than a control. Entries the search
+    excludes (non-monotonic) stay excluded."""
     searcher = Searcher(indicators, costs, bits, bits, alpha)
     searched = searcher.solve(Budget(bitops_g=budget_g))
-    choices = [(layer, column) for layer in range(len(searcher.names))
-               for column in range(searcher.cost.shape[1]) if np.isfinite(searcher.cost[layer, column])]
-    problem = pulp.LpProblem("anti_policy", pulp.LpMaximize)
-    pick = {choice: pulp.LpVariable(f"x_{choice[0]}_{choice[1]}", cat=pulp.LpBinary) for choice in choices}
-    problem += pulp.lpSum(float(searcher.cost[choice]) * var for choice, var in pick.items())
-    for layer in range(len(searcher.names)):
-        problem += pulp.lpSum(var for (owner, _), var in pick.items() if owner == layer) == 1
-    bitops = pulp.lpSum(float(searcher.macs[layer] * searcher.pair_w[column] * searcher.pair_a[column] / 1e9) * var
-                        for (layer, column), var in pick.items())
-    problem += bitops <= budget_g
-    problem += bitops >= 0.98 * budget_g
-    status = problem.solve(pulp.HiGHS(msg=False, gapRel=0.0, gapAbs=0.0))
-    if pulp.LpStatus[status] != "Optimal":
-        raise RuntimeError(f"anti-policy ILP at {budget_g:.4f} G: {pulp.LpStatus[status]}")
-    anti = {searcher.names[layer]: (int(searcher.pair_w[column]), int(searcher.pair_a[column]))
-            for (layer, column), var in pick.items() if var.value() > 0.5}
-    return {layer.name: (layer.wbits, layer.abits) for layer in searched.layers}, anti
+    bitops = searcher.macs[:, None] * (searcher.pair_w * searcher.pair_a)[None, :] / 1e9
+    anti = solve_mckp(np.where(np.isfinite(searcher.cost), -searcher.cost, np.inf), np.stack([bitops, -bitops]),
+                      np.array([budget_g, -0.98 * budget_g]))
+    if anti is None:
+        raise RuntimeError(f"no anti-policy in [{0.98 * budget_g:.4f}, {budget_g:.4f}] G BitOps")
+    return ({layer.name: (layer.wbits, layer.abits) for layer in searched.layers},
+            {name: (int(searcher.pair_w[column]), int(searcher.pair_a[column]))
+             for name, column in zip(searcher.names, anti.choice)})
 
 
 def percentile_beaten(score: float, others: list[float]) -> float:

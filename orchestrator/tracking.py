@@ -66,12 +66,15 @@ TAG_NOTE = "mlflow.note.content"
 _AMBIGUOUS_SOURCE_WARNING = "The specified dataset source can be interpreted in multiple ways"
 
 
-class _DropPickleFormatWarning(logging.Filter):
+def _not_the_pickle_format_warning(record: logging.LogRecord) -> bool:
     """`mlflow.pytorch` warns on every pickle-format save; pickle is our deliberate choice (see
     `Tracker.log_model`), so the warning would be repeated noise in every trial's log stream."""
+    return not record.getMessage().startswith("Saving pytorch model by Pickle")
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Saving pytorch model by Pickle")
+
+logging.getLogger("mlflow.pytorch").addFilter(_not_the_pickle_format_warning)
+
+
 # Settings that say where and how work runs, not what it computes: tags, so they may change.
 _PLACEMENT_SECTIONS = ("ray.", "mlflow.", "output_dir", "name")
 
@@ -366,11 +369,7 @@ class Tracker:
         mlflow.set_tracking_uri(self.tracking_uri)
         # MLflow creates the LoggedModel in the fluent active experiment, not the run's: without this
         # it lands in experiment 0 (and its artifacts under ./mlruns of the working directory)
-        experiment_id = self._call("get_run", run_id).info.experiment_id
-        _retrying_lock_errors(mlflow.set_experiment, experiment_id=experiment_id)
-        pytorch_logger = logging.getLogger("mlflow.pytorch")
-        if not any(isinstance(f, _DropPickleFormatWarning) for f in pytorch_logger.filters):
-            pytorch_logger.addFilter(_DropPickleFormatWarning())
+        _retrying_lock_errors(mlflow.set_experiment, experiment_id=self.experiment_id)  # the run's: this tracker's
         model = model.cpu().eval()
         with torch.no_grad():
             output = model(example)

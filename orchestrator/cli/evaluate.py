@@ -27,12 +27,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.recalibrate_batches = cfg.finetune.bn_recalibration_batches
     if args.recalibrate_batches < 0:
         raise UserError(f"--recalibrate-batches must be >= 0, got {args.recalibrate_batches}")
-    from orchestrator.distributed.evaluate import evaluate_policies, policy_from_file
-    from orchestrator.modelinfo import build_model
+    from orchestrator.distributed.evaluate import evaluate_policies, policy_from_file, untrained_joint
     from orchestrator.quant.surgery import layout_of
-    from orchestrator.train.stages import joint_model
 
-    names = layout_of(joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))).searchable
+    names = layout_of(untrained_joint(cfg)).searchable
     labelled = [(value, policy_from_file(value)) if kind == "policy" else
                 (f"uniform-W{value}A{value}", {name: (value, value) for name in names}) for kind, value in args.scored]
     rows = evaluate_policies(cfg, labelled, args.recalibrate_batches)

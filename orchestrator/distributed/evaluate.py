@@ -51,8 +51,13 @@ def policy_from_file(path: str | Path) -> Policy:
     return {layer.name: (layer.wbits, layer.abits) for layer in load_policy(path).layers}
 
 
+def untrained_joint(cfg: PipelineConfig) -> torch.nn.Module:
+    """The joint model's structure (its layer names and candidate bits), without weights."""
+    return joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
+
+
 def load_joint(cfg: PipelineConfig, state: dict) -> torch.nn.Module:
-    model = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
+    model = untrained_joint(cfg)
     restore_model(model, state, "joint checkpoint")
     return model
 
@@ -89,7 +94,7 @@ def evaluate_policies(cfg: PipelineConfig, policies: Labelled, calibration_batch
     from orchestrator.train.oneshot import check_policy
 
     cfg = cfg.with_absolute_paths()
-    model = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))  # its layout, before any lookup
+    model = untrained_joint(cfg)  # checked against the layout before any lookup
     for label, policy in policies:
         check_policy(model, policy, label)
     del model
