@@ -39,3 +39,22 @@ def test_checkpoint_refuses_pickled_code(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="evil.pt: not a readable torch checkpoint"):
         load_checkpoint(evil)
     assert not marker.exists()
+
+
+def test_dropout_masks_are_a_function_of_seed_stage_rank_and_epoch() -> None:
+    """A Ray worker's global generator holds whatever earlier work left in it (data tasks seed it per
+    image): each epoch reseeds it, so dropout repeats whatever ran before and differs where it should."""
+    from orchestrator.train.stages import seed_epoch
+
+    dropout, ones = torch.nn.Dropout(0.5), torch.ones(4096)
+
+    def masks(*where) -> torch.Tensor:
+        seed_epoch(*where)
+        return dropout(ones)
+
+    first = masks(0, "indicators", 0, 1)
+    torch.manual_seed(12345)  # another task's seed and draws in between
+    torch.rand(77)
+    assert torch.equal(masks(0, "indicators", 0, 1), first)
+    for other in ((1, "indicators", 0, 1), (0, "finetune", 0, 1), (0, "indicators", 1, 1), (0, "indicators", 0, 2)):
+        assert not torch.equal(masks(*other), first), other

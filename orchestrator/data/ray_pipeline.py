@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import logging
 from typing import Iterator, Sequence
 
@@ -70,6 +69,7 @@ from orchestrator.data.layout import (
 from orchestrator.data.storage import Location
 from orchestrator.data.transforms import ImageAugment, augments_for, decode_image, normalize, to_uint8_chw
 from orchestrator.errors import UserError
+from orchestrator.seeds import derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,6 @@ def dataset_config():
     from ray.train import DataConfig
 
     return DataConfig(execution_options=_execution_options())
-
-
-def _seed_of(*parts: object) -> int:
-    """A 63-bit seed from any values (stable across processes, unlike hash())."""
-    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 def _current_epoch() -> int:
@@ -150,7 +144,7 @@ def _decode_and_transform(encoded_images: Sequence[bytes], labels: Sequence[int]
     """Yields blocks of at most OUTPUT_BLOCK_IMAGES uint8 CHW images: a task may cover many files
     (fewer, longer tasks keep the CPUs busy) while its output blocks stay small."""
     epoch = _current_epoch()
-    order = (np.random.default_rng(_seed_of(seed, epoch, *keys)).permutation(len(keys)) if shuffle_rows
+    order = (np.random.default_rng(derived_seed(seed, epoch, *keys)).permutation(len(keys)) if shuffle_rows
              else range(len(keys)))
     generator = torch.default_generator  # what torchvision's random transforms draw from
     images: list[np.ndarray] = []
@@ -163,7 +157,7 @@ def _decode_and_transform(encoded_images: Sequence[bytes], labels: Sequence[int]
         except Exception:  # PIL raises many types for bad data; the row is dropped and counted
             skipped.append(keys[row])
             continue
-        generator.manual_seed(_seed_of(seed, epoch, keys[row]))
+        generator.manual_seed(derived_seed(seed, epoch, keys[row]))
         images.append(to_uint8_chw(augment(image)))
         kept_labels.append(labels[row])
         if len(images) == OUTPUT_BLOCK_IMAGES:

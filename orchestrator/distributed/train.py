@@ -41,7 +41,7 @@ from orchestrator.train.checkpoint import load_checkpoint, restore_model, restor
 from orchestrator.train.progress import Progress
 from orchestrator.train.stages import (
     FP_FILE, INDICATORS_FILE, JOINT_FILE, finetune_model, fp_meta, fp_training, indicators_of, initial_fp_model,
-    joint_model, joint_training, stage_recipe,
+    joint_model, joint_training, seed_epoch, stage_recipe,
 )
 from orchestrator.train.steps import evaluate_policies
 
@@ -171,6 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     keep_partial = stage == "indicators"  # the reference keeps an epoch's last partial batch
     try:
         for epoch in range(start_epoch, recipe.epochs):
+            seed_epoch(cfg.seed, stage, rank, epoch)
             model.train()
             sums, started, images = MetricSums(), time.monotonic(), 0
             batches = iter_batches(shard, cfg.data.batch_size, device, drop_last=not keep_partial)

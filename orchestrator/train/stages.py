@@ -23,6 +23,7 @@ from orchestrator.indicators import Indicators
 from orchestrator.modelinfo import build_model
 from orchestrator.quant.policy import Policy, extract_indicators, load_step_sizes
 from orchestrator.quant.surgery import quantize_model
+from orchestrator.seeds import derived_seed
 from orchestrator.train import recipe as recipes
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 from orchestrator.train.steps import joint_step, plain_step
@@ -65,6 +66,14 @@ def initial_fp_model(cfg: PipelineConfig) -> nn.Module:
         return load_fp_model(cfg, cfg.fp.checkpoint)
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model.arch, cfg.model.num_classes)
+
+
+def seed_epoch(seed: int, stage: str, rank: int, epoch: int) -> None:
+    """Seeds torch's global generator, which dropout draws from, for one worker's epoch of a stage. A Ray
+    worker process may have run other work before (data tasks seed that generator per image), so without
+    this its state, and mobilenet_v2's dropout masks, would depend on scheduling; per epoch, so that a run
+    resumed from a checkpoint draws what an uninterrupted one would."""
+    torch.manual_seed(derived_seed(seed, stage, rank, epoch))
 
 
 def joint_model(cfg: PipelineConfig, fp_model: nn.Module) -> nn.Module:
