@@ -69,10 +69,10 @@ def initial_fp_model(cfg: PipelineConfig) -> nn.Module:
 
 
 def seed_epoch(seed: int, stage: str, rank: int, epoch: int) -> None:
-    """Seeds torch's global generator, which dropout draws from, for one worker's epoch of a stage. A Ray
-    worker process may have run other work before (data tasks seed that generator per image), so without
-    this its state, and mobilenet_v2's dropout masks, would depend on scheduling; per epoch, so that a run
-    resumed from a checkpoint draws what an uninterrupted one would."""
+    """Seeds torch's global generator, which dropout draws from, for one worker's epoch of a stage.
+    Unseeded, it held state from earlier work in the process (data tasks seed it per image), and two
+    runs of one mobilenet_v2 config differed. Per epoch, so that a run resumed from a checkpoint draws
+    what an uninterrupted one would."""
     torch.manual_seed(derived_seed(seed, stage, rank, epoch))
 
 
