@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 from orchestrator.config import PipelineConfig
 from orchestrator.data.storage import Location, bucket_exists, locate, redact, storage_error
 from orchestrator.errors import UserError
+from orchestrator.seeds import derived_seed
 
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared case-insensitively (ImageNet uses .JPEG)
@@ -309,5 +310,4 @@ def in_fraction(key: str, fraction: float, seed: int) -> bool:
     """Deterministic membership of a sample in a `fraction` subset (independent of order and format)."""
     if fraction >= 1:
         return True
-    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
+    return derived_seed(seed, key) < fraction * 2**63  # a uniform 63-bit number per (seed, key)
