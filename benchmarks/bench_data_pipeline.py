@@ -105,18 +105,26 @@ def dataloader_side(root: Path, transform, batch_size: int, cpus: int) -> Side:
     return Side("torchvision ImageFolder + DataLoader", lambda: iter(loader))
 
 
-def ray_side(cfg, batch_size: int) -> Side:
-    from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, iter_batches
+def ray_datasets(cfg) -> dict:
+    from orchestrator.data.layout import index_dataset
+    from orchestrator.data.transforms import augments_for
+    from orchestrator.distributed.datasets import SkipCounter, build_ray_datasets
 
-    train = build_ray_datasets(cfg, skip_counter=SkipCounter())["train"]
+    return build_ray_datasets(index_dataset(cfg.data), augments_for(cfg.data, cfg.model.input_size),
+                              input_size=cfg.model.input_size, num_classes=cfg.model.num_classes, seed=cfg.seed,
+                              skip_counter=SkipCounter())
+
+
+def ray_side(cfg, batch_size: int) -> Side:
+    from orchestrator.distributed.datasets import iter_batches
+
+    train = ray_datasets(cfg)["train"]
     return Side("ray.data pipeline (ours)", lambda: iter_batches(train, batch_size, device="cpu"))
 
 
 def block_bytes(cfg) -> str:
     """Bytes per image in our blocks, measured on a block, against float32 CHW."""
-    from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets
-
-    block = build_ray_datasets(cfg, skip_counter=SkipCounter())["val"].take_batch(1, batch_format="numpy")["image"]
+    block = ray_datasets(cfg)["val"].take_batch(1, batch_format="numpy")["image"]
     float_bytes = block[0].size * 4
     return (f"bytes per image in blocks: {block[0].nbytes} ({block.dtype}, {block.shape[1:]}) vs {float_bytes} float32: "
             f"{float_bytes / block[0].nbytes:.0f}x smaller")
@@ -135,7 +143,7 @@ def main() -> None:
 
     import ray
 
-    from orchestrator.config import PipelineConfig
+    from orchestrator.config.schema import PipelineConfig
     from orchestrator.data.transforms import transforms_for
 
     with tempfile.TemporaryDirectory(prefix="limpq-bench-data-") as tmp:
@@ -152,7 +160,7 @@ def main() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-execution INFO lines between results
         try:
             print(block_bytes(cfg))
-            sides = [dataloader_side(root, transforms_for(cfg)[0], args.batch_size, args.cpus),
+            sides = [dataloader_side(root, transforms_for(cfg.data, cfg.model.input_size)[0], args.batch_size, args.cpus),
                      ray_side(cfg, args.batch_size)]
             for side in sides:
                 side.run_epoch()  # warm-up: worker start-up, page cache

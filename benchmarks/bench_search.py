@@ -93,7 +93,7 @@ def main() -> None:
 def measure(args: argparse.Namespace, scratch: Path) -> None:
     import pulp
 
-    from orchestrator.config import Budget
+    from orchestrator.config.schema import Budget
     from orchestrator.indicators import load_indicators
     from orchestrator.search.costs import cost_table
     from orchestrator.search.ilp import Searcher, solve

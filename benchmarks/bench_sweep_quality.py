@@ -16,8 +16,9 @@ import logging
 import statistics
 from pathlib import Path
 
-from orchestrator.config import load_config
+from orchestrator.config.loading import load_config
 from orchestrator.distributed.pipeline import run_pipeline
+from orchestrator.preflight import preflight
 
 BUDGETS = [{"target_wbits": 3, "target_abits": 3}, {"target_wbits": 2, "target_abits": 2}]
 
@@ -49,7 +50,7 @@ def main() -> None:
                 "ray.storage_path": str(out / "ray"),
                 "mlflow.tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "mlflow.experiment": "quality",
             })
-            for row in run_pipeline(cfg):
+            for row in run_pipeline(preflight(cfg)):
                 if row["top1"] is None:
                     failures.append(f"seed {seed} init={init} {row['budget']}: {row['error']}")
                     continue

@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -33,21 +32,13 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.distributed.pipeline import run_pipeline
+from orchestrator.distributed.runtime import free_ports
 from orchestrator.errors import PipelineFailed
+from orchestrator.preflight import preflight
 
 BUDGETS = [(2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (3, 4), (4, 3), (4, 4)]  # 8 feasible (wbits, abits) targets
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def config(out: Path, name: str, epochs: int, fraction: float, experiment: str, **ray_settings) -> PipelineConfig:
@@ -67,7 +58,7 @@ def config(out: Path, name: str, epochs: int, fraction: float, experiment: str, 
 def sweep_seconds(out: Path, nodes: int, cpus_per_node: float, epochs: int, fraction: float) -> tuple[float, int]:
     """Wall time of the sweep on a fresh cluster of `nodes` worker nodes; also the failed-trial count."""
     temp_dir = tempfile.mkdtemp(prefix="lqb", dir="/tmp")  # Ray's socket paths must stay short
-    port, dashboard, agent = _free_ports(3)
+    port, dashboard, agent = free_ports(3)
     # Inherited by every Ray process, so Ray's helpers that look the cluster up find this one.
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -81,7 +72,7 @@ def sweep_seconds(out: Path, nodes: int, cpus_per_node: float, epochs: int, frac
         cfg = config(out, f"sweep-{nodes}-nodes", epochs, fraction, f"bench-sweep-{nodes}-nodes-{int(time.time())}",
                      address=cluster.address, max_concurrent_trials=nodes)
         try:
-            run_pipeline(cfg)
+            run_pipeline(preflight(cfg))
         except PipelineFailed:  # some trial failed: reported below, the time still counts
             pass
         client = MlflowClient(cfg.mlflow.tracking_uri)

@@ -14,10 +14,12 @@ import logging
 import time
 from pathlib import Path
 
-from orchestrator.config import load_config
+from orchestrator.config.loading import load_config
+from orchestrator.data.layout import prepare_dataset
 from orchestrator.distributed.pipeline import run_indicators
+from orchestrator.preflight import preflight
 from orchestrator.stagekeys import stage_keys
-from orchestrator.tracking import Tracker
+from orchestrator.tracking.runs import Tracker
 
 
 def main() -> None:
@@ -38,11 +40,13 @@ def main() -> None:
             "mlflow.tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "mlflow.experiment": "throughput",
         })
         started = time.perf_counter()
-        run_indicators(cfg)
+        checked = preflight(cfg)
+        run_indicators(checked)
         wall = time.perf_counter() - started
         tracker = Tracker.from_config(cfg)
-        run_id = tracker.find_finished_stage_run(cfg, "indicators", stage_keys(cfg).indicators)
-        rates[workers] = tracker.get_run(run_id).data.metrics["images_per_second"]
+        key = stage_keys(cfg, (checked.dataset or prepare_dataset(cfg.data)).fingerprint).indicators
+        run_id = tracker.find_finished_stage_run(cfg, "indicators", key)
+        rates[workers] = tracker.client.get_run(run_id).data.metrics["images_per_second"]
         print(f"{workers} worker(s): {rates[workers]:.1f} images/s in the training loop (|B|+1 = "
               f"{len(cfg.indicators.bits) + 1} passes per image), stage wall time {wall:.0f} s")
     print(f"ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")

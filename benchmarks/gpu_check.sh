@@ -76,9 +76,9 @@ print(f"[1] Ray Train on {gpus} GPU(s), NCCL: all-reduce {result.metrics['all_re
 ray.shutdown()
 
 # ---------------------------------------------------------------- 2 and 3: one GPU, ResNet18 224x224
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.modelinfo import build_model
-from orchestrator.train.stages import fp_training, joint_model, joint_training
+from orchestrator.train.stages import joint_model, joint_training, plain_training
 
 device = torch.device("cuda", 0)
 images = torch.randn(batch, 3, 224, 224, device=device)
@@ -107,9 +107,9 @@ for bf16 in (False, True):
     cfg = config(bf16)
     torch.manual_seed(0)
     fp = build_model("resnet18", 1000).to(device)
-    fp_step = seconds_per_step(fp_training(cfg, fp, per_epoch=1000).step)
-    joint = joint_model(cfg, build_model("resnet18", 1000)).to(device)
-    joint_step = seconds_per_step(joint_training(cfg, joint, per_epoch=1000).step)
+    fp_step = seconds_per_step(plain_training(fp, cfg.fp, 1000, cfg.ray.bf16).step)
+    joint = joint_model(cfg.model, cfg.indicators.bits, build_model("resnet18", 1000)).to(device)
+    joint_step = seconds_per_step(joint_training(joint, cfg.indicators, 1000, cfg.seed, cfg.ray.bf16).step)
     bits = len(cfg.indicators.bits)
     results[bf16] = (fp_step, joint_step, bits)
     name = "bf16" if bf16 else "fp32"

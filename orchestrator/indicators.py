@@ -180,9 +180,9 @@ def non_monotonic(ind: Indicators) -> list[tuple[str, str, int]]:
 def check_layers(ind: Indicators, expected_names: list[str], source: str = "indicators") -> None:
     """UserError listing the model's searchable layers the indicators lack, and the ones they have extra."""
     expected = [strip_ddp_prefix(name) for name in expected_names]
-    have = set(ind.layers)
+    have, wanted = set(ind.layers), set(expected)
     missing = [name for name in expected if name not in have]
-    extra = [name for name in ind.layers if name not in set(expected)]
+    extra = [name for name in ind.layers if name not in wanted]
     if not missing and not extra:
         return
     parts = []

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torchvision import models
 
 from orchestrator.errors import UserError
 
@@ -39,8 +40,6 @@ class LayerInfo:
 
 def build_model(arch: str, num_classes: int = 1000, weights: str | None = None) -> nn.Module:
     """A torchvision classification model by name; `weights` (a torchvision weights name) downloads."""
-    from torchvision import models
-
     try:
         builder = models.get_model_builder(arch)
     except ValueError:

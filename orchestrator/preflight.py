@@ -3,10 +3,12 @@
 `preflight(cfg)` runs at the start of every entry point (`limpq config validate`, `limpq run`,
 `limpq indicators train`, the jobs/ scripts) before Ray starts or an MLflow run exists, so a mistake
 costs seconds and one line naming the key and the fix, not a worker traceback after training. The
-schema (orchestrator.config) already checked each value on its own; this pass checks what needs
+schema (orchestrator.config.schema) already checked each value on its own; this pass checks what needs
 several keys together, the model, the files or the machine.
 
 The whole config is checked whatever the command, since the pipeline runs every stage of it.
+What the checks computed (the dataset's listing, the model's cost table) comes back in a
+`CheckedConfig`, so the command reuses it instead of listing or tracing again.
 
 Layer-neutral: torch, torchvision and the layer-1 readers only (no Ray, no MLflow).
 """
@@ -15,17 +17,40 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import PipelineConfig, RecipeConfig
+import torch
+from torchvision import models
+
+from orchestrator.config.schema import PipelineConfig, RecipeConfig
+from orchestrator.data.layout import (
+    DatasetIndex,
+    check_dataset,
+    demo_to_build,
+    index_dataset,
+)
+from orchestrator.data.storage import check_storage_uri
 from orchestrator.errors import ConfigError
+from orchestrator.modelinfo import build_model
+from orchestrator.search.costs import CostTable, cost_table
+from orchestrator.search.latency import load_latency_table
+from orchestrator.train.checkpoint import load_checkpoint, restore_model
 
 # Ray Data reads and decodes in tasks of 1 CPU each, beside the CPUs Train workers hold for the run.
 DATA_TASK_CPUS = 1
 
 
-def preflight(cfg: PipelineConfig, *, cluster_resources: dict[str, float] | None = None) -> None:
+@dataclass(frozen=True)
+class CheckedConfig:
+    """A config that passed preflight, with what the checks computed."""
+
+    config: PipelineConfig
+    costs: CostTable  # the search's cost table of the configured model, input size and fixed layers
+    dataset: DatasetIndex | None  # None: the digits demo is built when the run starts
+
+
+def preflight(cfg: PipelineConfig, *, cluster_resources: dict[str, float] | None = None) -> CheckedConfig:
     """Raise ConfigError/UserError (one line: key, problem, fix) for the first problem found.
 
     `cluster_resources`: the most CPU/GPU the cluster can ever offer, from
@@ -37,17 +62,16 @@ def preflight(cfg: PipelineConfig, *, cluster_resources: dict[str, float] | None
     _check_gpu(cfg)
     if cluster_resources is not None:
         check_cluster_resources(cfg, cluster_resources)
-    layer_names, searchable = _check_model(cfg)
-    _check_latency(cfg, layer_names, searchable)
-    _check_data(cfg)
+    costs = _check_model(cfg)
+    _check_latency(cfg, costs)
+    dataset = _check_data(cfg)
     _check_storage(cfg)
+    return CheckedConfig(cfg, costs, dataset)
 
 
 def _check_storage(cfg: PipelineConfig) -> None:
     """Checkpoints and results can be written where `ray.storage_path` and `output_dir` say (on object
     storage: the bucket exists and takes the credentials)."""
-    from orchestrator.data.storage import check_storage_uri
-
     check_storage_uri(cfg.ray.storage_path, "ray.storage_path")
     check_storage_uri(cfg.output_dir, "output_dir")
 
@@ -98,8 +122,6 @@ def _check_gpu(cfg: PipelineConfig) -> None:
         raise ConfigError("ray.gpus_per_worker: 0 with ray.use_gpu: true; give each worker a GPU share "
                           "(e.g. 1) or set ray.use_gpu: false")
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError("ray.use_gpu: true, but this machine has no CUDA device and no cluster is given "
                               "(ray.address or RAY_ADDRESS); set ray.use_gpu: false or run on a GPU cluster")
@@ -128,8 +150,6 @@ def check_cluster_resources(cfg: PipelineConfig, capacity: dict[str, float]) -> 
 # ------------------------------------------------------------------------------ model and files
 
 def _check_arch(arch: str) -> None:
-    from torchvision import models
-
     known = models.list_models(module=models)
     if arch not in known:
         close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
@@ -139,8 +159,6 @@ def _check_arch(arch: str) -> None:
 
 def _check_fp_source(cfg: PipelineConfig) -> None:
     if cfg.fp.source == "torchvision":
-        from torchvision import models
-
         try:
             weights = models.get_weight(cfg.fp.weights)
         except (ValueError, AttributeError, KeyError):
@@ -153,9 +171,6 @@ def _check_fp_source(cfg: PipelineConfig) -> None:
         path = Path(cfg.fp.checkpoint)
         if not path.is_file():
             raise ConfigError(f"fp.checkpoint: file not found: {path}; give the path of a torch checkpoint")
-        from orchestrator.modelinfo import build_model
-        from orchestrator.train.checkpoint import load_checkpoint, restore_model
-
         payload = load_checkpoint(path)  # weights_only: reads tensors, never runs code
         arch = payload["meta"].get("arch", cfg.model.arch)
         if arch != cfg.model.arch:
@@ -163,35 +178,32 @@ def _check_fp_source(cfg: PipelineConfig) -> None:
         restore_model(build_model(cfg.model.arch, cfg.model.num_classes), payload["model"], path)
 
 
-def _check_model(cfg: PipelineConfig) -> tuple[set[str], list[str]]:
-    """Architecture, FP source, a forward pass at input_size and the fixed layers; returns every
-    Conv2d/Linear name and the searchable ones in forward order."""
-    from orchestrator.search.costs import cost_table
-
+def _check_model(cfg: PipelineConfig) -> CostTable:
+    """Architecture, FP source, a forward pass at input_size and the fixed layers; returns the cost
+    table of the configured model."""
     _check_arch(cfg.model.arch)
     _check_fp_source(cfg)
     try:  # traced once per model and size, then read from the cost cache (as the search does)
-        costs = cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, None, cfg.model.num_classes)
+        default = cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, None, cfg.model.num_classes)
     except (RuntimeError, AssertionError, ValueError) as error:  # a model that cannot run at this size
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"model.input_size: {cfg.model.arch} does not run at {cfg.model.input_size}x"
                           f"{cfg.model.input_size} ({reason}); choose a size it accepts") from None
-    names = [layer.name for layer in (*costs.searchable, *costs.fixed)]
     fixed = cfg.model.fixed_layers
     if fixed is None:
-        return set(names), [layer.name for layer in costs.searchable]
+        return default
+    names = [layer.name for layer in (*default.searchable, *default.fixed)]
     for name in fixed:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3)
             hint = f"did you mean {' or '.join(close)}?" if close else f"layers are e.g. {', '.join(names[:4])}"
             raise ConfigError(f"model.fixed_layers: {name!r} is not a Conv2d/Linear of {cfg.model.arch}; {hint}")
-    searchable = [name for name in names if name not in set(fixed)]
-    if not searchable:
+    if all(name in set(fixed) for name in names):
         raise ConfigError("model.fixed_layers: every layer is fixed, nothing is left to search; fix fewer layers")
-    return set(names), searchable
+    return cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, fixed, cfg.model.num_classes)
 
 
-def _check_latency(cfg: PipelineConfig, layer_names: set[str], searchable: list[str]) -> None:
+def _check_latency(cfg: PipelineConfig, costs: CostTable) -> None:
     table_path = cfg.search.latency_table
     for index, budget in enumerate(cfg.search.budgets):
         if budget.latency_ms is not None and not table_path:
@@ -201,16 +213,15 @@ def _check_latency(cfg: PipelineConfig, layer_names: set[str], searchable: list[
         return
     if not Path(table_path).is_file():
         raise ConfigError(f"search.latency_table: file not found: {table_path}")
-    from orchestrator.search.latency import load_latency_table
-
     table = load_latency_table(table_path)
+    layer_names = {layer.name for layer in (*costs.searchable, *costs.fixed)}
     unknown = sorted({layer for layer, _, _ in table if layer not in layer_names})
     if unknown:
         raise ConfigError(f"search.latency_table: {table_path} names layers {cfg.model.arch} does not have: "
                           f"{', '.join(unknown[:3])}" + (f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""))
     wbits = cfg.search.wbits or cfg.indicators.bits
     abits = cfg.search.abits or cfg.indicators.bits
-    missing = [(name, w, a) for name in searchable for w in wbits for a in abits if (name, w, a) not in table]
+    missing = [(name, w, a) for name in costs.names for w in wbits for a in abits if (name, w, a) not in table]
     if missing:
         examples = ", ".join(f"{name} W{w}A{a}" for name, w, a in missing[:3])
         raise ConfigError(f"search.latency_table: {table_path} lacks {len(missing)} (layer, wbits, abits) entries "
@@ -219,26 +230,17 @@ def _check_latency(cfg: PipelineConfig, layer_names: set[str], searchable: list[
 
 # ------------------------------------------------------------------------------ data
 
-def dataset_train_samples(cfg: PipelineConfig) -> Callable[[float], int] | None:
-    """Check the dataset (local or object storage: the data layer's `check_dataset`) and return how
-    many training samples a `train_fraction` selects; None while the digits demo is still to be
-    built on first use."""
-    from orchestrator.data.layout import KEY, check_dataset, count_samples
-    from orchestrator.data.storage import locate
-
-    check_dataset(cfg)
-    if cfg.data.demo and not locate(cfg.data.path, KEY).exists(KEY):
+def _check_data(cfg: PipelineConfig) -> DatasetIndex | None:
+    """The dataset, listed once (the returned index serves the rest of the command), checked, and
+    every training stage's share per worker at least one batch; None while the digits demo is
+    still to be built on first use."""
+    if demo_to_build(cfg.data):
         return None
-    return lambda fraction: count_samples(cfg, "train", fraction)
-
-
-def _check_data(cfg: PipelineConfig) -> None:
-    train_samples = dataset_train_samples(cfg)
-    if train_samples is None:
-        return
+    index = index_dataset(cfg.data)
+    check_dataset(index, cfg.model.num_classes)
     workers, batch = cfg.ray.num_workers, cfg.data.batch_size
     for stage, recipe in _training_stages(cfg):
-        samples = train_samples(recipe.train_fraction)
+        samples = index.count("train", recipe.train_fraction, cfg.seed)
         share = samples // workers
         if share < batch:
             raise ConfigError(
@@ -246,3 +248,4 @@ def _check_data(cfg: PipelineConfig) -> None:
                 f"images at {stage}.train_fraction {recipe.train_fraction:g} / {workers} worker(s) = {share}), so "
                 f"an epoch would have no step; lower data.batch_size to {max(share, 1)} or less, or raise "
                 f"{stage}.train_fraction")
+    return index

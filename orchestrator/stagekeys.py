@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import PipelineConfig
-
-STAGES = ("fp", "indicators", "sweep")
+from orchestrator.config.schema import PipelineConfig
 
 
 def file_digest(path: str | Path) -> str:
@@ -41,14 +39,10 @@ class StageKeys:
     indicators: str
     sweep: str
 
-    def __getitem__(self, stage: str) -> str:
-        return getattr(self, stage)
 
-
-def stage_keys(cfg: PipelineConfig) -> StageKeys:
-    """The key of every stage of `cfg` (reads the dataset listing and hashes input files)."""
-    from orchestrator.data.layout import dataset_fingerprint
-
+def stage_keys(cfg: PipelineConfig, dataset_fingerprint: dict) -> StageKeys:
+    """The key of every stage of `cfg` on the dataset with `dataset_fingerprint`
+    (`DatasetIndex.fingerprint`); hashes the input files."""
     settings = cfg.model_dump(mode="json")
     fp_settings = dict(settings["fp"])
     if cfg.fp.source == "checkpoint":
@@ -59,7 +53,7 @@ def stage_keys(cfg: PipelineConfig) -> StageKeys:
     else:
         fp_payload = {"model": settings["model"], "fp": fp_settings, "seed": cfg.seed}
     data_settings = {k: v for k, v in settings["data"].items() if k not in ("path", "demo")}
-    data_identity = {"settings": data_settings, "fingerprint": dataset_fingerprint(cfg)}
+    data_identity = {"settings": data_settings, "fingerprint": dataset_fingerprint}
     if cfg.fp.source == "train":
         fp_payload["data"] = data_identity
     fp = _hash(fp_payload)

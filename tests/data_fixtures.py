@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.data.layout import (
+    DatasetIndex,
+    check_dataset,
+    index_dataset,
+    prepare_dataset,
+)
+from orchestrator.data.local import EncodedImageDataset, build_datasets
+from orchestrator.data.transforms import transforms_for
 
 
 def write_tiny_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 24, seed: int = 0) -> None:
@@ -40,3 +48,29 @@ def data_config(path: Path, fmt: str = "folder", input_size: int = 16, num_class
         "data": {"path": str(path), "format": fmt, **data},
         "model": {"num_classes": num_classes, "input_size": input_size},
     })
+
+
+def checked_index(cfg: PipelineConfig) -> DatasetIndex:
+    """The dataset of `cfg` listed and checked, as preflight does."""
+    index = index_dataset(cfg.data)
+    check_dataset(index, cfg.model.num_classes)
+    return index
+
+
+def datasets_of(cfg: PipelineConfig, train_fraction: float = 1.0) -> tuple[EncodedImageDataset, EncodedImageDataset]:
+    """The in-process (train, val) datasets of `cfg`, as one-shot scoring builds them."""
+    return build_datasets(prepare_dataset(cfg.data), transforms_for(cfg.data, cfg.model.input_size),
+                          cfg.model.num_classes, cfg.seed, train_fraction)
+
+
+def ray_datasets_of(cfg: PipelineConfig, counter, train_fraction: float = 1.0) -> dict:
+    """The ray.data {"train", "val"} datasets of `cfg` with `counter` (a SkipCounter), as a Train
+    stage builds them."""
+    from orchestrator.data.transforms import augments_for
+    from orchestrator.distributed.datasets import (
+        build_ray_datasets,  # Ray: only the Ray tests load it
+    )
+
+    return build_ray_datasets(prepare_dataset(cfg.data), augments_for(cfg.data, cfg.model.input_size),
+                              input_size=cfg.model.input_size, num_classes=cfg.model.num_classes, seed=cfg.seed,
+                              skip_counter=counter, train_fraction=train_fraction)

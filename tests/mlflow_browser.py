@@ -1,11 +1,10 @@
-"""The MLflow UI in a real browser: `mlflow server` on 127.0.0.1 over a store, and headless Chromium
-(Debian's `chromium`) driven through the DevTools protocol, with aiohttp (a Ray dashboard dependency)
-as the websocket client.
+"""The MLflow UI in a real browser: `mlflow server` on 127.0.0.1 over a store, and Debian's headless
+`chromium` driven by Playwright (its own browser downloads are never used).
 
 MLflow 3.17's UI is a React single-page app with hash routes (`#/experiments/ID`, `#/models`,
-`#/experiments/ID/runs/RUN`): pages are checked by their rendered text (`document.body.innerText`)
-once the expected words appear, not after a fixed wait. Used by tests/test_mlflow_ui.py and, as a
-script, to take the README's screenshot:
+`#/experiments/ID/runs/RUN`): pages are checked by their rendered text once the expected words
+appear, not after a fixed wait. Used by tests/test_mlflow_ui.py and, as a script, to take the
+README's screenshot:
 
     python tests/mlflow_browser.py --tracking-uri sqlite:///mlflow.db --experiment limpq-demo \\
         --out docs/mlflow-sweep.png
@@ -14,15 +13,10 @@ script, to take the README's screenshot:
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
 import contextlib
-import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,17 +26,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.mlflow_ui import MODEL_TRAINING_QUERY as MODEL_TRAINING
-from orchestrator.mlflow_ui import experiment_page
+from mlflow import MlflowClient
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page, sync_playwright
+
+from cluster import free_port
+from orchestrator.tracking.ui import MODEL_TRAINING_QUERY as MODEL_TRAINING
+from orchestrator.tracking.ui import experiment_page
 
 PAGE_TIMEOUT_S = 90.0
 TRIAL_METRICS = ("val_top1", "bitops_g", "size_mb", "compression_ratio")  # what a sweep is compared on
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# Headless, and quiet on this machine's closed network (no background requests, no first-run pages).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def find_chromium(install: bool = True) -> str | None:
@@ -59,12 +55,14 @@ def find_chromium(install: bool = True) -> str | None:
 
 @contextlib.contextmanager
 def mlflow_server(backend_store_uri: str, log_path: Path) -> Iterator[str]:
-    """`mlflow server` on a free 127.0.0.1 port over the store; yields its URL, then stops its whole
-    process group (server and workers)."""
+    """`mlflow server` on a free 127.0.0.1 port over the store, its proxied artifacts beside the log
+    (not in the working directory); yields its URL, then stops its whole process group (server and
+    workers)."""
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+             "--artifacts-destination", str(log_path.parent / "mlartifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # no background job workers (seven processes serving GenAI evaluation jobs) for a UI check
@@ -95,126 +93,73 @@ def mlflow_server(backend_store_uri: str, log_path: Path) -> Iterator[str]:
             process.wait()
 
 
-class Browser:
-    """One headless Chromium page over the DevTools protocol."""
+@contextlib.contextmanager
+def browser_page(chromium: str, width: int = 1600, height: int = 1000) -> Iterator[Page]:
+    """One page of a headless Chromium (the given binary) driven by Playwright."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
 
-    def __init__(self, chromium: str, width: int = 1600, height: int = 1000) -> None:
-        self.chromium, self.width, self.height = chromium, width, height
 
-    async def __aenter__(self) -> Browser:
-        import aiohttp
+def page_text(page: Page) -> str:
+    return page.evaluate("document.body ? document.body.innerText : ''") or ""
 
-        self._profile = tempfile.mkdtemp(prefix="limpq-chromium-")
-        self._process = await asyncio.create_subprocess_exec(
-            self.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--remote-debugging-port=0", f"--user-data-dir={self._profile}",
-            f"--window-size={self.width},{self.height}", "about:blank",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        endpoint = await asyncio.wait_for(self._devtools_endpoint(), timeout=60)
-        self._session = aiohttp.ClientSession()
-        async with self._session.get(f"http://{endpoint}/json/list") as response:
-            page = next(t for t in await response.json() if t["type"] == "page")
-        self._ws = await self._session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
-        self._next_id = 0
-        await self.call("Page.enable")
-        await self.call("Emulation.setDeviceMetricsOverride",
-                        width=self.width, height=self.height, deviceScaleFactor=1, mobile=False)
-        return self
 
-    async def _devtools_endpoint(self) -> str:
-        while line := await self._process.stderr.readline():
-            found = re.search(rb"DevTools listening on ws://([^/]+)/", line)
-            if found:
-                return found.group(1).decode()
-        raise RuntimeError("chromium exited before opening its DevTools port")
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._ws.close()
-        await self._session.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signal.SIGTERM)
-        await self._process.wait()
-        shutil.rmtree(self._profile, ignore_errors=True)
-
-    async def call(self, method: str, **params: object) -> dict:
-        self._next_id += 1
-        call_id = self._next_id
-        await self._ws.send_str(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            message = json.loads((await self._ws.receive()).data)
-            if message.get("id") == call_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-
-    async def evaluate(self, expression: str) -> object:
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        return result.get("result", {}).get("value")
-
-    async def open(self, url: str, expect: list[str], timeout: float = PAGE_TIMEOUT_S) -> str:
-        """Load `url` and wait until the page's text holds every string of `expect`; returns the text.
-        Raises AssertionError naming what is missing, with the text the page did show."""
-        await self.call("Page.navigate", url=url)
-        return await self.wait_for(expect, timeout)
-
-    async def wait_for(self, expect: list[str], timeout: float = PAGE_TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout
-        text = ""
-        while time.monotonic() < deadline:
-            text = await self.evaluate("document.body ? document.body.innerText : ''") or ""
-            if all(needle in text for needle in expect):
-                return text
-            await asyncio.sleep(0.5)
+def wait_for_text(page: Page, expect: list[str], timeout: float = PAGE_TIMEOUT_S) -> str:
+    """Wait until the page's text holds every string of `expect`; returns the text. Raises
+    AssertionError naming what is missing, with the text the page did show."""
+    try:
+        page.wait_for_function("needles => document.body && needles.every(n => document.body.innerText.includes(n))",
+                               arg=expect, timeout=timeout * 1000, polling=500)
+    except PlaywrightError:
+        text = page_text(page)
         missing = [needle for needle in expect if needle not in text]
-        raise AssertionError(f"{missing} not shown within {timeout:.0f}s; the page showed: {text[:1500]!r}")
+        raise AssertionError(f"{missing} not shown within {timeout:.0f}s; the page showed: {text[:1500]!r}") from None
+    return page_text(page)
 
-    async def expand_all_runs(self) -> None:
-        """Open every collapsed parent row of the runs table (their children are hidden until then).
-        The expander is the button in a row's Run Name cell, drawn as a plus sign while collapsed
-        (the grid recycles row elements, so the icon, not the element, tells which rows are open);
-        each round opens one more level of nesting."""
-        for _ in range(10):
-            clicked = await self.evaluate(
-                "(() => { const buttons = [...document.querySelectorAll("
-                "'[role=gridcell][col-id=\"attributes.`Run Name`\"] button')]"
-                ".filter(b => b.innerHTML.includes('V4.5h1.5'));"
-                " buttons.forEach(b => b.click()); return buttons.length; })()")
-            if not clicked:
-                return
-            await asyncio.sleep(1.0)
 
-    async def close_assistant(self) -> None:
-        """Close the MLflow Assistant side panel (its close button is the page's top-right one),
-        which otherwise takes a third of the page."""
-        await self.evaluate(
-            "(() => { const buttons = [...document.querySelectorAll('button[aria-label=\"Close\"]')]"
-            ".filter(b => { const r = b.getBoundingClientRect(); return r.width > 0 && r.top < 80; });"
-            " buttons.forEach(b => b.click()); return buttons.length; })()")
+def open_page(page: Page, url: str, expect: list[str], timeout: float = PAGE_TIMEOUT_S) -> str:
+    page.goto(url)
+    return wait_for_text(page, expect, timeout)
 
-    async def show_metric_columns(self, names: list[str]) -> None:
-        """Add these metrics as columns of the runs table, each found through the column selector's
-        search box (the selector's tree only renders what fits)."""
-        await self.evaluate("[...document.querySelectorAll('button')]"
-                            ".filter(b => b.innerText.trim() === 'Columns').forEach(b => b.click())")
-        await asyncio.sleep(1.0)
-        for name in names:
-            await self.evaluate(  # React reads the value through the input event, not the attribute
-                "(() => { const box = document.querySelector('[role=dialog] input[placeholder=\"Search columns\"]');"
-                " Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(box, "
-                f"{json.dumps(name)}); box.dispatchEvent(new Event('input', {{bubbles: true}})); }})()")
-            await asyncio.sleep(0.7)
-            await self.evaluate(
-                "[...document.querySelectorAll('[role=dialog] .du-bois-light-tree-treenode')]"
-                f".filter(n => n.innerText.trim() === {json.dumps(name)})"
-                ".forEach(n => (n.querySelector('.du-bois-light-tree-checkbox') || n).click())")
-        await self.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape",
-                        windowsVirtualKeyCode=27)
 
-    async def screenshot(self, path: Path) -> Path:
-        shot = await self.call("Page.captureScreenshot", format="png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(shot["data"]))
-        return path
+def expand_all_runs(page: Page) -> None:
+    """Open every collapsed parent row of the runs table (their children are hidden until then).
+    The expander is the button in a row's Run Name cell, drawn as a plus sign while collapsed (the
+    grid recycles row elements, so the icon, not the element, tells which rows are open); each round
+    opens one more level of nesting."""
+    for _ in range(10):
+        clicked = page.evaluate(
+            "() => { const buttons = [...document.querySelectorAll("
+            "'[role=gridcell][col-id=\"attributes.`Run Name`\"] button')]"
+            ".filter(b => b.innerHTML.includes('V4.5h1.5'));"
+            " buttons.forEach(b => b.click()); return buttons.length; }")
+        if not clicked:
+            return
+        page.wait_for_timeout(1000)
+
+
+def close_assistant(page: Page) -> None:
+    """Close the MLflow Assistant side panel (its close button is the page's top-right one), which
+    otherwise takes a third of the page."""
+    page.evaluate(
+        "() => [...document.querySelectorAll('button[aria-label=\"Close\"]')]"
+        ".filter(b => { const r = b.getBoundingClientRect(); return r.width > 0 && r.top < 80; })"
+        ".forEach(b => b.click())")
+
+
+def show_metric_columns(page: Page, names: list[str]) -> None:
+    """Add these metrics as columns of the runs table, each found through the column selector's
+    search box (the selector's tree only renders what fits)."""
+    page.get_by_role("button", name="Columns", exact=True).click()
+    search = page.locator("[role=dialog] input[placeholder='Search columns']")
+    for name in names:
+        search.fill(name)
+        page.locator("[role=dialog] .du-bois-light-tree-treenode").filter(has_text=name).first.click()
+    page.keyboard.press("Escape")
 
 
 @dataclass
@@ -234,8 +179,6 @@ def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectat
     """What the UI must show for whatever a pipeline wrote: its top-level run and every run under it,
     the registered model its runs produced with all its versions, and a trial (a run under another
     one with `val_top1`) with the metrics a sweep is compared on and its top-level artifacts."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
@@ -260,27 +203,11 @@ def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectat
     return expected
 
 
-def _run_id(client, experiment_id: str, run_name: str) -> str:
+def _run_id(client: MlflowClient, experiment_id: str, run_name: str) -> str:
     runs = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{run_name}'", max_results=1)
     if not runs:
         raise AssertionError(f"no run named {run_name!r} in the store")
     return runs[0].info.run_id
-
-
-async def _check_pages(browser: Browser, url: str, experiment_id: str, expected: Expectations,
-                       trial_run_id: str | None, timeout: float) -> None:
-    await browser.open(experiment_page(url, experiment_id), [expected.root_run, "Run Name"], timeout)
-    if expected.nested_runs:
-        await browser.expand_all_runs()
-        await browser.wait_for(expected.nested_runs, timeout)
-    if expected.registered_model:
-        await browser.open(f"{url}/#/models?{MODEL_TRAINING}", [expected.registered_model], timeout)
-        versions = [f"Version {n}" for n in range(1, expected.model_versions + 1)]
-        await browser.open(f"{url}/#/models/{expected.registered_model}?{MODEL_TRAINING}", versions, timeout)
-    if trial_run_id:
-        run_page = f"{url}/#/experiments/{experiment_id}/runs/{trial_run_id}"
-        await browser.open(f"{run_page}?{MODEL_TRAINING}", [expected.trial_run, *expected.trial_metrics], timeout)
-        await browser.open(f"{run_page}/artifacts?{MODEL_TRAINING}", expected.trial_artifacts, timeout)
 
 
 def check_pages(url: str, tracking_uri: str, experiment_name: str, expected: Expectations, chromium: str,
@@ -289,47 +216,42 @@ def check_pages(url: str, tracking_uri: str, experiment_name: str, expected: Exp
     table lists the root run and, expanded, its nested runs; the Models pages list the registered
     model and its versions; the trial run's page shows its metrics, its Artifacts tab its artifacts.
     Raises AssertionError naming what a page did not show."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise AssertionError(f"no experiment {experiment_name!r} in {tracking_uri}")
-    trial_run_id = _run_id(client, experiment.experiment_id, expected.trial_run) if expected.trial_run else None
-    asyncio.run(_with_browser(chromium, lambda browser: _check_pages(
-        browser, url, experiment.experiment_id, expected, trial_run_id, timeout)))
-
-
-def check_ui(tracking_uri: str, experiment_name: str, expected: Expectations, chromium: str, workdir: Path) -> None:
-    """`check_pages` with an `mlflow server` of its own over the store (its log in `workdir`)."""
-    with mlflow_server(tracking_uri, workdir / "mlflow-server.log") as url:
-        check_pages(url, tracking_uri, experiment_name, expected, chromium)
-
-
-async def _with_browser(chromium: str, action, width: int = 1600, height: int = 1000):
-    async with Browser(chromium, width, height) as browser:
-        return await action(browser)
+    experiment_id = experiment.experiment_id
+    with browser_page(chromium) as page:
+        open_page(page, experiment_page(url, experiment_id), [expected.root_run, "Run Name"], timeout)
+        if expected.nested_runs:
+            expand_all_runs(page)
+            wait_for_text(page, expected.nested_runs, timeout)
+        if expected.registered_model:
+            open_page(page, f"{url}/#/models?{MODEL_TRAINING}", [expected.registered_model], timeout)
+            versions = [f"Version {n}" for n in range(1, expected.model_versions + 1)]
+            open_page(page, f"{url}/#/models/{expected.registered_model}?{MODEL_TRAINING}", versions, timeout)
+        if expected.trial_run:
+            run_page = f"{url}/#/experiments/{experiment_id}/runs/{_run_id(client, experiment_id, expected.trial_run)}"
+            open_page(page, f"{run_page}?{MODEL_TRAINING}", [expected.trial_run, *expected.trial_metrics], timeout)
+            open_page(page, f"{run_page}/artifacts?{MODEL_TRAINING}", expected.trial_artifacts, timeout)
 
 
 def screenshot_experiment(tracking_uri: str, experiment_name: str, out: Path, chromium: str, workdir: Path,
                           metrics: list[str], width: int = 1600, height: int = 1000) -> Path:
     """A PNG of the experiment's runs table with every nested run expanded and `metrics` as columns."""
-    from mlflow import MlflowClient
-
     experiment = MlflowClient(tracking_uri).get_experiment_by_name(experiment_name)
     if experiment is None:
         raise SystemExit(f"no experiment {experiment_name!r} in {tracking_uri}")
-
-    async def shoot(browser: Browser) -> Path:
-        await browser.open(experiment_page(url, experiment.experiment_id), ["Run Name"])
-        await browser.show_metric_columns(metrics)
-        await browser.close_assistant()
-        await browser.expand_all_runs()
-        await asyncio.sleep(2)  # row heights and column widths settle
-        return await browser.screenshot(out)
-
-    with mlflow_server(tracking_uri, workdir / "mlflow-server.log") as url:
-        return asyncio.run(_with_browser(chromium, shoot, width, height))
+    with mlflow_server(tracking_uri, workdir / "mlflow-server.log") as url, \
+            browser_page(chromium, width, height) as page:
+        open_page(page, experiment_page(url, experiment.experiment_id), ["Run Name"])
+        show_metric_columns(page, metrics)
+        close_assistant(page)
+        expand_all_runs(page)
+        page.wait_for_timeout(2000)  # row heights and column widths settle
+        out.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out))
+    return out
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from cluster import free_port
 
 REGION = "us-east-1"
 ALLOW_ALL = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
@@ -49,12 +50,6 @@ class S3Server:
                             aws_secret_access_key=self.secret_key, region_name=self.region)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _wait_until_up(endpoint: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -74,7 +69,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     import boto3
 
     moto_server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     log = (tmp_path_factory.mktemp("moto") / "moto_server.log").open("w")
     # Started in its own session so that stopping it never signals the test process's group.
     process = subprocess.Popen([moto_server, "-H", "127.0.0.1", "-p", endpoint.rsplit(":", 1)[1]],

@@ -1,16 +1,13 @@
 """The cluster path a user takes: launcher configs that `ray up` accepts, a one-machine cluster from
-cluster/local-up.sh, jobs submitted with `ray job submit` and `limpq submit`, their results in the
-cluster's MLflow server, and the generated configuration reference in the README."""
+cluster/local-up.sh, jobs submitted with `ray job submit` and `limpq submit`, and their results in the
+cluster's MLflow server."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,26 +23,19 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from cluster import REPO, VENV_BIN, free_port, local_up
 from orchestrator.cli import main
-from orchestrator.config import PipelineConfig, load_config
-from orchestrator.config_reference import END_MARKER, START_MARKER, current_reference, render_reference, update_markdown
+from orchestrator.config.loading import load_config
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.distributed.submission import (
+    DEFAULT_ADDRESS,
+    load_runtime_env,
+    resolve_address,
+)
 from orchestrator.errors import ConfigError, UserError
-from orchestrator.submission import DEFAULT_ADDRESS, load_runtime_env, resolve_address
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 SMOKE_CONFIG = "jobs/configs/smoke.yaml"
 JOB_TIMEOUT_S = 1500
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 # ------------------------------------------------------------------------------ launcher configs
@@ -234,50 +224,10 @@ def test_submit_to_an_unreachable_cluster_is_a_one_line_error(
     # process-wide auth setting as it is. monkeypatch restores both.
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "unused")
     monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
-    (port,) = _free_ports(1)
+    port = free_port()
     assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--", "echo", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"limpq: error: cannot use the Ray job API at http://127.0.0.1:{port}") and err.count("\n") == 1
-
-
-# ------------------------------------------------------------------------------ config CLI, reference
-
-def test_config_validate_prints_ok_or_the_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text("data: {demo: true}\n")
-    bad.write_text("data: {demo: true}\nray: {num_workers: 0}\n")
-    assert main(["config", "validate", str(good)]) == 0
-    assert "OK" in capsys.readouterr().out
-    assert main(["config", "validate", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert err == f"limpq: error: {bad}: ray.num_workers: Input should be greater than or equal to 1\n"
-
-
-def test_readme_configuration_reference_is_up_to_date() -> None:
-    assert current_reference(REPO / "README.md") == render_reference(), (
-        "README.md's configuration reference differs from the schema; run: limpq config reference --update README.md"
-    )
-
-
-def test_reference_documents_every_key_with_its_default() -> None:
-    reference = render_reference()
-    for key in PipelineConfig.model_construct().flat():
-        assert f"| `{key}` |" in reference, key
-    assert "| `ray.num_workers` | int (>= 1) | `1` |" in reference
-    assert "| `search.budgets[].target_wbits` | int or null (>= 2, <= 8) | `null` |" in reference
-
-
-def test_reference_update_rewrites_only_between_the_markers(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nintro\n\n{START_MARKER}\nstale\n{END_MARKER}\n\n## After\n")
-    assert update_markdown(readme) is True
-    text = readme.read_text()
-    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{END_MARKER}\n\n## After\n")
-    assert "stale" not in text and current_reference(readme) == render_reference()
-    assert update_markdown(readme) is False
-    readme.write_text("no markers\n")
-    with pytest.raises(UserError, match="markers"):
-        update_markdown(readme)
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -332,48 +282,13 @@ def _run_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([str(REPO / "cluster" / name)], env=env, capture_output=True, text=True, timeout=300)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     data_dir = tmp_path_factory.mktemp("cluster")
-    # Ray's socket paths must stay under ~107 characters: a short root, not pytest's tmp path.
-    ray_temp_dir = tempfile.mkdtemp(prefix="lq", dir="/tmp")
-    gcs, dashboard, mlflow, client, agent = _free_ports(5)
-    env = {
-        key: value for key, value in os.environ.items()
-        if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
-    }
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        LIMPQ_CLUSTER_DIR=str(data_dir),
-        LIMPQ_RAY_TEMP_DIR=ray_temp_dir,
-        LIMPQ_RAY_PORT=str(gcs),
-        LIMPQ_DASHBOARD_PORT=str(dashboard),
-        LIMPQ_MLFLOW_PORT=str(mlflow),
-        LIMPQ_RAY_EXTRA_ARGS=f"--ray-client-server-port {client} --dashboard-agent-listen-port {agent}",
-        RAY_AUTH_TOKEN_PATH=str(data_dir / "auth_token"),
-    )
-    pgids: list[int] = []
-    try:
-        up = _run_script("local-up.sh", env)
-        assert up.returncode == 0, up.stdout + up.stderr
-        pgids = [int((data_dir / name).read_text()) for name in ("ray.pid", "mlflow.pid")]
-        yield Cluster(
-            data_dir, f"http://127.0.0.1:{dashboard}", f"http://127.0.0.1:{mlflow}", dashboard, mlflow, env,
-            data_dir / "auth_token",
-        )
-    finally:
-        down = _run_script("local-down.sh", env)
-        shutil.rmtree(ray_temp_dir, ignore_errors=True)
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert not any(_group_alive(pgid) for pgid in pgids), "processes started by local-up.sh survived local-down.sh"
+    with local_up(data_dir) as env:
+        dashboard, mlflow = env["DASHBOARD_URL"], env["MLFLOW_URL"]
+        yield Cluster(data_dir, dashboard, mlflow, int(dashboard.rsplit(":", 1)[1]), int(mlflow.rsplit(":", 1)[1]),
+                      env, data_dir / "auth_token")
 
 
 @pytest.mark.slow

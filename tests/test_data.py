@@ -10,16 +10,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_fixtures import (
+    add_corrupt_files,
+    checked_index,
+    data_config,
+    datasets_of,
+    write_tiny_folder,
+)
 from PIL import Image
 
-from data_fixtures import add_corrupt_files, data_config, write_tiny_folder
 from orchestrator.cli import main as limpq
 from orchestrator.data.convert import folder_to_parquet
 from orchestrator.data.demo import MANIFEST_NAME, write_digits_dataset
-from orchestrator.data.layout import check_dataset, dataset_fingerprint, dataset_source
-from orchestrator.data.local import build_datasets
+from orchestrator.data.layout import demo_to_build, index_dataset
 from orchestrator.data.storage import check_storage_uri
-from orchestrator.data.transforms import IMAGENET_MEAN, eval_resize_size, eval_transform, train_transform
+from orchestrator.data.transforms import (
+    IMAGENET_MEAN,
+    eval_resize_size,
+    eval_transform,
+    train_transform,
+)
 from orchestrator.errors import UserError
 
 
@@ -88,7 +98,7 @@ def test_transform_shapes_and_normalization():
 
 
 def test_folder_datasets_labels_and_samples(digits):
-    train, val = build_datasets(data_config(digits, input_size=32))
+    train, val = datasets_of(data_config(digits, input_size=32))
     assert (len(train), len(val)) == (1438, 359)
     assert train.classes == [str(d) for d in range(10)]
     assert all(int(key.split("/")[0]) == label for key, label in zip(train.keys, train.labels))
@@ -98,19 +108,19 @@ def test_folder_datasets_labels_and_samples(digits):
 
 
 def test_train_fraction_is_a_stable_subset(digits):
-    full, _ = build_datasets(data_config(digits))
-    half, val = build_datasets(data_config(digits), train_fraction=0.5)
-    again, _ = build_datasets(data_config(digits), train_fraction=0.5)
+    full, _ = datasets_of(data_config(digits))
+    half, val = datasets_of(data_config(digits), train_fraction=0.5)
+    again, _ = datasets_of(data_config(digits), train_fraction=0.5)
     assert 0.45 * len(full) < len(half) < 0.55 * len(full)
     assert half.keys == again.keys and set(half.keys) < set(full.keys)
     assert len(val) == 359
-    other_seed, _ = build_datasets(data_config(digits).model_copy(update={"seed": 1}), train_fraction=0.5)
+    other_seed, _ = datasets_of(data_config(digits).model_copy(update={"seed": 1}), train_fraction=0.5)
     assert other_seed.keys != half.keys
 
 
 def test_corrupt_images_are_skipped_and_counted(tiny):
     bad = add_corrupt_files(tiny / "train")
-    train, val = build_datasets(data_config(tiny))
+    train, val = datasets_of(data_config(tiny))
     assert train.skipped == 2 and sorted(train.skipped_keys) == sorted(bad)
     assert len(train) == 3 * 8 and val.skipped == 0
     for index in range(len(train)):  # every kept sample loads
@@ -123,8 +133,8 @@ def test_parquet_matches_folder(tiny, tmp_path):
     assert (reports["train"].images, reports["train"].shards, len(reports["train"].skipped)) == (24, 3, 2)
     assert (reports["val"].images, reports["val"].shards) == (6, 1)
     for fraction in (1.0, 0.5):
-        folder = build_datasets(data_config(tiny), train_fraction=fraction)
-        parquet = build_datasets(data_config(tmp_path / "pq", "parquet"), train_fraction=fraction)
+        folder = datasets_of(data_config(tiny), train_fraction=fraction)
+        parquet = datasets_of(data_config(tmp_path / "pq", "parquet"), train_fraction=fraction)
         for from_folder, from_parquet in zip(folder, parquet):
             assert sorted(zip(from_folder.keys, from_folder.labels)) == sorted(zip(from_parquet.keys, from_parquet.labels))
     assert parquet[0].classes == folder[0].classes == ["c0", "c1", "c2"]
@@ -148,23 +158,23 @@ def test_missing_path_and_demo_on_demand(tmp_path):
     cfg = data_config(tmp_path)
     cfg.data.path = str(tmp_path / "absent")
     with pytest.raises(UserError, match="absent"):
-        build_datasets(cfg)
+        datasets_of(cfg)
     cfg.data.demo = True
-    train, val = build_datasets(cfg)
+    train, val = datasets_of(cfg)
     assert (len(train), len(val)) == (1438, 359)
 
 
 def test_bad_layouts_are_user_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="num_classes"):
-        build_datasets(data_config(tiny, num_classes=2))
+        datasets_of(data_config(tiny, num_classes=2))
     (tiny / "val" / "c9").mkdir()
     (tiny / "val" / "c9" / "x.png").write_bytes(b"")
     with pytest.raises(UserError, match="c9: class not present in the train split"):
-        build_datasets(data_config(tiny))
+        datasets_of(data_config(tiny))
     (tmp_path / "pq" / "train").mkdir(parents=True)
     (tmp_path / "pq" / "val").mkdir()
     with pytest.raises(UserError, match="no .parquet shards"):
-        build_datasets(data_config(tmp_path / "pq", "parquet"))
+        datasets_of(data_config(tmp_path / "pq", "parquet"))
 
 
 def test_cli_demo_and_to_parquet(tmp_path, capsys):
@@ -178,29 +188,33 @@ def test_cli_demo_and_to_parquet(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def fingerprint(cfg) -> dict:
+    return index_dataset(cfg.data).fingerprint
+
+
 def test_fingerprint_is_content_not_location(tiny, tmp_path):
     """The same files under another root fingerprint the same; a replaced image or a new file does not."""
     import shutil
 
-    original = dataset_fingerprint(data_config(tiny))
+    original = fingerprint(data_config(tiny))
     assert original["format"] == "folder" and original["splits"]["train"]["files"] == 3 * 8
     assert str(tiny) not in json.dumps(original)
     copy = tmp_path / "elsewhere" / "copy"
     shutil.copytree(tiny, copy)
-    assert dataset_fingerprint(data_config(copy)) == original
+    assert fingerprint(data_config(copy)) == original
     image = copy / "train" / "c1" / "001.png"
     Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(image)  # same name, other bytes, other size
-    changed = dataset_fingerprint(data_config(copy))
+    changed = fingerprint(data_config(copy))
     assert changed["splits"]["train"] != original["splits"]["train"] and changed["sha256"] != original["sha256"]
     assert changed["splits"]["val"] == original["splits"]["val"]
     folder_to_parquet(tiny, tmp_path / "pq", shard_size=10)
-    parquet = dataset_fingerprint(data_config(tmp_path / "pq", "parquet"))
+    parquet = fingerprint(data_config(tmp_path / "pq", "parquet"))
     assert parquet["format"] == "parquet" and parquet["splits"]["train"]["files"] == 3
-    assert dataset_source(data_config(tiny)) == tiny.resolve().as_uri()
+    assert index_dataset(data_config(tiny).data).source == tiny.resolve().as_uri()
 
 
 def test_check_dataset_one_line_per_mistake(tiny, tmp_path):
-    check_dataset(data_config(tiny))
+    checked_index(data_config(tiny))
     cases = []
     missing = data_config(tiny)
     missing.data.path = str(tmp_path / "absent")
@@ -223,12 +237,12 @@ def test_check_dataset_one_line_per_mistake(tiny, tmp_path):
     cases.append((data_config(tmp_path / "pq", "parquet", num_classes=2), "model.num_classes: .* labels 0..2"))
     for cfg, message in cases:
         with pytest.raises(UserError, match=message) as caught:
-            check_dataset(cfg)
+            checked_index(cfg)
         assert "\n" not in str(caught.value)
-    check_dataset(data_config(tmp_path / "pq", "parquet", num_classes=3))
+    checked_index(data_config(tmp_path / "pq", "parquet", num_classes=3))
     demo = data_config(tiny)
     demo.data.path, demo.data.demo = str(tmp_path / "to-build"), True
-    check_dataset(demo)  # the run builds it
+    assert demo_to_build(demo.data)  # the run builds it, not the checks
     assert not (tmp_path / "to-build").exists()
 
 

@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import ray
 import torch
+from data_fixtures import (
+    add_corrupt_files,
+    data_config,
+    datasets_of,
+    ray_datasets_of,
+    write_tiny_folder,
+)
 
-from data_fixtures import add_corrupt_files, data_config, write_tiny_folder
 from orchestrator.data.convert import folder_to_parquet
-from orchestrator.data.local import build_datasets
-from orchestrator.data.ray_pipeline import SkipCounter, block_bytes_per_image, build_ray_datasets, iter_batches
+from orchestrator.distributed.datasets import SkipCounter, dataset_config, iter_batches
 from orchestrator.errors import UserError
 
 
@@ -47,10 +52,10 @@ def epoch_labels(dataset, batch_size: int = 8) -> list[int]:
 def test_folder_and_parquet_give_the_same_samples(layouts):
     label_counts = {}
     for fmt, root in layouts.items():
-        datasets = build_ray_datasets(data_config(root, fmt), skip_counter=SkipCounter(), train_fraction=0.5)
+        datasets = ray_datasets_of(data_config(root, fmt), SkipCounter(), train_fraction=0.5)
         label_counts[fmt] = {split: Counter(epoch_labels(ds)) for split, ds in datasets.items()}
     assert label_counts["folder"] == label_counts["parquet"]
-    in_process, in_process_val = build_datasets(data_config(layouts["folder"]), train_fraction=0.5)
+    in_process, in_process_val = datasets_of(data_config(layouts["folder"]), train_fraction=0.5)
     assert label_counts["folder"]["train"] == Counter(in_process.labels)
     assert label_counts["folder"]["val"] == Counter(in_process_val.labels)
 
@@ -62,7 +67,7 @@ def test_corrupt_images_are_skipped_and_counted_once(layouts, fmt):
         root = layouts["parquet"].parent / "parquet-with-corrupt"
         write_parquet_with_corrupt_rows(layouts["folder"], root)
     counter = SkipCounter()
-    train = build_ray_datasets(data_config(root, fmt), skip_counter=counter)["train"]
+    train = ray_datasets_of(data_config(root, fmt), counter)["train"]
     assert len(epoch_labels(train)) == 3 * 16
     assert len(epoch_labels(train)) == 3 * 16
     assert counter.counts() == {"train": 2, "val": 0}
@@ -87,16 +92,16 @@ def write_parquet_with_corrupt_rows(folder: Path, out: Path) -> None:
 
 
 def test_new_order_every_epoch_same_samples(layouts):
-    train = build_ray_datasets(data_config(layouts["folder"]), skip_counter=SkipCounter())["train"]
+    train = ray_datasets_of(data_config(layouts["folder"]), SkipCounter())["train"]
     first, second = epoch_labels(train), epoch_labels(train)
     assert first != second
     assert Counter(first) == Counter(second)
 
 
 def test_train_fraction_selects_a_subset(layouts):
-    full = build_ray_datasets(data_config(layouts["folder"]), skip_counter=SkipCounter())
-    half = build_ray_datasets(data_config(layouts["folder"]), skip_counter=SkipCounter(), train_fraction=0.5)
-    in_process, _ = build_datasets(data_config(layouts["folder"]), train_fraction=0.5)
+    full = ray_datasets_of(data_config(layouts["folder"]), SkipCounter())
+    half = ray_datasets_of(data_config(layouts["folder"]), SkipCounter(), train_fraction=0.5)
+    in_process, _ = datasets_of(data_config(layouts["folder"]), train_fraction=0.5)
     assert half["train"].count() == len(in_process) < full["train"].count() == 48
     assert half["val"].count() == full["val"].count()
 
@@ -105,10 +110,10 @@ def test_bad_input_is_a_user_error_before_any_work(tmp_path, layouts):
     cfg = data_config(tmp_path)
     cfg.data.path = str(tmp_path / "nowhere")
     with pytest.raises(UserError, match="nowhere"):
-        build_ray_datasets(cfg, skip_counter=SkipCounter())
+        ray_datasets_of(cfg, SkipCounter())
     for fmt, root in layouts.items():
         with pytest.raises(UserError, match="model.num_classes is 2"):
-            build_ray_datasets(data_config(root, fmt, num_classes=2), skip_counter=SkipCounter())
+            ray_datasets_of(data_config(root, fmt, num_classes=2), SkipCounter())
 
 
 def first_batch(dataset, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,14 +126,13 @@ def test_same_seed_same_batches_each_epoch(layouts, fmt):
     random crops), and epoch 2 differs from epoch 1."""
     runs = []
     for _ in range(2):
-        train = build_ray_datasets(data_config(layouts[fmt], fmt), skip_counter=SkipCounter())["train"]
+        train = ray_datasets_of(data_config(layouts[fmt], fmt), SkipCounter())["train"]
         runs.append([first_batch(train), first_batch(train)])
     (epoch1, epoch2), (again1, again2) = runs
     for ours, theirs in ((epoch1, again1), (epoch2, again2)):
         assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
     assert not torch.equal(epoch1[0], epoch2[0])
-    other_seed = build_ray_datasets(data_config(layouts[fmt], fmt).model_copy(update={"seed": 1}),
-                                    skip_counter=SkipCounter())["train"]
+    other_seed = ray_datasets_of(data_config(layouts[fmt], fmt).model_copy(update={"seed": 1}), SkipCounter())["train"]
     assert not torch.equal(first_batch(other_seed)[0], epoch1[0])
 
 
@@ -136,11 +140,11 @@ def test_blocks_hold_uint8_and_batches_match_the_float_transforms(layouts):
     """Blocks carry uint8 CHW (3 bytes per pixel); iter_batches normalizes them to the same values
     as the in-process float transforms."""
     cfg = data_config(layouts["folder"])
-    val = build_ray_datasets(cfg, skip_counter=SkipCounter())["val"]
+    val = ray_datasets_of(cfg, SkipCounter())["val"]
     block = val.take_batch(4, batch_format="numpy")
     assert block["image"].dtype == np.uint8 and block["image"].shape[1:] == (3, 16, 16)
-    assert block["image"][0].nbytes == block_bytes_per_image(16) == 3 * 16 * 16
-    _, in_process_val = build_datasets(cfg)
+    assert block["image"][0].nbytes == 3 * 16 * 16
+    _, in_process_val = datasets_of(cfg)
     expected = {key: in_process_val[index][0] for index, key in enumerate(in_process_val.keys)}
     images, labels = first_batch(val, batch_size=len(expected))
     assert images.dtype == torch.float32
@@ -155,8 +159,6 @@ def test_train_worker_sees_the_same_batches_with_the_same_seed(layouts, tmp_path
     epochs 1 and 2 repeats across runs with one seed, and differs between the epochs."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from orchestrator.data.ray_pipeline import dataset_config
 
     def loop(config):
         import json
@@ -173,7 +175,7 @@ def test_train_worker_sees_the_same_batches_with_the_same_seed(layouts, tmp_path
     def first_batches(run: int) -> list:
         import json
 
-        datasets = build_ray_datasets(data_config(layouts["folder"]), skip_counter=SkipCounter())
+        datasets = ray_datasets_of(data_config(layouts["folder"]), SkipCounter())
         out = tmp_path / f"batches-{run}.json"
         TorchTrainer(loop, train_loop_config={"out": str(out)},
                      scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),

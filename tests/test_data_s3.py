@@ -9,13 +9,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import ray
+from data_fixtures import checked_index, data_config, ray_datasets_of, write_tiny_folder
 
-from data_fixtures import data_config, write_tiny_folder
 from orchestrator.cli import main as limpq
-from orchestrator.config import PipelineConfig
-from orchestrator.data.layout import check_dataset, dataset_fingerprint, dataset_source
-from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, iter_batches
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.storage import check_storage_uri
+from orchestrator.distributed.datasets import SkipCounter, iter_batches
 from orchestrator.errors import UserError
 
 
@@ -54,16 +53,15 @@ def test_folder_and_parquet_on_s3_read_through_ray_data(local_ray, s3_bucket, lo
     upload(local_folder, folder_uri)
     assert limpq(["data", "to-parquet", str(local_folder), parquet_uri, "--shard-size", "10", "--workers", "1"]) == 0
     assert "train: 24 images in 3 shard(s)" in capsys.readouterr().out
-    local = build_ray_datasets(data_config(local_folder), skip_counter=SkipCounter())
+    local = ray_datasets_of(data_config(local_folder), SkipCounter())
     expected = {split: epoch_labels(ds) for split, ds in local.items()}
     for uri, fmt in ((folder_uri, "folder"), (parquet_uri, "parquet")):
         cfg = s3_config(uri, fmt)
-        check_dataset(cfg)
-        datasets = build_ray_datasets(cfg, skip_counter=SkipCounter())
+        assert checked_index(cfg).source == uri
+        datasets = ray_datasets_of(cfg, SkipCounter())
         assert {split: epoch_labels(ds) for split, ds in datasets.items()} == expected, fmt
-        assert dataset_source(cfg) == uri
     # Content identity, not location: the copy in the bucket fingerprints like the local folder.
-    assert dataset_fingerprint(s3_config(folder_uri)) == dataset_fingerprint(data_config(local_folder))
+    assert checked_index(s3_config(folder_uri)).fingerprint == checked_index(data_config(local_folder)).fingerprint
     # to-parquet from a bucket, too, and never over existing shards.
     assert limpq(["data", "to-parquet", folder_uri, f"s3://{s3_bucket}/again", "--workers", "1"]) == 0
     assert limpq(["data", "to-parquet", folder_uri, parquet_uri]) == 2
@@ -95,16 +93,16 @@ def test_ray_train_checkpoints_to_s3_storage_path(local_ray, s3_env, s3_bucket):
 def test_missing_bucket_and_wrong_credentials_are_one_line(s3_env, s3_bucket, local_folder, monkeypatch, capsys):
     upload(local_folder, f"s3://{s3_bucket}/folder")
     with pytest.raises(UserError, match=r"^data.path: bucket 'no-such-bucket' does not exist") as caught:
-        check_dataset(s3_config("s3://no-such-bucket/folder"))
+        checked_index(s3_config("s3://no-such-bucket/folder"))
     assert "\n" not in str(caught.value)
     with pytest.raises(UserError, match=r"^data.path: dataset path does not exist: s3://"):
-        check_dataset(s3_config(f"s3://{s3_bucket}/nowhere"))
+        checked_index(s3_config(f"s3://{s3_bucket}/nowhere"))
     with pytest.raises(UserError, match=r"^ray.storage_path: bucket 'no-such-bucket' does not exist"):
         check_storage_uri("s3://no-such-bucket/ray")
     assert limpq(["data", "to-parquet", str(local_folder), "s3://no-such-bucket/pq"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    for check, key in ((lambda: check_dataset(s3_config(f"s3://{s3_bucket}/folder")), "data.path"),
+    for check, key in ((lambda: checked_index(s3_config(f"s3://{s3_bucket}/folder")), "data.path"),
                        (lambda: check_storage_uri(f"s3://{s3_bucket}/ray"), "ray.storage_path")):
         with pytest.raises(UserError, match=rf"^{key}: access denied to s3://{s3_bucket}.*AWS_SECRET_ACCESS_KEY") as caught:
             check()

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import ray
 from faults import fail_once
+from pipelines import tiny_config
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.distributed.pipeline import run_indicators
 from orchestrator.indicators import load_indicators
-from orchestrator.tracking import Tracker
+from orchestrator.preflight import preflight
+from orchestrator.tracking.runs import Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -34,20 +36,10 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _config(tmp_path: Path, data: Path, **overrides) -> PipelineConfig:
-    raw = {
-        "name": "ddp", "output_dir": str(tmp_path / "runs"),
-        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
-        "data": {"path": str(data), "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
-        "fp": {"epochs": 0},
-        "indicators": {"bits": [4, 2], "epochs": 2, "lr": 0.02, "train_fraction": 1.0},
-        "ray": {"num_workers": 2, "storage_path": str(tmp_path / "ray"), "max_failures": 2},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test-ddp"},
-    }
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        raw[section][field] = value
-    return PipelineConfig.model_validate(raw)
+def _config(tmp_path: Path, data: Path, **sections) -> PipelineConfig:
+    return tiny_config(tmp_path, data, "ddp", **{
+        "indicators": {"epochs": 2, "lr": 0.02}, "ray": {"num_workers": 2, "max_failures": 2},
+        "mlflow": {"experiment": "test-ddp"}, **sections})
 
 
 def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: Path, digits: Path,
@@ -61,7 +53,7 @@ def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: P
         "calls == 4 and __import__('ray').train.get_context().get_world_rank() == 0", marker, action="exit"))
     ray.init(address="local", num_cpus=4, include_dashboard=False)
 
-    out = run_indicators(cfg)
+    out = run_indicators(preflight(cfg))
 
     assert marker.exists(), "the fault was not injected"
     document = json.loads(out.read_text())
@@ -85,10 +77,10 @@ def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: P
 
 
 def test_rerun_skips_finished_stages(tmp_path: Path, digits: Path) -> None:
-    cfg = _config(tmp_path, digits, indicators__epochs=1, ray__num_workers=1)
-    first = run_indicators(cfg).read_text()
+    cfg = _config(tmp_path, digits, indicators={"epochs": 1, "lr": 0.02}, ray={"num_workers": 1})
+    first = run_indicators(preflight(cfg)).read_text()
     shutil.rmtree(cfg.run_dir)  # outputs come back from MLflow, not from a second training
-    assert run_indicators(cfg).read_text() == first
+    assert run_indicators(preflight(cfg)).read_text() == first
     tracker = Tracker.from_config(cfg)
     runs = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
     assert len(runs) == 1

@@ -1,5 +1,5 @@
-"""The MLflow UI in headless Chromium over real stores: `mlflow server` on 127.0.0.1, pages checked by
-the text they render (see mlflow_browser.py)."""
+"""The MLflow UI in headless Chromium (Playwright) over real stores: `mlflow server` on 127.0.0.1,
+pages checked by the text they render (see mlflow_browser.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,20 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow_browser import Expectations, check_pages, expectations_from_store, find_chromium, mlflow_server
+from mlflow_browser import (
+    Expectations,
+    check_pages,
+    expectations_from_store,
+    find_chromium,
+    mlflow_server,
+)
+from pipelines import tiny_config
 
-from orchestrator.mlflow_ui import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, mark_model_development
+from orchestrator.tracking.ui import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_DEVELOPMENT,
+    mark_model_development,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +89,16 @@ def test_ui_over_a_pipeline_store(tmp_path: Path, digits_slice: Path, chromium: 
     driver-side chatter went to the run's log file."""
     import ray
 
-    from orchestrator.config import PipelineConfig
     from orchestrator.distributed.pipeline import run_pipeline
     from orchestrator.distributed.runtime import dashboard_url
+    from orchestrator.preflight import preflight
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = PipelineConfig.model_validate({
-        "name": "ui", "output_dir": str(tmp_path / "runs"),
-        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
-        "data": {"path": str(digits_slice), "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
-        "fp": {"epochs": 0},
-        "indicators": {"bits": [4, 3], "epochs": 1, "train_fraction": 1.0},
-        "search": {"budgets": [{"target_wbits": 4, "target_abits": 4}]},
-        "finetune": {"epochs": 1, "train_fraction": 1.0},
-        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray")},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": "ui-pipeline"},
-    })
+    cfg = tiny_config(tmp_path, digits_slice, "ui", indicators={"bits": [4, 3]},
+                      search={"budgets": [{"target_wbits": 4, "target_abits": 4}]},
+                      finetune={"epochs": 1, "train_fraction": 1.0}, mlflow={"experiment": "ui-pipeline"})
+    tracking_uri = cfg.mlflow.tracking_uri
     try:
-        run_pipeline(cfg)
+        run_pipeline(preflight(cfg))
         dashboard = dashboard_url()  # Ray's own view, while Ray is up
         assert dashboard is not None and dashboard.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(dashboard, timeout=30) as page:

@@ -9,116 +9,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
+from pipelines import tiny_config
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from orchestrator.config import PipelineConfig
+from cluster import FOREIGN_ENV, NO_MEMORY_MONITOR, driver_env, free_ports, local_up
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.distributed.pipeline import run_indicators, run_pipeline
+from orchestrator.preflight import preflight
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-# Environment that would point Ray or MLflow at another cluster than the one a test starts.
-FOREIGN_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
-# Ray's memory monitor kills workers when the machine's memory is nearly full, whoever fills it: on a
-# test machine shared with other jobs that would be their memory, so the test clusters run without it.
-NO_MEMORY_MONITOR = {"RAY_memory_monitor_refresh_ms": "0"}
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@contextmanager
-def local_up(data_dir: Path, **settings: str) -> Iterator[dict[str, str]]:
-    """cluster/local-up.sh with private ports and directories (plus `settings`, LIMPQ_* variables);
-    yields its environment with the Ray address, and on exit checks that local-down.sh left none of
-    the processes it started."""
-    ray_temp_dir = tempfile.mkdtemp(prefix="lq", dir="/tmp")  # Ray's socket paths must stay short
-    gcs, dashboard, mlflow, client, agent = _free_ports(5)
-    env = {key: value for key, value in os.environ.items() if key not in FOREIGN_ENV}
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        LIMPQ_CLUSTER_DIR=str(data_dir), LIMPQ_RAY_TEMP_DIR=ray_temp_dir, LIMPQ_RAY_PORT=str(gcs),
-        LIMPQ_DASHBOARD_PORT=str(dashboard), LIMPQ_MLFLOW_PORT=str(mlflow),
-        LIMPQ_RAY_EXTRA_ARGS=f"--ray-client-server-port {client} --dashboard-agent-listen-port {agent}",
-        RAY_AUTH_TOKEN_PATH=str(data_dir / "auth_token"),
-        **NO_MEMORY_MONITOR,
-        **settings,
-    )
-    pid_files = []
-    try:
-        up = subprocess.run([str(REPO / "cluster/local-up.sh")], env=env, capture_output=True, text=True, timeout=900,
-                            check=False)
-        pid_files = sorted(data_dir.glob("*.pid"))
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield {**env, "RAY_ADDRESS_GCS": f"127.0.0.1:{gcs}", "DASHBOARD_URL": f"http://127.0.0.1:{dashboard}",
-               "MLFLOW_URL": f"http://127.0.0.1:{mlflow}", "RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "token")}
-    finally:
-        pgids = [int(path.read_text()) for path in pid_files if path.exists()]
-        down = subprocess.run([str(REPO / "cluster/local-down.sh")], env=env, capture_output=True, text=True, check=False,
-                              timeout=300)
-        shutil.rmtree(ray_temp_dir, ignore_errors=True)
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert not any(_group_alive(pgid) for pgid in pgids), "processes started by local-up.sh survived local-down.sh"
-
-
-@contextmanager
-def driver_env(cluster_env: dict[str, str]) -> Iterator[None]:
-    """This test process as a driver of that cluster: its token, none of another cluster's addresses."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key in FOREIGN_ENV:
-            patch.delenv(key, raising=False)
-        patch.setenv("RAY_AUTH_MODE", cluster_env["RAY_AUTH_MODE"])
-        patch.setenv("RAY_AUTH_TOKEN_PATH", cluster_env["RAY_AUTH_TOKEN_PATH"])
-        ray.shutdown()
-        try:
-            yield
-        finally:
-            ray.shutdown()
+# What every multi-node test config changes from the tiny defaults.
+MULTINODE = {"indicators": {"train_fraction": 0.5}, "finetune": {"epochs": 1, "train_fraction": 0.2},
+             "ray": {"cpus_per_worker": 1, "max_failures": 2}}
 
 
 def _tiny_config(tmp_path: Path, digits: Path, tracking_uri: str, **sections: dict) -> PipelineConfig:
-    base = {
-        "name": "multinode", "output_dir": str(tmp_path / "runs"),
-        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
-        "data": {"path": str(digits), "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
-        "fp": {"epochs": 0},
-        "indicators": {"bits": [4, 2], "epochs": 1, "train_fraction": 0.5},
-        "search": {"budgets": []},
-        "finetune": {"epochs": 1, "train_fraction": 0.2, "baselines": []},
-        "ray": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(tmp_path / "ray"), "max_failures": 2},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": "multinode"},
-    }
-    for section, values in sections.items():
-        base[section] = {**base[section], **values}
-    return PipelineConfig.model_validate(base)
+    merged = {section: {**MULTINODE.get(section, {}), **sections.get(section, {})} for section in {*MULTINODE, *sections}}
+    return tiny_config(tmp_path, digits, "multinode", mlflow={"tracking_uri": tracking_uri, "experiment": "multinode"},
+                       **merged)
 
 
 def _max_overlap(intervals: list[tuple[int, int]]) -> int:
@@ -184,7 +102,7 @@ def autoscaled_sweep(tmp_path_factory: pytest.TempPathFactory, digits_slice: Pat
             ray={"address": env["RAY_ADDRESS_GCS"]},
         )
         started = time.monotonic()
-        rows = run_pipeline(cfg)
+        rows = run_pipeline(preflight(cfg))
         seconds = time.monotonic() - started
         nodes = ray.nodes()
         yield {"cfg": cfg, "rows": rows, "nodes": nodes, "seconds": seconds,
@@ -233,7 +151,7 @@ def three_worker_nodes() -> Iterator[Cluster]:
     """A CPU-less head and three 3-CPU worker nodes, each its own raylet (ray.cluster_utils)."""
     ray.shutdown()
     temp_dir = tempfile.mkdtemp(prefix="lq", dir="/tmp")
-    port, dashboard, agent = _free_ports(3)
+    port, dashboard, agent = free_ports(3)
     with pytest.MonkeyPatch.context() as patch:
         for key in FOREIGN_ENV:
             patch.delenv(key, raising=False)
@@ -307,7 +225,7 @@ def test_indicator_workers_span_two_nodes_and_survive_losing_one(
     killer = threading.Thread(target=kill_a_worker_node_after_the_first_checkpoint, daemon=True)
     killer.start()
     started = time.monotonic()
-    indicators = run_indicators(cfg)
+    indicators = run_indicators(preflight(cfg))
     seconds = time.monotonic() - started
     killer.join(timeout=5)
 

@@ -85,8 +85,9 @@ def test_policy_cost_is_the_search_accounting() -> None:
 def smoke_pipeline(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished smoke indicator stage (indicators 1 epoch on the digits slice, from an untrained FP
     model to save a Ray Train run: the comparison holds for any weights); returns the config file."""
-    from orchestrator.config import load_config
+    from orchestrator.config.loading import load_config
     from orchestrator.distributed.pipeline import run_indicators
+    from orchestrator.preflight import preflight
 
     tmp = tmp_path_factory.mktemp("evaluate")
     raw = yaml.safe_load((REPO / "jobs/configs/smoke.yaml").read_text())
@@ -99,21 +100,23 @@ def smoke_pipeline(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory)
     config.write_text(yaml.safe_dump(raw))
     ray.init(address="local", num_cpus=3, include_dashboard=False)  # never join a `ray start` cluster
     try:
-        run_indicators(load_config(config))
+        run_indicators(preflight(load_config(config)))
         yield config
     finally:
         ray.shutdown()
 
 
 def _final_metric(config: Path, key: str) -> float:
-    from orchestrator.config import load_config
-    from orchestrator.distributed.pipeline import finished_stage
+    from orchestrator.config.loading import load_config
+    from orchestrator.data.layout import index_dataset
+    from orchestrator.distributed.stages import finished_stage
     from orchestrator.stagekeys import stage_keys
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking.runs import Tracker
 
     cfg = load_config(config).with_absolute_paths()
     tracker = Tracker.from_config(cfg)
-    run_id = finished_stage(cfg, tracker, "indicators", stage_keys(cfg).indicators).run_id
+    key = stage_keys(cfg, index_dataset(cfg.data).fingerprint).indicators
+    run_id = finished_stage(cfg, tracker, "indicators", key).run_id
     history = tracker.client.get_metric_history(run_id, key)
     return max(history, key=lambda m: m.step).value
 
@@ -146,10 +149,12 @@ def test_evaluate_uniform_equals_the_joint_models_val_metric(smoke_pipeline: Pat
 
 @pytest.mark.slow
 def test_evaluate_refuses_a_policy_that_does_not_fit(smoke_pipeline: Path, capsys, tmp_path: Path) -> None:
-    from orchestrator.config import load_config
-    from orchestrator.search.policy import uniform_policy_document
+    from orchestrator.config.loading import load_config
+    from orchestrator.search.costs import cost_table
+    from orchestrator.search.policy import uniform_baseline
 
-    document = uniform_policy_document(load_config(smoke_pipeline), 3)
+    cfg = load_config(smoke_pipeline)
+    document = uniform_baseline(cost_table(cfg.model.arch, cfg.model.input_size, num_classes=10), 3).to_dict()
     document["layers"][0]["name"] = "layer9.conv"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(document))

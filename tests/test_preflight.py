@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import load_config, parse_overrides
+from orchestrator.config.loading import load_config, parse_overrides
 from orchestrator.errors import ConfigError
 from orchestrator.modelinfo import build_model
 from orchestrator.preflight import check_cluster_resources, preflight

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.config import FinetuneConfig, IndicatorConfig
+from orchestrator.config.schema import FinetuneConfig, IndicatorConfig
 from orchestrator.modelinfo import build_model
 from orchestrator.quant.lsq import LsqQuantizer, lsq_fake_quant
 from orchestrator.quant.modules import QConv2d, QLinear

@@ -15,7 +15,6 @@ import yaml
 from faults import fail_once
 from mlflow.tracking import MlflowClient
 
-
 LIMPQ = [str(Path(sys.executable).parent / "limpq")]  # the console script, as a user runs it
 
 
@@ -111,8 +110,8 @@ def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(
                                                                                digits_slice: Path) -> None:
     config = _write_config(tmp_path, digits_slice, finetune={"epochs": 0})  # one-shot trials: quick
     marker = tmp_path / "failed"
-    faults = fail_once(tmp_path / "faults", "orchestrator.distributed.sweep", "_policy_metrics",
-                       "args[0]['label'] == 'W3A3'", marker)
+    faults = fail_once(tmp_path / "faults", "orchestrator.distributed.trial", "_policy_metrics",
+                       "args[0].label == 'W3A3'", marker)
     first = _start(["run", "--config", str(config)], tmp_path, env={"PYTHONPATH": faults})
     assert _finish(first) == 1
     assert marker.exists()

@@ -16,13 +16,23 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.config import Budget
+from orchestrator.config.schema import Budget
 from orchestrator.errors import InfeasibleError, UserError
 from orchestrator.indicators import Indicators, non_monotonic, save_indicators
 from orchestrator.search.costs import CostTable, LayerCost, cost_table
 from orchestrator.search.ilp import Searcher, solve
-from orchestrator.search.policy import MEGABYTE_BITS, load_policy, policy_to_nncf, policy_to_yaml
-from orchestrator.search.sweep import expand_budgets, parse_values, parse_wa, run_sweep
+from orchestrator.search.policy import (
+    MEGABYTE_BITS,
+    load_policy,
+    policy_to_nncf,
+    policy_to_yaml,
+)
+from orchestrator.search.sweep import (
+    expand_budgets,
+    parse_values,
+    parse_wa,
+    solve_budgets,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PUBLISHED = SHARED / "peers" / "limpq-official"
@@ -279,7 +289,7 @@ def test_sweep_records_infeasible_budgets_and_continues(tmp_path):
     budgets = expand_budgets({"compression_ratio": 2.0}, {"wa": parse_wa(["6,6", "2,2", "4x3"], "--sweep-wa"),
                                                           "bitops": [1e-9, 1.0]})
     assert len(budgets) == 6
-    results = run_sweep(searcher, budgets, tmp_path)
+    results = solve_budgets(searcher, budgets, tmp_path)
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
     assert [row["status"] for row in rows] == ["infeasible" if r.policy is None else "optimal" for r in results]
     assert {row["status"] for row in rows} == {"optimal", "infeasible"}
@@ -441,15 +451,14 @@ def test_cli_sweep_writes_policies_and_csv(resnet18_indicators, tmp_path):
             assert math.isclose(policy.totals.bitops_g, float(row["bitops_g"]))
 
 
-def test_pipeline_config_entry_points(resnet18_indicators):
-    from orchestrator.config import PipelineConfig
+def test_searched_policy_and_uniform_baseline_share_layers_and_totals(resnet18_indicators):
     from orchestrator.indicators import load_indicators
-    from orchestrator.search.policy import policy_for_budget, uniform_policy_document
+    from orchestrator.search.policy import uniform_baseline
 
-    cfg = PipelineConfig.model_validate({"model": {"arch": "resnet18", "input_size": 32}, "data": {"demo": True},
-                                         "search": {"alpha": 1.5, "wbits": [4, 3, 2], "abits": [4, 3]}})
-    document = policy_for_budget(cfg, load_indicators(resnet18_indicators), Budget(target_wbits=3, target_abits=3))
-    uniform = uniform_policy_document(cfg, 3)
+    costs = cost_table("resnet18", 32)
+    searcher = Searcher(load_indicators(resnet18_indicators), costs, [4, 3, 2], [4, 3], alpha=1.5)
+    document = searcher.solve(Budget(target_wbits=3, target_abits=3)).to_dict()
+    uniform = uniform_baseline(costs, 3, alpha=1.5).to_dict()
     assert document["format"] == uniform["format"] == "limpq-policy/v1"
     assert [layer["name"] for layer in document["layers"]] == [layer["name"] for layer in uniform["layers"]]
     assert {layer["wbits"] for layer in document["layers"]} <= {4, 3, 2} and document["alpha"] == 1.5

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.data.layout import index_dataset
 from orchestrator.modelinfo import build_model
-from orchestrator.stagekeys import stage_keys
+from orchestrator.stagekeys import StageKeys, stage_keys
 from orchestrator.train.checkpoint import save_checkpoint
 
 
@@ -21,33 +22,37 @@ def _config(data: Path, **sections) -> PipelineConfig:
     return PipelineConfig.model_validate(raw)
 
 
+def keys(cfg: PipelineConfig) -> StageKeys:
+    return stage_keys(cfg, index_dataset(cfg.data).fingerprint)
+
+
 def test_keys_ignore_location_and_resources_but_follow_settings(digits_slice: Path, tmp_path: Path) -> None:
-    base = stage_keys(_config(digits_slice))
+    base = keys(_config(digits_slice))
     moved = tmp_path / "upload-copy"  # as under `ray job submit --working-dir .`: same files, other root
     shutil.copytree(digits_slice, moved)
-    assert stage_keys(_config(moved)) == base
-    assert stage_keys(_config(digits_slice, ray={"num_workers": 3, "address": "auto"},
+    assert keys(_config(moved)) == base
+    assert keys(_config(digits_slice, ray={"num_workers": 3, "address": "auto"},
                               mlflow={"experiment": "other"})) == base
-    later = stage_keys(_config(digits_slice, finetune={"epochs": 5}))
+    later = keys(_config(digits_slice, finetune={"epochs": 5}))
     assert (later.fp, later.indicators) == (base.fp, base.indicators) and later.sweep != base.sweep
-    changed = stage_keys(_config(digits_slice, indicators={"epochs": 1}))
+    changed = keys(_config(digits_slice, indicators={"epochs": 1}))
     assert changed.fp == base.fp and changed.indicators != base.indicators and changed.sweep != base.sweep
 
 
 def test_keys_follow_file_contents(digits_slice: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(digits_slice, data)
-    before = stage_keys(_config(data))
+    before = keys(_config(data))
     image = next((data / "train" / "3").iterdir())
     image.write_bytes(image.read_bytes() + b"\0" * 7)  # an image replaced in place
-    after = stage_keys(_config(data))
+    after = keys(_config(data))
     assert after.fp != before.fp and after.indicators != before.indicators
 
     checkpoint = tmp_path / "fp.pt"
     save_checkpoint(checkpoint, build_model("resnet18", 10))
-    from_file = stage_keys(_config(data, fp={"source": "checkpoint", "checkpoint": str(checkpoint)}))
+    from_file = keys(_config(data, fp={"source": "checkpoint", "checkpoint": str(checkpoint)}))
     save_checkpoint(checkpoint, build_model("resnet18", 10))  # new random weights, same path
-    replaced = stage_keys(_config(data, fp={"source": "checkpoint", "checkpoint": str(checkpoint)}))
+    replaced = keys(_config(data, fp={"source": "checkpoint", "checkpoint": str(checkpoint)}))
     assert replaced.fp != from_file.fp and replaced.indicators != from_file.indicators
 
 
@@ -61,8 +66,9 @@ def test_one_name_three_configs_each_sweep_searches_its_own_indicators(tmp_path:
 
     from orchestrator.distributed.pipeline import run_pipeline
     from orchestrator.indicators import load_indicators
-    from orchestrator.search.policy import policy_for_budget
-    from orchestrator.tracking import Tracker
+    from orchestrator.preflight import preflight
+    from orchestrator.search.ilp import Searcher
+    from orchestrator.tracking.runs import Tracker
 
     def config(**sections) -> PipelineConfig:
         raw = {
@@ -82,8 +88,9 @@ def test_one_name_three_configs_each_sweep_searches_its_own_indicators(tmp_path:
 
     first, second, third = config(), config(indicators={"epochs": 2}), config(search={"alpha": 0.5})
     try:
-        for cfg in (first, second, third):
-            run_pipeline(cfg)
+        checked = [preflight(cfg) for cfg in (first, second, third)]
+        for each in checked:
+            run_pipeline(each)
     finally:
         ray.shutdown()
 
@@ -95,13 +102,14 @@ def test_one_name_three_configs_each_sweep_searches_its_own_indicators(tmp_path:
     sweeps = client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'sweep'",
                                 order_by=["attributes.start_time ASC"])
     assert len(sweeps) == 3
-    for cfg, sweep in zip((first, second, third), sweeps):
-        expected_run = indicator_runs[stage_keys(cfg).indicators]
+    for each, sweep in zip(checked, sweeps):
+        cfg = each.config
+        expected_run = indicator_runs[keys(cfg).indicators]
         assert sweep.data.tags["limpq.indicators_run_id"] == expected_run
         indicators = load_indicators(tracker.download_artifact(expected_run, "indicators.json", tmp_path / expected_run))
         [trial] = tracker.child_runs(sweep.info.run_id)
         policy = json.loads(tracker.download_artifact(trial.info.run_id, "policy.json", tmp_path / trial.info.run_id)
                             .read_text())
-        expected = policy_for_budget(cfg, indicators, cfg.search.budgets[0])
+        expected = Searcher(indicators, each.costs, alpha=cfg.search.alpha).solve(cfg.search.budgets[0])
         assert [(la["wbits"], la["abits"]) for la in policy["layers"]] == \
-            [(la["wbits"], la["abits"]) for la in expected["layers"]]
+            [(la.wbits, la.abits) for la in expected.layers]

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.errors import UserError
-from orchestrator.tracking import Tracker, redact, resolve_tracking_uri, result_params
+from orchestrator.redact import redact
+from orchestrator.tracking.models import log_model, register_model
+from orchestrator.tracking.runs import Tracker, resolve_tracking_uri, result_params
 
 EXPERIMENT = "tracking-tests"
 KEY = "0123abcd4567"  # a stage key, as orchestrator.stagekeys computes them
@@ -115,9 +117,9 @@ def test_artifacts_are_stored_and_downloadable(make_config, client, tmp_path):
     run = tracker.open_stage_run(cfg, "indicators", KEY)
     checkpoint = tmp_path / "final.pt"
     checkpoint.write_bytes(b"\x00checkpoint bytes\xff")
-    tracker.log_artifact(run.run_id, checkpoint, "checkpoints")
-    tracker.log_dict(run.run_id, {"format": "limpq-indicators/v1", "bits": [4, 2]}, "indicators.json")
-    tracker.log_text(run.run_id, "budget,top1\nW3A3,0.9\n", "summary.csv")
+    tracker.client.log_artifact(run.run_id, str(checkpoint), "checkpoints")
+    tracker.client.log_dict(run.run_id, {"format": "limpq-indicators/v1", "bits": [4, 2]}, "indicators.json")
+    tracker.client.log_text(run.run_id, "budget,top1\nW3A3,0.9\n", "summary.csv")
 
     artifacts = {item.path for item in client.list_artifacts(run.run_id)}
     assert artifacts == {"checkpoints", "indicators.json", "summary.csv"}
@@ -132,8 +134,8 @@ def test_run_left_running_by_a_killed_process_is_continued(make_config, client, 
     crashed = _run_in_subprocess(
         f"""
         import os
-        from orchestrator.config import PipelineConfig
-        from orchestrator.tracking import Tracker
+        from orchestrator.config.schema import PipelineConfig
+        from orchestrator.tracking.runs import Tracker
         cfg = PipelineConfig.model_validate_json({cfg.model_dump_json()!r})
         tracker = Tracker.from_config(cfg)
         run = tracker.open_stage_run(cfg, "indicators", {KEY!r})
@@ -237,8 +239,8 @@ def test_processes_write_their_own_runs_at_once(make_config, client, tmp_path):
     writer = f"""
         import sys
         from pathlib import Path
-        from orchestrator.config import PipelineConfig
-        from orchestrator.tracking import Tracker
+        from orchestrator.config.schema import PipelineConfig
+        from orchestrator.tracking.runs import Tracker
         cfg = PipelineConfig.model_validate_json({cfg.model_dump_json()!r})
         tracker = Tracker.from_config(cfg)
         name = sys.argv[1]
@@ -246,7 +248,7 @@ def test_processes_write_their_own_runs_at_once(make_config, client, tmp_path):
             for step in range({steps}):
                 tracker.log_metrics(run.run_id, {{"top1": step / {steps}, "loss": 1.0 / (step + 1)}}, step)
             Path(name + ".json").write_text("{{}}")
-            tracker.log_artifact(run.run_id, name + ".json", "policy")
+            tracker.client.log_artifact(run.run_id, name + ".json", "policy")
     """
     names = [f"trial-{index}" for index in range(3)]
     processes = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(writer), name], cwd=tmp_path,
@@ -327,9 +329,9 @@ def test_models_register_through_a_tracking_server(tmp_path):
                                              "mlflow": {"tracking_uri": url, "experiment": EXPERIMENT}})
         tracker = Tracker.from_config(cfg)
         with tracker.open_stage_run(cfg, "trial", KEY, run_name="W3A3") as run:
-            uri = tracker.log_model(run.run_id, torch.nn.Linear(4, 2), torch.zeros(1, 4))
-            version = tracker.register_model("server-model", uri, run.run_id, {"limpq.budget": "W3A3"},
-                                             ["budget-w3a3"])
+            uri = log_model(tracker, run.run_id, torch.nn.Linear(4, 2), torch.zeros(1, 4))
+            version = register_model(tracker, "server-model", uri, run.run_id, {"limpq.budget": "W3A3"},
+                                     ["budget-w3a3"])
         registered = MlflowClient(url).get_model_version_by_alias("server-model", "budget-w3a3")
         assert registered.version == version and registered.source == uri
         assert registered.tags["limpq.budget"] == "W3A3"
@@ -345,7 +347,7 @@ def test_models_are_logged_in_the_runs_experiment_under_its_artifact_root(make_c
     cfg = make_config()
     tracker = Tracker.from_config(cfg)
     with tracker.open_stage_run(cfg, "fp", KEY) as run:
-        uri = tracker.log_model(run.run_id, torch.nn.Linear(4, 2), torch.zeros(1, 4), name="fp-model")
+        uri = log_model(tracker, run.run_id, torch.nn.Linear(4, 2), torch.zeros(1, 4), name="fp-model")
     logged = client.get_logged_model(uri.removeprefix("models:/"))
     assert logged.experiment_id == tracker.experiment_id
     experiment_root = client.get_experiment(tracker.experiment_id).artifact_location

@@ -9,7 +9,11 @@ import torch
 
 from orchestrator.errors import UserError
 from orchestrator.modelinfo import build_model
-from orchestrator.train.checkpoint import load_checkpoint, restore_model, save_checkpoint
+from orchestrator.train.checkpoint import (
+    load_checkpoint,
+    restore_model,
+    save_checkpoint,
+)
 
 
 def test_checkpoint_errors_name_the_file(tmp_path: Path) -> None:

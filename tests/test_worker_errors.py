@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator.cli import run_reporting_errors
 from orchestrator.cli.pipeline import check_cluster
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.distributed.capacity import cluster_capacity
 from orchestrator.errors import ConfigError, UserError
 

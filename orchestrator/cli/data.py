@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from orchestrator.data.convert import folder_to_parquet
+from orchestrator.data.demo import write_digits_dataset
+
 
 def _demo(args: argparse.Namespace) -> int:
-    from orchestrator.data.demo import write_digits_dataset
-
     manifest = write_digits_dataset(args.out, image_size=args.image_size, val_fraction=args.val_fraction, seed=args.seed)
     counts = manifest["counts"]
     print(f"digits dataset in {args.out}: {counts['train']} train, {counts['val']} val images, "
@@ -17,8 +18,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _to_parquet(args: argparse.Namespace) -> int:
-    from orchestrator.data.convert import folder_to_parquet
-
     reports = folder_to_parquet(args.src, args.dst, shard_size=args.shard_size, seed=args.seed, workers=args.workers)
     for split, report in reports.items():
         print(f"{split}: {report.images} images in {report.shards} shard(s), {len(report.skipped)} unreadable skipped")

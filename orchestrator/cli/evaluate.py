@@ -6,6 +6,11 @@ import argparse
 import json
 import sys
 
+from orchestrator.cli.pipeline import add_config_arguments, load_config_from_args
+from orchestrator.config.schema import uniform_label
+from orchestrator.errors import UserError
+from orchestrator.search.policy import load_policy
+
 
 class _InOrder(argparse.Action):
     """--policy and --uniform append to one list, so rows come out in the order given on the line."""
@@ -17,23 +22,20 @@ class _InOrder(argparse.Action):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from orchestrator.cli.pipeline import load_config_from_args
-    from orchestrator.errors import UserError
-
-    cfg = load_config_from_args(args)
     if not args.scored:
         raise UserError("give at least one --policy FILE or --uniform B")
+    checked = load_config_from_args(args)
+    cfg = checked.config
     if args.recalibrate_batches is None:
         args.recalibrate_batches = cfg.finetune.bn_recalibration_batches
     if args.recalibrate_batches < 0:
         raise UserError(f"--recalibrate-batches must be >= 0, got {args.recalibrate_batches}")
-    from orchestrator.distributed.evaluate import evaluate_policies, policy_from_file, untrained_joint
-    from orchestrator.quant.surgery import layout_of
+    from orchestrator.distributed.evaluate import score_with_joint_model
 
-    names = layout_of(untrained_joint(cfg)).searchable
-    labelled = [(value, policy_from_file(value)) if kind == "policy" else
-                (f"uniform-W{value}A{value}", {name: (value, value) for name in names}) for kind, value in args.scored]
-    rows = evaluate_policies(cfg, labelled, args.recalibrate_batches)
+    names = checked.costs.names  # the searchable layers, as the joint model holds them
+    labelled = [(value, load_policy(value).assignment()) if kind == "policy" else
+                (uniform_label(value), {name: (value, value) for name in names}) for kind, value in args.scored]
+    rows = score_with_joint_model(checked, labelled, args.recalibrate_batches)
     if args.json:
         keys = ("policy", "bitops_g", "size_mb", "top1", "samples")
         json.dump([{key: row[key] for key in keys} for row in rows], sys.stdout, indent=1)
@@ -50,8 +52,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from orchestrator.cli.pipeline import add_config_arguments
-
     parser = subparsers.add_parser(
         "evaluate", help="score policies with the finished joint model (no fine-tuning)",
         description="Score each policy (policy JSON v1, as `limpq search --output` writes it) with the config's "

@@ -4,34 +4,34 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.cli.pipeline import (
+    add_config_arguments,
+    check_cluster,
+    load_config_from_args,
+)
+from orchestrator.indicators import Indicators, load_indicators, non_monotonic
+
 NON_MONOTONIC_MARK = "*"
 
 
 def _show(args: argparse.Namespace) -> int:
-    from orchestrator.indicators import load_indicators
-
     print_table(load_indicators(args.file))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from orchestrator.cli.pipeline import check_cluster, load_config_from_args
-
-    cfg = load_config_from_args(args)
-    check_cluster(cfg)
+    checked = load_config_from_args(args)
+    check_cluster(checked.config)
     from orchestrator.distributed.pipeline import run_indicators
-    from orchestrator.indicators import load_indicators
 
-    path = run_indicators(cfg)
+    path = run_indicators(checked)
     print_table(load_indicators(path))
     print(f"indicators: {path}")
     return 0
 
 
-def print_table(ind) -> None:
+def print_table(ind: Indicators) -> None:
     """Step sizes per layer and bit-width, non-monotonic entries marked."""
-    from orchestrator.indicators import non_monotonic
-
     flagged = set(non_monotonic(ind))
     bits = ind.bits
     width = max([len("layer")] + [len(name) for name in ind.layers])
@@ -58,8 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = commands.add_parser("show", help="table of step sizes per layer and bit-width, odd entries flagged")
     show.add_argument("file", help="indicators: our JSON, the published dict JSON, or the published pickle")
     show.set_defaults(func=_show)
-
-    from orchestrator.cli.pipeline import add_config_arguments
 
     train = commands.add_parser("train", help="FP weights (if needed) and joint indicator training on Ray Train")
     add_config_arguments(train)

@@ -1,8 +1,21 @@
-"""`limpq run`: the whole pipeline of a config on Ray (local Ray when no cluster is given)."""
+"""`limpq run`: the whole pipeline of a config on Ray (local Ray when no cluster is given); and the
+config arguments and checks every config-reading command shares.
+
+Like every CLI module, this one imports torch, Ray and MLflow inside the functions that need them:
+`limpq` builds every command's parser at start, and `limpq search` must not pay for them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from typing import TYPE_CHECKING
+
+from orchestrator.config.loading import load_config, parse_overrides
+from orchestrator.config.schema import PipelineConfig
+
+if TYPE_CHECKING:
+    from orchestrator.preflight import CheckedConfig
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = True) -> None:
@@ -13,24 +26,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = Tr
                              "list items by index: search.budgets.0.name=x)")
 
 
-def load_config_from_args(args: argparse.Namespace, path: str | None = None):
+def load_config_from_args(args: argparse.Namespace, path: str | None = None) -> CheckedConfig:
     """The config of `--config` (or `path`) with the `--set` overrides, through the whole preflight
     check: every mistake knowable before training is a one-line ConfigError here, before Ray starts
     or an MLflow run exists."""
-    from orchestrator.config import load_config, parse_overrides
     from orchestrator.preflight import preflight
 
-    cfg = load_config(path or args.config, parse_overrides(args.overrides))
-    preflight(cfg)
-    return cfg
+    return preflight(load_config(path or args.config, parse_overrides(args.overrides)))
 
 
-def check_cluster(cfg) -> None:
+def check_cluster(cfg: PipelineConfig) -> None:
     """On a given cluster (ray.address or RAY_ADDRESS, as under `ray job submit`): connect, and refuse
     workers the cluster can never hold before any stage starts. The embedded local Ray is sized
     for the config, so nothing is started for it here."""
-    import os
-
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         return
     from orchestrator.distributed.capacity import cluster_capacity
@@ -50,9 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = load_config_from_args(args)
-    check_cluster(cfg)
+    checked = load_config_from_args(args)
+    check_cluster(checked.config)
     from orchestrator.distributed.pipeline import run_pipeline
 
-    run_pipeline(cfg)
+    run_pipeline(checked)
     return 0

@@ -9,6 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from orchestrator.config.schema import Budget
+from orchestrator.errors import UserError
+from orchestrator.indicators import load_indicators
+from orchestrator.search.costs import cost_table
+from orchestrator.search.ilp import Searcher
+from orchestrator.search.policy import export_nncf, export_yaml, save_policy
+from orchestrator.search.sweep import (
+    expand_budgets,
+    parse_values,
+    parse_wa,
+    solve_budgets,
+)
 
 SWEEP_HELP = """\
 sweeps (each point is solved in-process; --out-dir gets one policy per point and sweep.csv):
@@ -35,8 +51,6 @@ def _budget_fields(args: argparse.Namespace) -> dict:
 
 
 def _sweep_axes(args: argparse.Namespace) -> dict[str, list]:
-    from orchestrator.search.sweep import parse_values, parse_wa
-
     axes: dict[str, list] = {}
     if args.sweep_wa:
         axes["wa"] = parse_wa(args.sweep_wa, "--sweep-wa")
@@ -49,11 +63,6 @@ def _sweep_axes(args: argparse.Namespace) -> dict[str, list]:
 
 
 def _make_budget(fields: dict):
-    from pydantic import ValidationError
-
-    from orchestrator.config import Budget
-    from orchestrator.errors import UserError
-
     try:
         return Budget(**fields)
     except ValidationError as error:
@@ -86,12 +95,6 @@ def _print_table(policy, costs) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from orchestrator.errors import UserError
-    from orchestrator.indicators import load_indicators
-    from orchestrator.search.costs import cost_table
-    from orchestrator.search.ilp import Searcher
-    from orchestrator.search.policy import export_nncf, export_yaml, save_policy
-
     axes = _sweep_axes(args)
     if axes and not args.out_dir:
         raise UserError("--out-dir: a sweep writes one policy per budget there; give a directory")
@@ -129,12 +132,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace, searcher, axes: dict[str, list], provenance: dict) -> int:
-    from pathlib import Path
-
-    from orchestrator.search.sweep import expand_budgets, run_sweep
-
     budgets = expand_budgets(_budget_fields(args), axes)
-    results = run_sweep(searcher, budgets, args.out_dir, provenance)
+    results = solve_budgets(searcher, budgets, args.out_dir, provenance)
     solved = sum(result.policy is not None for result in results)
     csv_path = str(Path(args.out_dir) / "sweep.csv")
     if args.json:

@@ -6,10 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestrator.distributed.submission import (
+    exit_code,
+    follow,
+    load_runtime_env,
+    status_message,
+    submit,
+)
+
 
 def _submit(args: argparse.Namespace) -> int:
-    from orchestrator.submission import exit_code, follow, load_runtime_env, status_message, submit
-
     entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     runtime_env = load_runtime_env(args.runtime_env, args.working_dir)
     job = submit(entrypoint, args.address, runtime_env)

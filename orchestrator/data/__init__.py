@@ -1,3 +1,4 @@
-"""Datasets for the pipeline: the digits demo set, image transforms, in-process torch datasets
-(layer 1) and the ray.data pipeline (layer 2, `orchestrator.data.ray_pipeline`, imported on demand).
+"""Datasets for the pipeline (layer 1, no Ray): the dataset listing and its checks (`layout`), the
+digits demo set, image decoding and transforms, in-process torch datasets, the Parquet converter.
+The ray.data pipeline over the same listing is layer 2: `orchestrator.distributed.datasets`.
 """

@@ -14,20 +14,21 @@ interrupted conversion leaves a non-empty DST, which the next attempt refuses: d
 from __future__ import annotations
 
 import multiprocessing
-import os
 import random
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from orchestrator.data.layout import SPLITS, list_classes, list_folder_split, staging_dir
+from orchestrator.data.images import is_decodable
+from orchestrator.data.layout import SPLITS, list_classes, list_folder_split
 from orchestrator.data.storage import Location, bucket_exists, locate, storage_error
-from orchestrator.data.transforms import is_decodable
 from orchestrator.errors import UserError
+from orchestrator.fileio import replaced_on_success
 
 
 @dataclass
@@ -56,9 +57,6 @@ def _checked_images(paths: list[Location], workers: int) -> Iterator[bytes | Non
 
 
 def _write_shard(split_dir: Location, index: int, rows: dict[str, list]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.table({
         "image": pa.array(rows["image"], pa.binary()),
         "label": pa.array(rows["label"], pa.int64()),
@@ -100,13 +98,8 @@ def folder_to_parquet(src: str | Path, dst: str | Path, shard_size: int = 1000, 
     classes = list_classes(source / "train")
     if not target.is_local:
         return _convert(source, target, classes, shard_size, seed, workers)
-    staging = staging_dir(Path(target.path))
-    try:
-        reports = _convert(source, locate(staging), classes, shard_size, seed, workers)
-        os.replace(staging, target.path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return reports
+    with replaced_on_success(target.path, directory=True) as staging:
+        return _convert(source, locate(staging), classes, shard_size, seed, workers)
 
 
 def _convert(source: Location, out: Location, classes: list[str], shard_size: int, seed: int,

@@ -7,15 +7,13 @@ RGB PNGs and split per class into `train/<digit>/*.png` and `val/<digit>/*.png`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from orchestrator.data.layout import staging_dir
 from orchestrator.errors import UserError
+from orchestrator.fileio import replaced_on_success
 
 MANIFEST_NAME = "limpq-dataset.json"
 MANIFEST_FORMAT = "limpq-digits/v1"
@@ -63,31 +61,27 @@ def write_digits_dataset(out_dir: str | Path, image_size: int = 32, val_fraction
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir}: exists and is not a digits dataset; remove it or choose another directory")
 
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import (
+        load_digits,  # scikit-learn takes seconds to import; only a first build needs it
+    )
 
     digits = load_digits()
     images = np.rint(digits.images * (255 / DIGITS_MAX_VALUE)).astype(np.uint8)
     labels = digits.target
     is_val = _stratified_split(labels, val_fraction, seed)
 
-    staging = staging_dir(out_dir)
+    counts = {"train": int((~is_val).sum()), "val": int(is_val.sum())}
+    manifest = {**wanted, "num_classes": len(digits.target_names), "counts": counts}
     try:
-        counts = {"train": 0, "val": 0}
-        for index, (pixels, label, in_val) in enumerate(zip(images, labels, is_val)):
-            split = "val" if in_val else "train"
-            class_dir = staging / split / str(label)
-            class_dir.mkdir(parents=True, exist_ok=True)
-            image = Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BICUBIC)
-            image.convert("RGB").save(class_dir / f"{index:04d}.png")
-            counts[split] += 1
-        manifest = {**wanted, "num_classes": len(digits.target_names), "counts": counts}
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        try:
-            os.replace(staging, out_dir)
-        except OSError:
-            # Another process (e.g. a second Ray worker) finished the same dataset first.
-            if _read_manifest(out_dir) != manifest:
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with replaced_on_success(out_dir, directory=True) as staging:
+            for index, (pixels, label, in_val) in enumerate(zip(images, labels, is_val)):
+                class_dir = staging / ("val" if in_val else "train") / str(label)
+                class_dir.mkdir(parents=True, exist_ok=True)
+                image = Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BICUBIC)
+                image.convert("RGB").save(class_dir / f"{index:04d}.png")
+            (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    except OSError:
+        # Another process (e.g. a second Ray worker) finished the same dataset first.
+        if _read_manifest(out_dir) != manifest:
+            raise
     return manifest

@@ -12,25 +12,28 @@ Every sample has a stable key: its path relative to the split (folder, or the Pa
 column), else the SHA-1 of its bytes. The key decides membership in a `train_fraction` subset and
 identifies skipped images, so folder and Parquet copies of a dataset select the same samples.
 
-Before any work, `check_dataset(cfg)` finds what would fail later (one-line UserError naming the key
-and the fix); `dataset_fingerprint(cfg)` identifies the dataset's content for stage keys and
-`dataset_source(cfg)` names it for lineage.
+A command lists a dataset once: `index_dataset` (or `prepare_dataset`, which builds the digits demo
+first when configured) returns a `DatasetIndex`, and every check (`check_dataset`), stage key
+(`DatasetIndex.fingerprint`), sample count and data pipeline reads that index; at ImageNet's 1.28 M
+files a listing costs seconds, so it is never repeated within a command.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from orchestrator.config import PipelineConfig
-from orchestrator.data.storage import Location, bucket_exists, locate, redact, storage_error
+from orchestrator.config.schema import DataConfig
+from orchestrator.data.demo import write_digits_dataset
+from orchestrator.data.storage import Location, bucket_exists, locate, storage_error
 from orchestrator.errors import UserError
+from orchestrator.redact import redact
 from orchestrator.seeds import derived_seed
 
 SPLITS = ("train", "val")
@@ -41,37 +44,89 @@ KEY = "data.path"
 
 @dataclass(frozen=True)
 class FolderSplit:
-    classes: list[str]
+    location: Location
     keys: list[str]  # "<class>/<file>" relative to the split directory, sorted
     labels: list[int]
     sizes: list[int]  # bytes of each file
     empty_classes: list[str]  # class directories of this split without any image file
+
+    def fingerprint_lines(self) -> list[str]:
+        return [f"{key}\t{size}" for key, size in zip(self.keys, self.sizes)]
 
 
 @dataclass(frozen=True)
 class ParquetShard:
     location: Location
     size: int
+    rows: int
+    label_range: tuple[int, int] | None  # (min, max) label, None for no rows
+
+
+@dataclass(frozen=True)
+class ParquetSplit:
+    location: Location
+    shards: list[ParquetShard]
 
     @property
-    def uri(self) -> str:
-        return self.location.uri
+    def rows(self) -> int:
+        return sum(shard.rows for shard in self.shards)
+
+    @property
+    def label_range(self) -> tuple[int, int] | None:
+        ranges = [shard.label_range for shard in self.shards if shard.label_range is not None]
+        return (min(low for low, _ in ranges), max(high for _, high in ranges)) if ranges else None
+
+    def fingerprint_lines(self) -> list[str]:
+        return [f"{shard.location.name}\t{shard.size}\t{shard.rows}" for shard in self.shards]
 
 
-def dataset_root(cfg: PipelineConfig) -> Location:
-    """The dataset root, checked before any work; builds the digits demo there when configured."""
-    root = locate(cfg.data.path, KEY)
-    if not root.exists(KEY):
-        if not cfg.data.demo:
-            raise _missing_root(root)
-        _check_demo_settings(cfg, root)
-        from orchestrator.data.demo import write_digits_dataset
+@dataclass(frozen=True)
+class DatasetIndex:
+    """One listing of a dataset (file names and sizes, or Parquet footers), read once per command."""
 
-        write_digits_dataset(root.path)
-    for split in SPLITS:
-        if not (root / split).is_dir(KEY):
-            raise UserError(f"{KEY}: {root} has no {split}/ directory; point data.path at the folder holding train/ and val/")
-    return root
+    root: Location
+    format: str
+    classes: list[str] | None  # folder: class directories of train/, sorted (the label order)
+    splits: dict[str, FolderSplit | ParquetSplit]
+    _counts: dict[tuple[str, float, int], int] = field(default_factory=dict, compare=False, repr=False)
+
+    def count(self, split: str, fraction: float = 1.0, seed: int = 0) -> int:
+        """Samples of `split` in a `fraction` subset chosen by `seed` (Parquet: rows times fraction)."""
+        key = (split, fraction, seed)
+        if key not in self._counts:
+            listing = self.splits[split]
+            if isinstance(listing, FolderSplit):
+                self._counts[key] = (len(listing.keys) if fraction >= 1 else
+                                     sum(in_fraction(name, fraction, seed) for name in listing.keys))
+            else:
+                self._counts[key] = int(listing.rows * fraction)
+        return self._counts[key]
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        """Content identity of the dataset, for stage keys.
+
+        Per split: the count and total bytes of the files the pipeline reads, and a SHA-256 over the
+        sorted lines "relative-name<TAB>size" (Parquet: "shard<TAB>size<TAB>rows"); plus the format and
+        a SHA-256 over all of it. Names are relative to the split, so the same data under another root
+        (another mount, bucket, or a `ray job submit --working-dir` upload) has the same fingerprint;
+        adding, removing, renaming or resizing any file changes it. A file rewritten in place with
+        exactly the same size is not noticed (that would take reading every byte).
+        """
+        splits = {}
+        for split, listing in self.splits.items():
+            lines = listing.fingerprint_lines()
+            total = sum(listing.sizes) if isinstance(listing, FolderSplit) else sum(s.size for s in listing.shards)
+            splits[split] = {"files": len(lines), "bytes": total,
+                             "sha256": hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()}
+        summary = {"format": self.format, "splits": splits}
+        return {**summary, "sha256": hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()}
+
+    @property
+    def source(self) -> str:
+        """Where the dataset lives, as a URI for lineage (MLflow `log_input`): `file:///abs/path` for
+        local data, the URI as configured (credentials redacted) for object storage."""
+        return Path(self.root.path).as_uri() if self.root.is_local else redact(self.root.uri)
 
 
 def _missing_root(root: Location) -> UserError:
@@ -81,12 +136,61 @@ def _missing_root(root: Location) -> UserError:
                      "(or data.demo: true to build the digits demo there)")
 
 
-def _check_demo_settings(cfg: PipelineConfig, root: Location) -> None:
+def check_demo_settings(data: DataConfig, root: Location) -> None:
     if not root.is_local:
         raise UserError(f"data.demo: builds a local folder, but data.path is {root}; set data.demo: false "
                         "or a local data.path")
-    if cfg.data.format != "folder":
-        raise UserError(f"data.demo builds a folder dataset but data.format is {cfg.data.format!r}; set data.format: folder")
+    if data.format != "folder":
+        raise UserError(f"data.demo builds a folder dataset but data.format is {data.format!r}; set data.format: folder")
+
+
+def demo_to_build(data: DataConfig) -> bool:
+    """Whether `data` asks for the digits demo and it is not built yet (the run builds it)."""
+    if not data.demo:
+        return False
+    root = locate(data.path, KEY)
+    check_demo_settings(data, root)
+    return not root.exists(KEY)
+
+
+def prepare_dataset(data: DataConfig) -> DatasetIndex:
+    """The dataset of `data`, indexed; the digits demo is built first when configured and missing."""
+    if demo_to_build(data):
+        write_digits_dataset(locate(data.path, KEY).path)
+    return index_dataset(data)
+
+
+def index_dataset(data: DataConfig) -> DatasetIndex:
+    """List the dataset at `data.path` once (every file of a folder dataset, every Parquet footer).
+    A root, split, class directory or shard that is missing or unreadable is a one-line UserError
+    naming `data.path` and the fix; reads no image."""
+    root = locate(data.path, KEY)
+    if not root.exists(KEY):
+        raise _missing_root(root)
+    for split in SPLITS:
+        if not (root / split).is_dir(KEY):
+            raise UserError(f"{KEY}: {root} has no {split}/ directory; point data.path at the folder holding train/ and val/")
+    if data.format == "folder":
+        classes = list_classes(root / "train")
+        splits = {split: list_folder_split(root / split, classes) for split in SPLITS}
+        return DatasetIndex(root, data.format, classes, splits)
+    return DatasetIndex(root, data.format, None, {split: list_parquet_split(root / split) for split in SPLITS})
+
+
+def check_dataset(index: DatasetIndex, num_classes: int) -> None:
+    """What the listing shows would fail later: empty class directories, splits without samples,
+    labels outside `model.num_classes`. One-line UserError naming the key and the fix."""
+    if index.format == "folder":
+        for split, listing in index.splits.items():
+            if listing.empty_classes:
+                raise UserError(f"{KEY}: class directory {listing.location / listing.empty_classes[0]} holds no image "
+                                f"files ({', '.join(IMAGE_EXTENSIONS)}); add images or remove it")
+        check_label_range((0, len(index.classes) - 1), num_classes, index.root / "train")
+        return
+    for split, listing in index.splits.items():
+        if listing.rows == 0:
+            raise UserError(f"{KEY}: the shards in {listing.location} hold no rows")
+        check_label_range(listing.label_range, num_classes, listing.location)
 
 
 def is_image_file(name: str) -> bool:
@@ -125,9 +229,9 @@ def list_folder_split(split_dir: Location, classes: list[str]) -> FolderSplit:
     seen_classes: set[str] = set()
     for info in split_dir.files(KEY):
         relative = split_dir.relative(info.path)
-        if "/" not in relative or _is_hidden(relative) or not is_image_file(relative):
+        class_name, slash, _ = relative.partition("/")
+        if not slash or not is_image_file(relative) or _is_hidden(relative):
             continue
-        class_name = relative.split("/", 1)[0]
         keys.append(relative)
         labels.append(class_index[class_name])
         sizes.append(info.size)
@@ -135,67 +239,50 @@ def list_folder_split(split_dir: Location, classes: list[str]) -> FolderSplit:
     if not keys:
         raise UserError(f"{KEY}: {split_dir} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     empty = [name for name in split_classes if name not in seen_classes]
-    return FolderSplit(classes, keys, labels, sizes, empty)
+    return FolderSplit(split_dir, keys, labels, sizes, empty)
 
 
-def parquet_shards(split_dir: Location) -> list[ParquetShard]:
-    """The split's `.parquet` files, sorted (columns not checked: see `list_parquet_shards`)."""
-    shards = [ParquetShard(split_dir / split_dir.relative(info.path), info.size) for info in split_dir.files(KEY)
-              if info.path.endswith(".parquet") and "/" not in split_dir.relative(info.path)
-              and not _is_hidden(split_dir.relative(info.path))]
-    if not shards:
-        raise UserError(f"{KEY}: {split_dir} holds no .parquet shards")
-    return shards
-
-
-def _parquet_file(shard: ParquetShard):
-    import pyarrow.parquet as pq
-
+def _parquet_file(location: Location) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(shard.location.path, filesystem=shard.location.filesystem)
+        return pq.ParquetFile(location.path, filesystem=location.filesystem)
     except OSError as error:
-        raise storage_error(error, KEY, shard.location) from None
+        raise storage_error(error, KEY, location) from None
     except Exception as error:  # ArrowInvalid and friends: not Parquet
-        raise UserError(f"{KEY}: {shard.location} is not a readable Parquet file ({error})") from None
+        raise UserError(f"{KEY}: {location} is not a readable Parquet file ({error})") from None
 
 
-def check_parquet_shards(shards: list[ParquetShard]) -> list[int]:
-    """Checks the required columns of every shard; returns their row counts."""
-    rows = []
-    for shard in shards:
-        parquet = _parquet_file(shard)
+def _label_range(parquet: pq.ParquetFile) -> tuple[int, int] | None:
+    """(min, max) label from the footer statistics where present (no data read), else from the
+    label column; None for no rows."""
+    column = parquet.schema_arrow.get_field_index("label")
+    stats = [parquet.metadata.row_group(i).column(column).statistics for i in range(parquet.metadata.num_row_groups)]
+    if all(s is not None and s.has_min_max for s in stats):
+        pairs = [(s.min, s.max) for s in stats]
+    else:
+        labels = parquet.read(columns=["label"]).column("label").to_pylist()
+        pairs = [(min(labels), max(labels))] if labels else []
+    if not pairs:
+        return None
+    return int(min(low for low, _ in pairs)), int(max(high for _, high in pairs))
+
+
+def list_parquet_split(split_dir: Location) -> ParquetSplit:
+    """The split's `.parquet` files, sorted, with their row counts and label ranges from the
+    footers; a shard without the required columns is an error."""
+    shards = []
+    for info in split_dir.files(KEY):
+        relative = split_dir.relative(info.path)
+        if not info.path.endswith(".parquet") or "/" in relative or _is_hidden(relative):
+            continue
+        location = split_dir / relative
+        parquet = _parquet_file(location)
         missing = [column for column in PARQUET_REQUIRED_COLUMNS if column not in parquet.schema_arrow.names]
         if missing:
-            raise UserError(f"{KEY}: {shard.location} is missing column(s) {', '.join(missing)}")
-        rows.append(parquet.metadata.num_rows)
-    return rows
-
-
-def list_parquet_shards(split_dir: Location) -> list[str]:
-    """The split's shards as URIs (or absolute local paths) that pyarrow opens, checked for the
-    required columns."""
-    shards = parquet_shards(split_dir)
-    check_parquet_shards(shards)
-    return [shard.uri for shard in shards]
-
-
-def parquet_label_range(shards: list[ParquetShard]) -> tuple[int, int] | None:
-    """(min, max) label over the shards, from the footer statistics where present (no data read),
-    else from the label column; None for no rows."""
-    low, high = None, None
-    for shard in shards:
-        parquet = _parquet_file(shard)
-        column = parquet.schema_arrow.get_field_index("label")
-        stats = [parquet.metadata.row_group(i).column(column).statistics for i in range(parquet.metadata.num_row_groups)]
-        if all(s is not None and s.has_min_max for s in stats):
-            pairs = [(s.min, s.max) for s in stats]
-        else:
-            labels = parquet.read(columns=["label"]).column("label").to_pylist()
-            pairs = [(min(labels), max(labels))] if labels else []
-        for shard_low, shard_high in pairs:
-            low = shard_low if low is None else min(low, shard_low)
-            high = shard_high if high is None else max(high, shard_high)
-    return None if low is None else (int(low), int(high))
+            raise UserError(f"{KEY}: {location} is missing column(s) {', '.join(missing)}")
+        shards.append(ParquetShard(location, info.size, parquet.metadata.num_rows, _label_range(parquet)))
+    if not shards:
+        raise UserError(f"{KEY}: {split_dir} holds no .parquet shards")
+    return ParquetSplit(split_dir, shards)
 
 
 def check_label_range(label_range: tuple[int, int] | None, num_classes: int, where: object) -> None:
@@ -207,99 +294,6 @@ def check_label_range(label_range: tuple[int, int] | None, num_classes: int, whe
     if high >= num_classes:
         raise UserError(f"model.num_classes: {where} has labels 0..{high} but model.num_classes is {num_classes}; "
                         f"set model.num_classes: {high + 1} (or more)")
-
-
-def check_labels(labels: list[int], num_classes: int, where: object) -> None:
-    check_label_range((min(labels), max(labels)) if labels else None, num_classes, where)
-
-
-def check_dataset(cfg: PipelineConfig) -> None:
-    """Everything about `cfg.data` that can fail later, checked now without Ray: the path (and its
-    bucket and credentials on object storage), train/ and val/, classes, empty class directories,
-    images or shards, labels within `model.num_classes`. Raises a one-line UserError naming the key
-    and the fix. Reads listings and Parquet footers only, never images."""
-    root = locate(cfg.data.path, KEY)
-    if cfg.data.demo:
-        _check_demo_settings(cfg, root)
-        if not root.exists(KEY):
-            return  # the run builds the digits demo there
-    if not root.exists(KEY):
-        raise _missing_root(root)
-    for split in SPLITS:
-        if not (root / split).is_dir(KEY):
-            raise UserError(f"{KEY}: {root} has no {split}/ directory; point data.path at the folder holding train/ and val/")
-    num_classes = cfg.model.num_classes
-    if cfg.data.format == "folder":
-        classes = list_classes(root / "train")
-        for split in SPLITS:
-            listing = list_folder_split(root / split, classes)
-            if listing.empty_classes:
-                raise UserError(f"{KEY}: class directory {root / split / listing.empty_classes[0]} holds no image files "
-                                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove it")
-        check_label_range((0, len(classes) - 1), num_classes, root / "train")
-        return
-    for split in SPLITS:
-        shards = parquet_shards(root / split)
-        if sum(check_parquet_shards(shards)) == 0:
-            raise UserError(f"{KEY}: the shards in {root / split} hold no rows")
-        check_label_range(parquet_label_range(shards), num_classes, root / split)
-
-
-def dataset_fingerprint(cfg: PipelineConfig) -> dict:
-    """Content identity of the dataset from its file listing, for stage keys.
-
-    Per split: the count and total bytes of the files the pipeline reads, and a SHA-256 over the
-    sorted lines "relative-name<TAB>size" (Parquet: "shard<TAB>size<TAB>rows"); plus the format and
-    a SHA-256 over all of it. Names are relative to the split, so the same data under another root
-    (another mount, bucket, or a `ray job submit --working-dir` upload) has the same fingerprint;
-    adding, removing, renaming or resizing any file changes it. A file rewritten in place with
-    exactly the same size is not noticed (that would take reading every byte). Builds the digits
-    demo first when `data.demo` asks for it.
-    """
-    root = dataset_root(cfg)
-    splits = {}
-    for split in SPLITS:
-        if cfg.data.format == "folder":
-            listing = list_folder_split(root / split, list_classes(root / "train"))
-            lines = [f"{key}\t{size}" for key, size in zip(listing.keys, listing.sizes)]
-            total = sum(listing.sizes)
-        else:
-            shards = parquet_shards(root / split)
-            rows = check_parquet_shards(shards)
-            lines = [f"{shard.location.name}\t{shard.size}\t{count}" for shard, count in zip(shards, rows)]
-            total = sum(shard.size for shard in shards)
-        splits[split] = {"files": len(lines), "bytes": total,
-                         "sha256": hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()}
-    summary = {"format": cfg.data.format, "splits": splits}
-    return {**summary, "sha256": hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()}
-
-
-def dataset_source(cfg: PipelineConfig) -> str:
-    """Where the dataset lives, as a URI for lineage (MLflow `log_input`): `file:///abs/path` for
-    local data, the URI as configured (credentials redacted) for object storage."""
-    root = locate(cfg.data.path, KEY)
-    return Path(root.path).as_uri() if root.is_local else redact(root.uri)
-
-
-def count_samples(cfg: PipelineConfig, split: str = "train", fraction: float = 1.0) -> int:
-    """Samples of a split in a `fraction` subset, from the listing (folder) or shard footers
-    (Parquet: rows times fraction); reads no image."""
-    root = dataset_root(cfg)
-    if cfg.data.format == "folder":
-        listing = list_folder_split(root / split, list_classes(root / "train"))
-        return sum(in_fraction(key, fraction, cfg.seed) for key in listing.keys)
-    return int(sum(check_parquet_shards(parquet_shards(root / split))) * fraction)
-
-
-def staging_dir(final: Path) -> Path:
-    """An empty sibling of `final` to build into and then rename onto it (same filesystem, so the
-    rename is atomic), with the permissions a plain mkdir would give."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
-    return staging
 
 
 def content_key(encoded: bytes) -> str:

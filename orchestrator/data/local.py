@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import logging
 
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from orchestrator.config import PipelineConfig
+from orchestrator.data.images import decode_image, is_decodable
 from orchestrator.data.layout import (
-    check_labels,
-    check_parquet_shards,
+    DatasetIndex,
+    FolderSplit,
+    ParquetSplit,
+    check_dataset,
     content_key,
-    dataset_root,
     in_fraction,
-    list_classes,
-    list_folder_split,
-    parquet_shards,
 )
 from orchestrator.data.storage import Location
-from orchestrator.data.transforms import ImageTransform, decode_image, is_decodable, transforms_for
+from orchestrator.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +82,18 @@ def _select(sources: list[Location | bytes], labels: list[int], keys: list[str],
     return EncodedImageDataset(kept_sources, kept_labels, kept_keys, transform, classes, skipped)
 
 
-def _folder_split(split_dir: Location, classes: list[str], fraction: float, seed: int,
+def _folder_split(listing: FolderSplit, classes: list[str], fraction: float, seed: int,
                   transform: ImageTransform) -> EncodedImageDataset:
-    listing = list_folder_split(split_dir, classes)
-    sources: list[Location | bytes] = [split_dir / key for key in listing.keys]
-    return _select(sources, listing.labels, listing.keys, fraction, seed, transform, classes, split_dir)
+    sources: list[Location | bytes] = [listing.location / key for key in listing.keys]
+    return _select(sources, listing.labels, listing.keys, fraction, seed, transform, classes, listing.location)
 
 
-def _parquet_split(split_dir: Location, fraction: float, seed: int, transform: ImageTransform) -> EncodedImageDataset:
-    import pyarrow.parquet as pq
-
+def _parquet_split(listing: ParquetSplit, fraction: float, seed: int, transform: ImageTransform) -> EncodedImageDataset:
     sources: list[Location | bytes] = []
     labels: list[int] = []
     keys: list[str] = []
     class_names: dict[int, str] = {}
-    shards = parquet_shards(split_dir)
-    check_parquet_shards(shards)
-    for shard in shards:
+    for shard in listing.shards:
         table = pq.read_table(shard.location.path, filesystem=shard.location.filesystem)
         images = [image or b"" for image in table.column("image").to_pylist()]
         shard_labels = [int(label) for label in table.column("label").to_pylist()]
@@ -110,21 +104,20 @@ def _parquet_split(split_dir: Location, fraction: float, seed: int, transform: I
         labels += shard_labels
         keys += [path or content_key(image) for path, image in zip(paths, images)]
     classes = [class_names.get(label, str(label)) for label in range(max(class_names) + 1)] if class_names else None
-    return _select(sources, labels, keys, fraction, seed, transform, classes, split_dir)
+    return _select(sources, labels, keys, fraction, seed, transform, classes, listing.location)
 
 
-def build_datasets(cfg: PipelineConfig, train_fraction: float = 1.0) -> tuple[EncodedImageDataset, EncodedImageDataset]:
-    """(train, val) datasets of `cfg.data`; train uses the train transforms and a `train_fraction`
-    subset chosen by `cfg.seed`, val the eval transforms and every sample."""
-    root = dataset_root(cfg)
-    train_tf, eval_tf = transforms_for(cfg)
-    if cfg.data.format == "folder":
-        classes = list_classes(root / "train")
-        train = _folder_split(root / "train", classes, train_fraction, cfg.seed, train_tf)
-        val = _folder_split(root / "val", classes, 1.0, cfg.seed, eval_tf)
-    else:
-        train = _parquet_split(root / "train", train_fraction, cfg.seed, train_tf)
-        val = _parquet_split(root / "val", 1.0, cfg.seed, eval_tf)
-    for split, dataset in (("train", train), ("val", val)):
-        check_labels(dataset.labels, cfg.model.num_classes, root / split)
-    return train, val
+def build_datasets(index: DatasetIndex, transforms: tuple[ImageTransform, ImageTransform], num_classes: int,
+                   seed: int, train_fraction: float = 1.0) -> tuple[EncodedImageDataset, EncodedImageDataset]:
+    """(train, val) datasets of an indexed dataset; train uses the first of `transforms` and a
+    `train_fraction` subset chosen by `seed`, val the second and every sample."""
+    check_dataset(index, num_classes)
+    fractions = {"train": train_fraction, "val": 1.0}
+    datasets = []
+    for split, transform in zip(("train", "val"), transforms):
+        listing = index.splits[split]
+        if isinstance(listing, FolderSplit):
+            datasets.append(_folder_split(listing, index.classes, fractions[split], seed, transform))
+        else:
+            datasets.append(_parquet_split(listing, fractions[split], seed, transform))
+    return datasets[0], datasets[1]

@@ -17,11 +17,11 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
 from orchestrator.errors import UserError
+from orchestrator.redact import redact
 
 CREDENTIAL_VARIABLES = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
 
@@ -29,16 +29,6 @@ CREDENTIAL_VARIABLES = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
 def is_uri(path: str) -> bool:
     """A URI with a scheme (s3://, gs://, file://...), as opposed to a local path."""
     return "://" in str(path)
-
-
-def redact(uri: str) -> str:
-    """The URI without a password or secret in its user-info part."""
-    parts = urlsplit(str(uri))
-    if not is_uri(uri) or "@" not in parts.netloc:
-        return str(uri)
-    user_info, host = parts.netloc.rsplit("@", 1)
-    user = user_info.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if ":" in user_info else f"***@{host}"))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ ToTensor and Normalize, so both pipelines feed the model the same values (up to 
 
 from __future__ import annotations
 
-import io
 from typing import Callable
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,15 +56,14 @@ def eval_transform(input_size: int, resize_size: int | None = None) -> ImageTran
     return _to_normalized_tensor(eval_resize_crop(input_size, resize_size))
 
 
-def augments_for(cfg: PipelineConfig) -> tuple[ImageAugment, ImageAugment]:
-    """(train, eval) PIL -> PIL steps with the sizes of a pipeline config."""
-    data, size = cfg.data, cfg.model.input_size
-    return (train_augment(size, data.min_crop_scale, data.hflip), eval_resize_crop(size, data.resize_size))
+def augments_for(data: DataConfig, input_size: int) -> tuple[ImageAugment, ImageAugment]:
+    """(train, eval) PIL -> PIL steps of the data settings at the model's input size."""
+    return (train_augment(input_size, data.min_crop_scale, data.hflip), eval_resize_crop(input_size, data.resize_size))
 
 
-def transforms_for(cfg: PipelineConfig) -> tuple[ImageTransform, ImageTransform]:
-    """(train, eval) PIL -> normalized float32 CHW transforms with the sizes of a pipeline config."""
-    train, evaluation = augments_for(cfg)
+def transforms_for(data: DataConfig, input_size: int) -> tuple[ImageTransform, ImageTransform]:
+    """(train, eval) PIL -> normalized float32 CHW transforms of the data settings."""
+    train, evaluation = augments_for(data, input_size)
     return _to_normalized_tensor(train), _to_normalized_tensor(evaluation)
 
 
@@ -79,21 +77,3 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     scale = torch.tensor([1 / (255 * s) for s in IMAGENET_STD], device=images.device).view(1, 3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], device=images.device).view(1, 3, 1, 1)
     return images.float().mul_(scale).sub_(shift)
-
-
-def decode_image(encoded: bytes) -> Image.Image:
-    """Decode fully to RGB; raises (OSError, ValueError, ...) on truncated, empty or non-image data."""
-    with Image.open(io.BytesIO(encoded)) as image:
-        image.load()  # Image.open is lazy: only load() finds a truncated stream
-        return image.convert("RGB")
-
-
-def is_decodable(encoded: bytes) -> bool:
-    """Cheap full-stream check: JPEGs decode at reduced scale (DCT draft) but still end to end."""
-    try:
-        with Image.open(io.BytesIO(encoded)) as image:
-            image.draft("RGB", (1, 1))
-            image.load()
-        return True
-    except Exception:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError...)
-        return False

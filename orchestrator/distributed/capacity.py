@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 
 import ray
+from ray._private import ray_constants
+from ray._private.state import state
+from ray.experimental.internal_kv import _internal_kv_get
 
 
 def cluster_capacity() -> dict[str, float] | None:
     """Call after `ray.init()`; None when the cluster may grow or its kind is not known yet."""
-    from ray._private import ray_constants
-    from ray._private.state import state
-    from ray.experimental.internal_kv import _internal_kv_get
-
     now = {key: float(value) for key, value in ray.cluster_resources().items()}
     maximum = state.get_max_resources_from_cluster_config()
     if maximum:

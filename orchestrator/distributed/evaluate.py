@@ -1,5 +1,6 @@
-"""`limpq evaluate` behind the CLI: score policies with a config's finished joint model (SPEC 1.7),
-as a Ray task when a cluster is there (RAY_ADDRESS or ray.address), in-process otherwise.
+"""One-shot policy scoring with a config's finished joint model (SPEC 1.7): `limpq evaluate`, and the
+sweep's trials when `finetune.epochs` is 0. As a Ray task when a cluster is there (RAY_ADDRESS or
+ray.address), in-process otherwise.
 
 Everything checkable is checked on the driver before Ray is touched: the finished indicator stage,
 and that every policy fits the joint model (layer names, candidate bits).
@@ -12,30 +13,36 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+import ray
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.data.layout import DatasetIndex, prepare_dataset
+from orchestrator.data.local import build_datasets
+from orchestrator.data.transforms import transforms_for
+from orchestrator.distributed.runtime import ensure_ray
+from orchestrator.distributed.stages import finished_stage
 from orchestrator.errors import UserError
-from orchestrator.modelinfo import build_model
-from orchestrator.quant.policy import Policy
+from orchestrator.preflight import CheckedConfig
+from orchestrator.quant.policy import BitAssignment
+from orchestrator.redact import redact
+from orchestrator.search.costs import CostTable
+from orchestrator.stagekeys import stage_keys
+from orchestrator.tracking.runs import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
-from orchestrator.train.stages import JOINT_FILE, device_for, joint_model
+from orchestrator.train.oneshot import check_policy, score_on_datasets
+from orchestrator.train.recipe import make_criterion
+from orchestrator.train.stages import JOINT_FILE, device_for, untrained_joint_model
 
 log = logging.getLogger("limpq")
 
-Labelled = Sequence[tuple[str, Policy]]
+Labelled = Sequence[tuple[str, BitAssignment]]
 
 
-def finished_joint_checkpoint(cfg: PipelineConfig) -> Path:
+def finished_joint_checkpoint(cfg: PipelineConfig, dataset: DatasetIndex) -> Path:
     """joint.pt of the config's finished indicator stage, found as the pipeline finds it (by its stage
     key, downloaded from the run's artifacts when not present locally)."""
-    from orchestrator.distributed.pipeline import finished_stage
-    from orchestrator.redact import redact
-    from orchestrator.stagekeys import stage_keys
-    from orchestrator.tracking import Tracker
-
     tracker = Tracker.from_config(cfg)
-    key = stage_keys(cfg).indicators
+    key = stage_keys(cfg, dataset.fingerprint).indicators
     indicators = finished_stage(cfg, tracker, "indicators", key)
     if indicators is None:
         raise UserError(f"no finished indicator training for config {cfg.name!r} (indicators stage key {key}) in "
@@ -44,69 +51,33 @@ def finished_joint_checkpoint(cfg: PipelineConfig) -> Path:
     return indicators.file(JOINT_FILE)
 
 
-def policy_from_file(path: str | Path) -> Policy:
-    """{layer: (wbits, abits)} of a policy JSON v1 file (UserError when it is not one)."""
-    from orchestrator.search.policy import load_policy
-
-    return {layer.name: (layer.wbits, layer.abits) for layer in load_policy(path).layers}
-
-
-def untrained_joint(cfg: PipelineConfig) -> torch.nn.Module:
-    """The joint model's structure (its layer names and candidate bits), without weights."""
-    return joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
-
-
-def load_joint(cfg: PipelineConfig, state: dict) -> torch.nn.Module:
-    model = untrained_joint(cfg)
+def score_on_this_node(cfg: PipelineConfig, dataset: DatasetIndex, costs: CostTable, state: dict,
+                       policies: Labelled, calibration_batches: int = 0) -> list[dict]:
+    """Rows of `orchestrator.train.oneshot.score_policies` of the joint model with weights `state` over
+    the config's val split; with `calibration_batches` > 0 BN statistics are recalibrated on that many
+    (seeded) training batches."""
+    model = untrained_joint_model(cfg.model, cfg.indicators.bits)
     restore_model(model, state, "joint checkpoint")
-    return model
+    train_set, val_set = build_datasets(dataset, transforms_for(cfg.data, cfg.model.input_size), cfg.model.num_classes,
+                                        cfg.seed, cfg.indicators.train_fraction)
+    return score_on_datasets(model, policies, costs, train_set, val_set, batch_size=cfg.data.batch_size, seed=cfg.seed,
+                             calibration_batches=calibration_batches, criterion=make_criterion(cfg.indicators),
+                             bf16=cfg.ray.bf16, device=device_for(cfg.ray.use_gpu))
 
 
-def score_on_this_node(cfg: PipelineConfig, state: dict, policies: Labelled, calibration_batches: int = 0) -> list[dict]:
-    """Rows of `orchestrator.train.oneshot.score_policies` over the config's val split; with
-    `calibration_batches` > 0 BN statistics are recalibrated on that many (seeded) training batches."""
-    from torch.utils.data import DataLoader
-
-    from orchestrator.data.local import build_datasets
-    from orchestrator.search.policy import config_cost_table
-    from orchestrator.train.oneshot import score_policies
-    from orchestrator.train.recipe import make_criterion
-
-    device = device_for(cfg)
-    model = load_joint(cfg, state).to(device)
-    train_set, val_set = build_datasets(cfg, cfg.indicators.train_fraction)
-
-    def batches(dataset, count: int | None = None, shuffle: bool = False):
-        generator = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=shuffle, generator=generator)
-        for index, (images, labels) in enumerate(loader):
-            if count is not None and index >= count:
-                return
-            yield images.to(device), labels.to(device)
-
-    calibration = (lambda: batches(train_set, calibration_batches, shuffle=True)) if calibration_batches else None
-    return score_policies(model, policies, config_cost_table(cfg), lambda: batches(val_set), calibration,
-                          make_criterion(cfg.indicators), cfg.ray.bf16)
-
-
-def evaluate_policies(cfg: PipelineConfig, policies: Labelled, calibration_batches: int = 0) -> list[dict]:
-    """Score every (label, policy) with the config's finished joint model; rows in the order given."""
-    from orchestrator.train.oneshot import check_policy
-
-    cfg = cfg.with_absolute_paths()
-    model = untrained_joint(cfg)  # checked against the layout before any lookup
+def score_with_joint_model(checked: CheckedConfig, policies: Labelled, calibration_batches: int = 0) -> list[dict]:
+    """Score every (label, policy) with the config's finished joint model; rows in the order given.
+    Each policy must fit the joint model's layers and candidate bits (checked before any lookup)."""
+    cfg = checked.config.with_absolute_paths()
+    structure = untrained_joint_model(cfg.model, cfg.indicators.bits)
     for label, policy in policies:
-        check_policy(model, policy, label)
-    del model
-    state = load_checkpoint(finished_joint_checkpoint(cfg))["model"]
-    import ray
-
+        check_policy(structure, policy, label)
+    dataset = checked.dataset or prepare_dataset(cfg.data)
+    state = load_checkpoint(finished_joint_checkpoint(cfg, dataset))["model"]
     if not (ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        return score_on_this_node(cfg, state, policies, calibration_batches)
-    from orchestrator.distributed.runtime import ensure_ray
-
+        return score_on_this_node(cfg, dataset, checked.costs, state, policies, calibration_batches)
     ensure_ray(cfg)
     task = ray.remote(score_on_this_node).options(
         num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0)
     log.info("evaluate: scoring %d policies as a Ray task", len(policies))
-    return ray.get(task.remote(cfg, ray.put(state), list(policies), calibration_batches))
+    return ray.get(task.remote(cfg, dataset, checked.costs, ray.put(state), list(policies), calibration_batches))

@@ -15,8 +15,9 @@ import warnings
 from pathlib import Path
 
 import ray
+from ray.data import DataContext
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.console import log_to_file
 
 log = logging.getLogger("limpq")
@@ -38,10 +39,16 @@ def local_cpu_count(cfg: PipelineConfig) -> int:
     return max(4, 2 * (os.cpu_count() or 1), math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 right now (each held until all are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
 
 
 # Loggers whose INFO lines in workers are set-up detail (Ray Train configures workers' root logger
@@ -94,8 +101,6 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     log_file = log_to_file(cfg.run_dir / "logs" / "limpq.log")
     # Ray's driver-side records go through our handlers (console: errors; file: everything).
     logging.getLogger("ray").propagate = True
-    from ray.data import DataContext
-
     DataContext.get_current().enable_progress_bars = False
     # Ray Tune's newer console output prints its experiment box and result paths even at verbose=0;
     # its classic output honours verbose=0 (our sweep's setting): the bars and final table say it.
@@ -105,7 +110,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         log.info("joining Ray cluster at %s", address)
         _context = ray.init(address=address, log_to_driver=True, configure_logging=False)
     else:
-        port = _free_port()
+        [port] = free_ports(1)
         log.info("starting local Ray (%d logical CPUs)", local_cpu_count(cfg))
         _started_here = True
         _context = ray.init(

@@ -14,40 +14,66 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from ray.experimental import tqdm_ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from orchestrator.config import PipelineConfig
-from orchestrator.data.layout import count_samples, dataset_fingerprint, dataset_source
-from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, dataset_config, iter_batches
+from orchestrator.config.schema import PipelineConfig, RecipeConfig
+from orchestrator.data.layout import DatasetIndex
+from orchestrator.data.transforms import augments_for
+from orchestrator.distributed.datasets import (
+    SkipCounter,
+    build_ray_datasets,
+    dataset_config,
+    iter_batches,
+)
+from orchestrator.distributed.interrupts import run_off_main_thread
 from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
 from orchestrator.errors import UserError
 from orchestrator.indicators import save_indicators
-from orchestrator.modelinfo import build_model
 from orchestrator.plots import indicator_heatmap
-from orchestrator.quant.policy import uniform_policy
-from orchestrator.tracking import Tracker
-from orchestrator.train.checkpoint import load_checkpoint, restore_model, restore_rng, save_checkpoint
+from orchestrator.quant.policy import extract_indicators, uniform_policy
+from orchestrator.tracking.models import log_model
+from orchestrator.tracking.runs import Tracker
+from orchestrator.train.checkpoint import (
+    load_checkpoint,
+    restore_model,
+    restore_rng,
+    save_checkpoint,
+)
 from orchestrator.train.progress import Progress
 from orchestrator.train.stages import (
-    FP_FILE, INDICATORS_FILE, JOINT_FILE, finetune_model, fp_meta, fp_training, indicators_of, initial_fp_model,
-    joint_model, joint_training, seed_epoch, stage_recipe,
+    FP_FILE,
+    INDICATORS_FILE,
+    JOINT_FILE,
+    finetune_model,
+    fp_meta,
+    initial_fp_model,
+    joint_from_fp,
+    joint_training,
+    plain_training,
+    seed_epoch,
+    untrained_joint_model,
 )
 from orchestrator.train.steps import evaluate_policies
 
 log = logging.getLogger("limpq")
 
 STATE_FILE = "state.pt"
+
+
+def stage_recipe(cfg: PipelineConfig, stage: str) -> RecipeConfig:
+    return {"fp": cfg.fp, "indicators": cfg.indicators, "finetune": cfg.finetune}[stage]
 
 
 class MetricSums:
@@ -106,13 +132,12 @@ def _validation(model, cfg: PipelineConfig, stage: str, criterion, device) -> di
 
 def _worker_model(cfg: PipelineConfig, stage: str, config: dict[str, Any]) -> torch.nn.Module:
     if stage == "fp":
-        return initial_fp_model(cfg)
+        return initial_fp_model(cfg.model, cfg.fp, cfg.seed)
     fp_state = _resolve(config["fp_weights"])
     if stage == "finetune":
-        return finetune_model(cfg, fp_state, config["policy"], _resolve(config.get("joint_weights")))
-    model = build_model(cfg.model.arch, cfg.model.num_classes)
-    restore_model(model, fp_state, "FP weights")
-    return joint_model(cfg, model)
+        return finetune_model(cfg.model, cfg.indicators.bits, fp_state, config["policy"],
+                              _resolve(config.get("joint_weights")))
+    return joint_from_fp(cfg.model, cfg.indicators.bits, fp_state)
 
 
 def _resolve(value: Any) -> Any:
@@ -124,9 +149,6 @@ def _system_metrics(tracker: Tracker | None, run_id: str | None):
     """MLflow's system-metrics monitor (CPU, memory, GPU when present) on this worker's run, or None."""
     if tracker is None or run_id is None:
         return None
-    import mlflow
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     mlflow.set_tracking_uri(tracker.tracking_uri)
     try:
         monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=2)
@@ -154,8 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             payload = load_checkpoint(Path(directory) / STATE_FILE)
         restore_model(model, payload["model"], f"checkpoint of run {cfg.name}")
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    training = (joint_training(cfg, model, per_epoch) if stage == "indicators"
-                else fp_training(cfg, model, per_epoch, recipe))
+    training = (joint_training(model, cfg.indicators, per_epoch, cfg.seed, cfg.ray.bf16) if stage == "indicators"
+                else plain_training(model, recipe, per_epoch, cfg.ray.bf16))
     start_epoch = 0
     if payload is not None:
         training.optimizer.load_state_dict(payload["optimizer"])
@@ -200,11 +222,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     save_checkpoint(Path(directory) / STATE_FILE, model, optimizer=training.optimizer,
                                     scheduler=training.scheduler, epoch=epoch + 1, policy_rng=training.policy_rng,
-                                    meta=fp_meta(cfg))
+                                    meta=fp_meta(cfg.model))
                     checkpoint = ray.train.Checkpoint.from_directory(directory)
                     if tracker is not None:
                         tracker.log_metrics(config["run_id"], metrics, step=epoch + 1)
-                        tracker.log_text(config["run_id"], shard.stats(), f"data_stats/epoch_{epoch + 1:03d}.txt")
+                        tracker.client.log_text(config["run_id"], shard.stats(),
+                                                f"data_stats/epoch_{epoch + 1:03d}.txt")
                 ray.train.report(metrics, checkpoint=checkpoint)
     finally:
         progress.close()
@@ -225,11 +248,11 @@ def storage_path(cfg: PipelineConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def steps_per_epoch(cfg: PipelineConfig, stage: str) -> int:
+def steps_per_epoch(cfg: PipelineConfig, dataset: DatasetIndex, stage: str) -> int:
     """Steps per epoch of a worker: the schedule's length. The loop itself stops at the shortest
     shard, so skipped images only end an epoch a step early. The indicator stage keeps the last
     partial batch; the others drop it (a batch of one breaks BatchNorm)."""
-    per_worker = count_samples(cfg, "train", stage_recipe(cfg, stage).train_fraction) / cfg.ray.num_workers
+    per_worker = dataset.count("train", stage_recipe(cfg, stage).train_fraction, cfg.seed) / cfg.ray.num_workers
     steps = math.ceil(per_worker / cfg.data.batch_size) if stage == "indicators" else int(per_worker // cfg.data.batch_size)
     if steps < 1:
         raise UserError(f"data.batch_size: {cfg.data.batch_size} is larger than a worker's share of the {stage} "
@@ -237,32 +260,11 @@ def steps_per_epoch(cfg: PipelineConfig, stage: str) -> int:
     return steps
 
 
-def _fit_keeping_interrupts(trainer: TorchTrainer):
-    """`trainer.fit()` on a helper thread. On the main thread Ray Train installs a SIGINT handler that
-    aborts the run "gracefully" and stays installed after fit returns, where it later turns Ctrl-C into
-    `sys.exit(0)`; off the main thread it installs none, so Ctrl-C and SIGTERM keep raising in the main
-    thread and the pipeline closes its runs KILLED. The thread is a daemon: an interrupted process
-    exits without waiting for it (its Ray workers end with the driver)."""
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # handed to the main thread as it is
-            outcome["error"] = error
-
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
-def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str, run_name: str,
-                 inputs: dict[str, Any] | None = None, label: str | None = None) -> tuple[dict, dict[str, float]]:
-    """Run one stage's TorchTrainer (FP, indicators or fine-tuning); returns the final model state and
-    the last epoch's metrics.
+def train_on_ray(cfg: PipelineConfig, dataset: DatasetIndex, stage: str, tracker: Tracker, run_id: str,
+                 run_name: str, inputs: dict[str, Any] | None = None,
+                 label: str | None = None) -> tuple[dict, dict[str, float]]:
+    """Run one stage's TorchTrainer (FP, indicators or fine-tuning) on `dataset`; returns the final
+    model state and the last epoch's metrics.
 
     `inputs` go to every worker (weights as object refs, a policy); the same `run_name` under the
     same storage path resumes a crashed run from its last checkpoint. The skipped-image count is
@@ -271,8 +273,10 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
     ensure_ray(cfg)
     recipe = stage_recipe(cfg, stage)
     counter = SkipCounter()
-    datasets = build_ray_datasets(cfg, skip_counter=counter, train_fraction=recipe.train_fraction)
-    per_epoch = steps_per_epoch(cfg, stage)
+    datasets = build_ray_datasets(dataset, augments_for(cfg.data, cfg.model.input_size),
+                                  input_size=cfg.model.input_size, num_classes=cfg.model.num_classes, seed=cfg.seed,
+                                  skip_counter=counter, train_fraction=recipe.train_fraction)
+    per_epoch = steps_per_epoch(cfg, dataset, stage)
     tracker.set_tags(run_id, {"limpq.steps_per_epoch": per_epoch})
     loop_config: dict[str, Any] = {
         "pipeline": cfg, "stage": stage, "steps_per_epoch": per_epoch, "tracker": tracker, "run_id": run_id,
@@ -293,7 +297,7 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
             logging_config=TRAIN_LOGGING,
         ),
     )
-    result = _fit_keeping_interrupts(trainer)
+    result = run_off_main_thread(trainer.fit, name="ray-train-fit")
     skipped = counter.counts()
     tracker.log_metrics(run_id, {f"skipped_images_{split}": n for split, n in skipped.items()}, step=recipe.epochs)
     if any(skipped.values()):
@@ -302,19 +306,18 @@ def train_on_ray(cfg: PipelineConfig, stage: str, tracker: Tracker, run_id: str,
         return load_checkpoint(Path(directory) / STATE_FILE)["model"], dict(result.metrics or {})
 
 
-def log_dataset_inputs(cfg: PipelineConfig, tracker: Tracker, run_id: str, stage: str) -> None:
+def log_dataset_inputs(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str, stage: str) -> None:
     """Lineage of the data a training run read: the dataset's location, content digest and sizes,
     once for its training subset and once for the validation split."""
-    fingerprint = dataset_fingerprint(cfg)
-    source = dataset_source(cfg)
-    name = source.rstrip("/").rsplit("/", 1)[-1] or source
+    fingerprint = dataset.fingerprint
+    name = dataset.source.rstrip("/").rsplit("/", 1)[-1] or dataset.source
     fraction = stage_recipe(cfg, stage).train_fraction
     for split, context, extra in (("train", "training", {"train_fraction": fraction,
-                                                          "images": count_samples(cfg, "train", fraction)}),
-                                  ("val", "validation", {"images": count_samples(cfg, "val")})):
+                                                          "images": dataset.count("train", fraction, cfg.seed)}),
+                                  ("val", "validation", {"images": dataset.count("val")})):
         sizes = fingerprint["splits"][split]
         # one dataset entry per split: MLflow keeps one input per (name, digest) and run
-        tracker.log_dataset(run_id, source, f"{name}/{split}", fingerprint["splits"][split]["sha256"], context,
+        tracker.log_dataset(run_id, dataset.source, f"{name}/{split}", sizes["sha256"], context,
                             {"split": split, "format": fingerprint["format"], "files": sizes["files"],
                              "bytes": sizes["bytes"], **extra})
 
@@ -324,33 +327,38 @@ def example_input(cfg: PipelineConfig) -> torch.Tensor:
     return torch.zeros(1, 3, cfg.model.input_size, cfg.model.input_size)
 
 
-def run_fp(cfg: PipelineConfig, tracker: Tracker, run_id: str, directory: Path, train_name: str) -> Path:
+def run_fp(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str, directory: Path,
+           train_name: str) -> Path:
     """The FP stage into `directory`: trained on Ray Train, or taken from torchvision/a checkpoint."""
     ensure_ray(cfg)
-    model = initial_fp_model(cfg)
+    model = initial_fp_model(cfg.model, cfg.fp, cfg.seed)
     if cfg.fp.source == "train" and cfg.fp.epochs > 0:
-        log_dataset_inputs(cfg, tracker, run_id, "fp")
-        state, _ = train_on_ray(cfg, "fp", tracker, run_id, train_name)
+        log_dataset_inputs(cfg, dataset, tracker, run_id, "fp")
+        state, _ = train_on_ray(cfg, dataset, "fp", tracker, run_id, train_name)
         restore_model(model, state, "final FP checkpoint")
-    out = save_checkpoint(directory / FP_FILE, model, meta=fp_meta(cfg))
-    tracker.log_artifact(run_id, out, "checkpoint")
-    tracker.log_model(run_id, model, example_input(cfg), name="fp-model", step=max(cfg.fp.epochs, 1) if
-                      cfg.fp.source == "train" else 0, tags={"limpq.stage": "fp", "limpq.arch": cfg.model.arch})
+    out = save_checkpoint(directory / FP_FILE, model, meta=fp_meta(cfg.model))
+    tracker.client.log_artifact(run_id, str(out), "checkpoint")
+    log_model(tracker, run_id, model, example_input(cfg), name="fp-model",
+              step=max(cfg.fp.epochs, 1) if cfg.fp.source == "train" else 0,
+              tags={"limpq.stage": "fp", "limpq.arch": cfg.model.arch})
     return out
 
 
-def run_indicators_training(cfg: PipelineConfig, tracker: Tracker, run_id: str, directory: Path, fp_path: Path,
-                            train_name: str) -> Path:
+def run_indicators_training(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str,
+                            directory: Path, fp_path: Path, train_name: str) -> Path:
     """Joint indicator training on Ray Train into `directory`: joint.pt, indicators.json, a heatmap,
     all logged to `run_id`, with the joint model as an MLflow model."""
     ensure_ray(cfg)
-    log_dataset_inputs(cfg, tracker, run_id, "indicators")
+    log_dataset_inputs(cfg, dataset, tracker, run_id, "indicators")
     inputs = {"fp_weights": ray.put(load_checkpoint(fp_path)["model"])}
-    state, _ = train_on_ray(cfg, "indicators", tracker, run_id, train_name, inputs)
-    model = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
+    state, _ = train_on_ray(cfg, dataset, "indicators", tracker, run_id, train_name, inputs)
+    model = untrained_joint_model(cfg.model, cfg.indicators.bits)
     restore_model(model, state, "final joint checkpoint")
-    joint = save_checkpoint(directory / JOINT_FILE, model, meta=fp_meta(cfg))
-    indicators = indicators_of(cfg, model, run_id)
+    joint = save_checkpoint(directory / JOINT_FILE, model, meta=fp_meta(cfg.model))
+    indicators = extract_indicators(model, cfg.model.arch, provenance={
+        "run_id": run_id, "pipeline": cfg.name, "epochs": cfg.indicators.epochs,
+        "train_fraction": cfg.indicators.train_fraction, "data": cfg.data.path, "input_size": cfg.model.input_size,
+    })
     out = directory / INDICATORS_FILE
     save_indicators(indicators, out)
     heatmap = directory / "indicators.png"
@@ -359,8 +367,8 @@ def run_indicators_training(cfg: PipelineConfig, tracker: Tracker, run_id: str, 
                       [[indicators.act[n][b] for b in indicators.bits] for n in indicators.layers],
                       heatmap, title=f"{cfg.model.arch} step sizes ({cfg.name})")
     for path, folder in ((out, None), (heatmap, "plots"), (joint, "checkpoint")):
-        tracker.log_artifact(run_id, path, folder)
-    tracker.log_model(run_id, model, example_input(cfg), name="joint-model", step=cfg.indicators.epochs,
-                      tags={"limpq.stage": "indicators", "limpq.arch": cfg.model.arch,
-                            "limpq.bits": ",".join(map(str, cfg.indicators.bits))})
+        tracker.client.log_artifact(run_id, str(path), folder)
+    log_model(tracker, run_id, model, example_input(cfg), name="joint-model", step=cfg.indicators.epochs,
+              tags={"limpq.stage": "indicators", "limpq.arch": cfg.model.arch,
+                    "limpq.bits": ",".join(map(str, cfg.indicators.bits))})
     return out

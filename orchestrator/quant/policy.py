@@ -12,7 +12,9 @@ from orchestrator.indicators import Indicators
 from orchestrator.quant.modules import QConv2d, QLinear, SwitchableBatchNorm2d
 from orchestrator.quant.surgery import layout_of, unwrap
 
-Policy = Mapping[str, tuple[int, int]]  # searchable layer -> (weight bits, activation bits)
+# Searchable layer -> (weight bits, activation bits): a policy as bit control sees it (the searched policy
+# document with its totals is `orchestrator.search.policy.Policy`; its `assignment()` gives this).
+BitAssignment = Mapping[str, tuple[int, int]]
 
 
 def searchable_modules(model: nn.Module) -> list[tuple[str, QConv2d | QLinear]]:
@@ -20,7 +22,7 @@ def searchable_modules(model: nn.Module) -> list[tuple[str, QConv2d | QLinear]]:
     return [(name, inner.get_submodule(name)) for name in layout_of(inner).searchable]
 
 
-def set_policy(model: nn.Module, policy: Policy) -> None:
+def set_policy(model: nn.Module, policy: BitAssignment) -> None:
     """Set each searchable layer to its (wbits, abits); its switchable BN follows the weight bits."""
     inner = unwrap(model)
     layout = layout_of(inner)
@@ -65,7 +67,7 @@ def extract_indicators(model: nn.Module, arch: str, provenance: dict[str, Any] |
     )
 
 
-def load_step_sizes(model: nn.Module, source: nn.Module, policy: Policy) -> None:
+def load_step_sizes(model: nn.Module, source: nn.Module, policy: BitAssignment) -> None:
     """Start a fine-tuning model's quantizers from a joint-trained one: for each searchable layer the
     step sizes at its chosen bits and the matching BatchNorm copy (the one of its weight bits). Fixed
     layers are full precision in the joint model, so their 8-bit step sizes initialise on the first

@@ -92,9 +92,6 @@ def quantize_model(
         bn_of=bn_of,
         first_conv=first_conv,
     )
+    # at a policy every quantizer holds one bit-width, which is its active one from the start
     model.limpq_layout = layout
-    if policy is not None:
-        from orchestrator.quant.policy import set_policy
-
-        set_policy(model, policy)
     return layout

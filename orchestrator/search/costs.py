@@ -106,7 +106,9 @@ def costs_from_layers(
     num_classes: int = 0,
 ) -> CostTable:
     """A cost table from traced layers; `fixed_layers` None means SPEC 1.2's default."""
-    from orchestrator.modelinfo import split_layers
+    from orchestrator.modelinfo import (
+        split_layers,  # imports torch; a cached table loads without it
+    )
 
     if accounting not in ACCOUNTINGS:
         raise UserError(f"cost model {accounting!r} unknown; choose one of {', '.join(ACCOUNTINGS)}")
@@ -151,7 +153,10 @@ def cost_table(
                 return CostTable.from_dict(raw)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is rebuilt below
-    from orchestrator.modelinfo import build_model, trace_layers
+    from orchestrator.modelinfo import (  # torch, only to trace a new table
+        build_model,
+        trace_layers,
+    )
 
     layers = trace_layers(build_model(model, num_classes=num_classes), input_size)
     tables = {name: costs_from_layers(layers, name, fixed_layers, model, input_size, num_classes) for name in ACCOUNTINGS}

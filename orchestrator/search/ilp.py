@@ -2,8 +2,8 @@
 sum I_a(l, a) + alpha * I_w(l, w), budget rows for BitOps, size, latency and average bits.
 
 `Searcher` builds the cost matrix once per (indicators, cost table, candidates, alpha, latency table) and
-solves it for any number of budgets; `solve` is the one-budget shortcut (the Ray Tune sweep calls it per
-trial). The exact solver is orchestrator.search.mckp.
+solves it for any number of budgets (`limpq search --sweep-*`, each Ray Tune trial for its budget);
+`solve` is the one-budget shortcut. The exact solver is orchestrator.search.mckp.
 """
 
 from __future__ import annotations
@@ -11,19 +11,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from orchestrator.config.schema import Budget
 from orchestrator.errors import InfeasibleError, UserError
 from orchestrator.indicators import Indicators, check_layers, non_monotonic
 from orchestrator.search.costs import CostTable
 from orchestrator.search.latency import LatencyTable, load_latency_table
 from orchestrator.search.mckp import MultipleChoiceKnapsack
-from orchestrator.search.policy import GIGA, MEGABYTE_BITS, LayerBits, Policy, policy_totals
-
-if TYPE_CHECKING:
-    from orchestrator.config import Budget
+from orchestrator.search.policy import (
+    GIGA,
+    MEGABYTE_BITS,
+    LayerBits,
+    Policy,
+    policy_totals,
+)
 
 BUDGET_FIELDS = ("target_wbits", "target_abits", "bitops_g", "compression_ratio", "size_mb", "latency_ms",
                  "avg_wbits", "avg_abits")
@@ -203,7 +206,7 @@ class Searcher:
             objective=solution.objective,
             solve_seconds=elapsed,
             solver=solution.method,
-            label=budget.label() if hasattr(budget, "label") else "",
+            label=budget.label(),
         )
 
     def _explain_infeasible(self, constraints: list[Constraint]) -> str:

@@ -29,6 +29,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+import highspy
 import numpy as np
 
 # Tuned on ResNet50/152 budgets (benchmarks/bench_search.py); any values give exact answers, only speed varies.
@@ -56,8 +57,6 @@ def _shared_highs():
     when the first instance is built, which would corrupt `--json` output."""
     global _highs_instance
     if _highs_instance is None:
-        import highspy
-
         sys.stdout.flush()
         saved = os.dup(1)
         try:
@@ -124,8 +123,6 @@ class _RelaxationLP:
 
     def solve(self, rhs: np.ndarray):
         """(status, lambda per row, x (L, K)); status "optimal", "infeasible" or "failed"."""
-        import highspy
-
         rhs_scaled = rhs / self.scale
         with _highs_lock:
             highs = _shared_highs()
@@ -344,7 +341,7 @@ def _search(levels: _Levels, rhs: np.ndarray, multipliers: np.ndarray, upper_bou
 def _milp(cost: np.ndarray, rows: np.ndarray, rhs: np.ndarray, alive: np.ndarray) -> np.ndarray | None:
     """The reduced ILP through PuLP + HiGHS at gap 0; None when infeasible. Rows are scaled for HiGHS's
     tolerances and the answer re-checked in unscaled arithmetic, tightening a row it overshoots."""
-    import pulp
+    import pulp  # 0.3 s to import, for the rare instance the exact search leaves open
 
     _shared_highs()  # HiGHS's banner is printed once per process: make sure it went to /dev/null
     layer_of, column_of = np.nonzero(alive)

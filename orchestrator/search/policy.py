@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from orchestrator.config.schema import uniform_label
 from orchestrator.errors import UserError
 from orchestrator.fileio import write_json_atomic, write_text_atomic
 from orchestrator.indicators import strip_ddp_prefix
-from orchestrator.search.costs import FIXED_LAYER_BITS, CostTable, cost_table
-
-if TYPE_CHECKING:
-    from orchestrator.config import Budget, PipelineConfig
-    from orchestrator.indicators import Indicators
+from orchestrator.search.costs import FIXED_LAYER_BITS, CostTable
 
 POLICY_FORMAT = "limpq-policy/v1"
 GIGA = 1e9
@@ -83,6 +80,10 @@ class Policy:
     @property
     def act_bits(self) -> list[int]:
         return [layer.abits for layer in self.layers]
+
+    def assignment(self) -> dict[str, tuple[int, int]]:
+        """{layer: (wbits, abits)}: what the quantized model's bit control takes."""
+        return {layer.name: (layer.wbits, layer.abits) for layer in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
         totals = {key: getattr(self.totals, key) for key in TOTAL_KEYS}
@@ -189,32 +190,16 @@ def export_nncf(policy: Policy, path: str | Path) -> None:
     write_json_atomic(path, policy_to_nncf(policy))
 
 
-def config_cost_table(cfg: PipelineConfig) -> CostTable:
-    """The cost table a pipeline config asks for (cached on disk)."""
-    return cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, cfg.model.fixed_layers,
-                      cfg.model.num_classes)
-
-
-def policy_for_budget(cfg: PipelineConfig, indicators: Indicators, budget: Budget) -> dict[str, Any]:
-    """The searched policy JSON v1 for one budget of a pipeline config (one Ray Tune trial's search)."""
-    from orchestrator.search.ilp import Searcher
-
-    searcher = Searcher(indicators, config_cost_table(cfg), cfg.search.wbits, cfg.search.abits, cfg.search.alpha,
-                        cfg.search.latency_table)
-    return searcher.solve(budget).to_dict()
-
-
-def uniform_policy_document(cfg: PipelineConfig, bits: int) -> dict[str, Any]:
-    """Policy JSON v1 of the uniform W{bits}A{bits} baseline, with the same totals as a searched one."""
-    costs = config_cost_table(cfg)
+def uniform_baseline(costs: CostTable, bits: int, alpha: float = 0.0) -> Policy:
+    """The uniform W{bits}A{bits} policy with the same totals as a searched one (not searched: no
+    objective)."""
     count = len(costs.searchable)
-    policy = Policy(
-        model=costs.model, input_size=costs.input_size, cost_model=costs.accounting, alpha=cfg.search.alpha,
+    return Policy(
+        model=costs.model, input_size=costs.input_size, cost_model=costs.accounting, alpha=alpha,
         wbits_candidates=[bits], abits_candidates=[bits],
         layers=[LayerBits(layer.name, bits, bits) for layer in costs.searchable],
         fixed_layers=[layer.name for layer in costs.fixed],
         constraints={"target_wbits": bits, "target_abits": bits},
         totals=policy_totals(costs, [bits] * count, [bits] * count),
-        objective=None, solve_seconds=0.0, solver="uniform", label=f"uniform-W{bits}A{bits}",
+        objective=None, solve_seconds=0.0, solver="uniform", label=uniform_label(bits),
     )
-    return policy.to_dict()

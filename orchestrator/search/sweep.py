@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from orchestrator.config.schema import Budget
 from orchestrator.errors import InfeasibleError, UserError
 from orchestrator.fileio import write_text_atomic
 from orchestrator.search.ilp import BUDGET_FIELDS, Searcher
@@ -65,12 +68,8 @@ def parse_wa(tokens: list[str], flag: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def expand_budgets(base: dict[str, Any], axes: dict[str, list]) -> list:
+def expand_budgets(base: dict[str, Any], axes: dict[str, list]) -> list[Budget]:
     """The Cartesian product of the swept axes, each point on top of the fixed `base` budget fields."""
-    from pydantic import ValidationError
-
-    from orchestrator.config import Budget
-
     names = list(axes)
     budgets = []
     for point in itertools.product(*(axes[name] for name in names)):
@@ -89,7 +88,7 @@ def expand_budgets(base: dict[str, Any], axes: dict[str, list]) -> list:
 @dataclass
 class SweepResult:
     index: int
-    budget: Any  # orchestrator.config.Budget
+    budget: Budget
     policy: Policy | None
     message: str  # why there is no policy
     policy_file: str
@@ -99,7 +98,7 @@ def _filename(index: int, label: str) -> str:
     return f"{index:04d}_{re.sub(r'[^A-Za-z0-9.+-]+', '_', label)}.json"
 
 
-def run_sweep(searcher: Searcher, budgets: list, out_dir: str | Path,
+def solve_budgets(searcher: Searcher, budgets: list[Budget], out_dir: str | Path,
               provenance: dict[str, Any] | None = None) -> list[SweepResult]:
     """Solve every budget; write out_dir/policies/<index>_<label>.json and out_dir/sweep.csv."""
     out_dir = Path(out_dir)

@@ -3,9 +3,7 @@ resumed run continues exactly. Written atomically; read with `weights_only=True`
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
+from orchestrator.fileio import replaced_on_success
 from orchestrator.quant.surgery import unwrap
 
 FORMAT = "limpq-checkpoint/v1"
@@ -49,7 +48,6 @@ def save_checkpoint(
 ) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "model": unwrap(model).state_dict(),
@@ -60,14 +58,8 @@ def save_checkpoint(
         "rng": rng_state(policy_rng),
         "meta": dict(meta or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replaced_on_success(path) as staging:
+        torch.save(payload, staging)
     return path
 
 

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from orchestrator.errors import UserError
-from orchestrator.quant.policy import Policy, set_policy
+from orchestrator.quant.policy import BitAssignment, set_policy
 from orchestrator.quant.surgery import layout_of, unwrap
 from orchestrator.search.costs import CostTable
 from orchestrator.search.policy import PolicyTotals, policy_totals
@@ -90,7 +91,7 @@ def recalibrate_bn(model: nn.Module, batches: Batches) -> int:
     return seen
 
 
-def score_policy(model: nn.Module, policy: Policy, batches: Batches, criterion: nn.Module | None = None,
+def score_policy(model: nn.Module, policy: BitAssignment, batches: Batches, criterion: nn.Module | None = None,
                  calibration_batches: Batches | None = None, bf16: bool = False,
                  source: str = "policy") -> dict[str, float]:
     """{"top1", "loss", "samples"} of the joint model at `policy` over `batches` (top-1 as a fraction;
@@ -112,7 +113,7 @@ def score_policy(model: nn.Module, policy: Policy, batches: Batches, criterion: 
     return {"top1": result["top1"], "loss": result["loss"], "samples": result["samples"]}
 
 
-def score_policies(model: nn.Module, policies: Sequence[tuple[str, Policy]], costs: CostTable,
+def score_policies(model: nn.Module, policies: Sequence[tuple[str, BitAssignment]], costs: CostTable,
                    batches_fn, calibration_fn=None, criterion: nn.Module | None = None,
                    bf16: bool = False) -> list[dict]:
     """One row per (label, policy): {"policy", "bitops_g", "size_mb", "top1", "loss", "samples"}; every
@@ -127,3 +128,31 @@ def score_policies(model: nn.Module, policies: Sequence[tuple[str, Policy]], cos
                              calibration_fn() if calibration_fn is not None else None, bf16, label)
         rows.append({"policy": label, "bitops_g": totals.bitops_g, "size_mb": totals.size_mb, **score})
     return rows
+
+
+def loader_batches(dataset: Dataset, batch_size: int, seed: int, count: int | None = None, shuffle: bool = False,
+                   device: torch.device | str = "cpu") -> Batches:
+    """(images, labels) batches of `dataset` on `device`: in order, or shuffled in an order fixed by
+    `seed`; at most `count` of them."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+    for index, (images, labels) in enumerate(loader):
+        if count is not None and index >= count:
+            return
+        yield images.to(device), labels.to(device)
+
+
+def score_on_datasets(model: nn.Module, policies: Sequence[tuple[str, BitAssignment]], costs: CostTable,
+                      train_set: Dataset, val_set: Dataset, *, batch_size: int, seed: int, calibration_batches: int,
+                      criterion: nn.Module | None = None, bf16: bool = False,
+                      device: torch.device | str = "cpu") -> list[dict]:
+    """`score_policies` over in-process datasets: every sample of `val_set`; with `calibration_batches`
+    > 0, BN statistics recomputed per policy on that many `train_set` batches in an order fixed by `seed`
+    (the same batches for every policy)."""
+    def calibration() -> Batches:
+        return loader_batches(train_set, batch_size, seed, calibration_batches, shuffle=True, device=device)
+
+    def validation() -> Batches:
+        return loader_batches(val_set, batch_size, seed, device=device)
+
+    return score_policies(model.to(device), policies, costs, validation, calibration if calibration_batches else None,
+                          criterion, bf16)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from orchestrator.config import RecipeConfig
+from orchestrator.config.schema import RecipeConfig
 
 
 def make_optimizer(model: nn.Module, recipe: RecipeConfig) -> torch.optim.Optimizer:

@@ -1,7 +1,7 @@
 """The models and training recipes of the FP, joint indicator-training and fine-tuning stages as
-plain functions of the pipeline config.
+plain functions of their config sections (`model`, a stage's recipe) and values.
 
-Layer 1: they build models, optimizers and step functions from the config; the Ray Train workers
+Layer 1: they build models, optimizers and step functions; the Ray Train workers
 (orchestrator.distributed.train) drive them on their own shards.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.config import PipelineConfig, RecipeConfig
+from orchestrator.config.schema import (
+    FPConfig,
+    IndicatorConfig,
+    ModelConfig,
+    RecipeConfig,
+)
 from orchestrator.errors import UserError
-from orchestrator.indicators import Indicators
 from orchestrator.modelinfo import build_model
-from orchestrator.quant.policy import Policy, extract_indicators, load_step_sizes
+from orchestrator.quant.policy import BitAssignment, load_step_sizes
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.seeds import derived_seed
 from orchestrator.train import recipe as recipes
@@ -31,41 +35,38 @@ from orchestrator.train.steps import joint_step, plain_step
 FP_FILE, JOINT_FILE, INDICATORS_FILE = "fp.pt", "joint.pt", "indicators.json"
 
 
-def stage_recipe(cfg: PipelineConfig, stage: str) -> RecipeConfig:
-    return {"fp": cfg.fp, "indicators": cfg.indicators, "finetune": cfg.finetune}[stage]
-
-
-def device_for(cfg: PipelineConfig) -> torch.device:
-    if cfg.ray.use_gpu:
+def device_for(use_gpu: bool) -> torch.device:
+    if use_gpu:
         if not torch.cuda.is_available():
             raise UserError("ray.use_gpu: true but CUDA is not available on this machine")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def fp_meta(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"arch": cfg.model.arch, "num_classes": cfg.model.num_classes}
+def fp_meta(model: ModelConfig) -> dict[str, Any]:
+    """What a checkpoint records about the model it holds."""
+    return {"arch": model.arch, "num_classes": model.num_classes}
 
 
-def load_fp_model(cfg: PipelineConfig, path: str | Path) -> nn.Module:
-    """The full-precision model of `cfg.model` with the weights of an FP checkpoint file."""
+def load_fp_model(model: ModelConfig, path: str | Path) -> nn.Module:
+    """The full-precision model of `model` with the weights of an FP checkpoint file."""
     payload = load_checkpoint(path)
-    arch = payload["meta"].get("arch", cfg.model.arch)
-    if arch != cfg.model.arch:
-        raise UserError(f"{path}: checkpoint holds a {arch}, the config asks for model.arch {cfg.model.arch}")
-    model = build_model(cfg.model.arch, cfg.model.num_classes)
-    restore_model(model, payload["model"], path)
-    return model
+    arch = payload["meta"].get("arch", model.arch)
+    if arch != model.arch:
+        raise UserError(f"{path}: checkpoint holds a {arch}, the config asks for model.arch {model.arch}")
+    network = build_model(model.arch, model.num_classes)
+    restore_model(network, payload["model"], path)
+    return network
 
 
-def initial_fp_model(cfg: PipelineConfig) -> nn.Module:
+def initial_fp_model(model: ModelConfig, fp: FPConfig, seed: int) -> nn.Module:
     """Starting point of the FP stage: torchvision weights, a user checkpoint, or a fresh init to train."""
-    if cfg.fp.source == "torchvision":
-        return build_model(cfg.model.arch, cfg.model.num_classes, cfg.fp.weights)
-    if cfg.fp.source == "checkpoint":
-        return load_fp_model(cfg, cfg.fp.checkpoint)
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.model.arch, cfg.model.num_classes)
+    if fp.source == "torchvision":
+        return build_model(model.arch, model.num_classes, fp.weights)
+    if fp.source == "checkpoint":
+        return load_fp_model(model, fp.checkpoint)
+    torch.manual_seed(seed)
+    return build_model(model.arch, model.num_classes)
 
 
 def seed_epoch(seed: int, stage: str, rank: int, epoch: int) -> None:
@@ -76,24 +77,37 @@ def seed_epoch(seed: int, stage: str, rank: int, epoch: int) -> None:
     torch.manual_seed(derived_seed(seed, stage, rank, epoch))
 
 
-def joint_model(cfg: PipelineConfig, fp_model: nn.Module) -> nn.Module:
+def joint_model(model: ModelConfig, bits: Sequence[int], fp_model: nn.Module) -> nn.Module:
     """The FP model with every searchable layer holding a step size per candidate bit-width."""
-    quantize_model(fp_model, bits=cfg.indicators.bits, input_size=cfg.model.input_size,
-                   fixed_layers=cfg.model.fixed_layers)
+    quantize_model(fp_model, bits=bits, input_size=model.input_size, fixed_layers=model.fixed_layers)
     return fp_model
 
 
-def finetune_model(cfg: PipelineConfig, fp_state: dict, policy: Policy, joint_state: dict | None = None) -> nn.Module:
-    """The FP model quantized at a fixed per-layer policy (SPEC 1.6); with `joint_state`, its step sizes
-    and BatchNorms start from the joint-trained values at the chosen bits."""
-    model = build_model(cfg.model.arch, cfg.model.num_classes)
-    restore_model(model, fp_state, "FP weights")
-    quantize_model(model, policy=policy, input_size=cfg.model.input_size, fixed_layers=cfg.model.fixed_layers)
+def untrained_joint_model(model: ModelConfig, bits: Sequence[int]) -> nn.Module:
+    """The joint model's structure (layer names, candidate bits) without trained weights."""
+    return joint_model(model, bits, build_model(model.arch, model.num_classes))
+
+
+def joint_from_fp(model: ModelConfig, bits: Sequence[int], fp_state: dict) -> nn.Module:
+    """The joint model at candidate `bits`, starting from FP weights (indicator training's start)."""
+    network = build_model(model.arch, model.num_classes)
+    restore_model(network, fp_state, "FP weights")
+    return joint_model(model, bits, network)
+
+
+def finetune_model(model: ModelConfig, bits: Sequence[int], fp_state: dict, policy: BitAssignment,
+                   joint_state: dict | None = None) -> nn.Module:
+    """The FP model quantized at a fixed per-layer policy (SPEC 1.6); with `joint_state` (the joint model
+    trained at candidate `bits`), its step sizes and BatchNorms start from the joint-trained values at
+    the chosen bits."""
+    network = build_model(model.arch, model.num_classes)
+    restore_model(network, fp_state, "FP weights")
+    quantize_model(network, policy=policy, input_size=model.input_size, fixed_layers=model.fixed_layers)
     if joint_state is not None:
-        joint = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
+        joint = untrained_joint_model(model, bits)
         restore_model(joint, joint_state, "joint checkpoint")
-        load_step_sizes(model, joint, policy)
-    return model
+        load_step_sizes(network, joint, policy)
+    return network
 
 
 @dataclass
@@ -107,27 +121,19 @@ class Training:
     policy_rng: random.Random | None = None
 
 
-def fp_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int, recipe: RecipeConfig | None = None) -> Training:
-    recipe = recipe or cfg.fp
+def plain_training(model: nn.Module, recipe: RecipeConfig, per_epoch: int, bf16: bool) -> Training:
+    """FP training, or fine-tuning at a fixed policy."""
     optimizer = recipes.make_optimizer(model, recipe)
     criterion = recipes.make_criterion(recipe)
     step = functools.partial(plain_step, model, criterion=criterion, optimizer=optimizer,
-                             grad_clip=recipe.grad_clip, bf16=cfg.ray.bf16)
+                             grad_clip=recipe.grad_clip, bf16=bf16)
     return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step)
 
 
-def joint_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int) -> Training:
-    recipe = cfg.indicators
+def joint_training(model: nn.Module, recipe: IndicatorConfig, per_epoch: int, seed: int, bf16: bool) -> Training:
     optimizer = recipes.make_optimizer(model, recipe)
     criterion = recipes.make_criterion(recipe)
-    policy_rng = random.Random(cfg.seed)
+    policy_rng = random.Random(seed)
     step = functools.partial(joint_step, model, bits=recipe.bits, criterion=criterion, optimizer=optimizer,
-                             policy_rng=policy_rng, grad_clip=recipe.grad_clip, bf16=cfg.ray.bf16)
+                             policy_rng=policy_rng, grad_clip=recipe.grad_clip, bf16=bf16)
     return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, policy_rng)
-
-
-def indicators_of(cfg: PipelineConfig, model: nn.Module, run_id: str | None = None) -> Indicators:
-    return extract_indicators(model, cfg.model.arch, provenance={
-        "run_id": run_id, "pipeline": cfg.name, "epochs": cfg.indicators.epochs,
-        "train_fraction": cfg.indicators.train_fraction, "data": cfg.data.path, "input_size": cfg.model.input_size,
-    })

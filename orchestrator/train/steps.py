@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
-from orchestrator.quant.policy import Policy, random_policy, set_policy, set_uniform_bits
+from orchestrator.quant.policy import (
+    BitAssignment,
+    random_policy,
+    set_policy,
+    set_uniform_bits,
+)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -100,14 +105,14 @@ def joint_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bit
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], criterion: nn.Module,
-             policy: Policy | None = None, bf16: bool = False) -> dict[str, float]:
+             policy: BitAssignment | None = None, bf16: bool = False) -> dict[str, float]:
     """Loss, top-1 and top-5 (fractions) over `batches`, at `policy` when given."""
     return evaluate_policies(model, batches, criterion, {"": policy}, bf16)[""]
 
 
 @torch.no_grad()
 def evaluate_policies(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], criterion: nn.Module,
-                      policies: Mapping[str, Policy | None], bf16: bool = False) -> dict[str, dict[str, float]]:
+                      policies: Mapping[str, BitAssignment | None], bf16: bool = False) -> dict[str, dict[str, float]]:
     """`evaluate` at several policies over one pass of `batches`: each batch is decoded once and
     scored at every policy. Returns {name: {loss, top1, top5, samples}}."""
     was_training = model.training

@@ -21,7 +21,8 @@ With several Train workers, `streaming_split` hands blocks to whichever worker a
 worker sees which batch is not fixed; a single worker's stream is.
 
 Subset: `train_fraction` keeps the same deterministic subset of samples in every epoch and in
-either layout (see `layout.in_fraction`); folder files outside it are never read.
+either layout (see `orchestrator.data.layout.in_fraction`); folder files outside it are never read.
+The datasets are built from the command's `DatasetIndex`: nothing is listed again here.
 
 Unreadable images: a map task that fails to decode an image drops the row and reports its key to a
 `SkipCounter` actor; the counter keeps unique keys per split, so re-reading the same files every
@@ -48,26 +49,24 @@ import logging
 from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data import Dataset, DataContext, ExecutionOptions, FileShuffleConfig
+from ray.data import DataContext, Dataset, ExecutionOptions, FileShuffleConfig
+from ray.train import DataConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.config import PipelineConfig
+from orchestrator.data.images import decode_image
 from orchestrator.data.layout import (
     SPLITS,
-    check_label_range,
-    check_parquet_shards,
+    DatasetIndex,
+    FolderSplit,
+    ParquetSplit,
+    check_dataset,
     content_key,
-    dataset_root,
     in_fraction,
-    list_classes,
-    list_folder_split,
-    parquet_label_range,
-    parquet_shards,
 )
-from orchestrator.data.storage import Location
-from orchestrator.data.transforms import ImageAugment, augments_for, decode_image, normalize, to_uint8_chw
+from orchestrator.data.transforms import ImageAugment, normalize, to_uint8_chw
 from orchestrator.errors import UserError
 from orchestrator.seeds import derived_seed
 
@@ -92,8 +91,6 @@ def dataset_config():
     """Ray Train's `DataConfig` for these datasets: Train replaces each dataset's execution options
     with its own defaults, which would drop `preserve_order`. Pass it as
     `TorchTrainer(..., dataset_config=dataset_config())`."""
-    from ray.train import DataConfig
-
     return DataConfig(execution_options=_execution_options())
 
 
@@ -193,60 +190,52 @@ def _in_order(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def _folder_split(split_dir: Location, classes: list[str], fraction: float, seed: int, shuffle: bool,
-                  num_classes: int, **options) -> Dataset:
-    listing = list_folder_split(split_dir, classes)
-    check_label_range((min(listing.labels), max(listing.labels)), num_classes, split_dir)
-    paths = [(split_dir / key).path for key in listing.keys if in_fraction(key, fraction, seed)]
+def _folder_split(listing: FolderSplit, classes: list[str], fraction: float, seed: int, shuffle: bool,
+                  **options) -> Dataset:
+    paths = [(listing.location / key).path for key in listing.keys if in_fraction(key, fraction, seed)]
     if not paths:
-        raise UserError(f"{split_dir}: train_fraction {fraction} selects no image")
+        raise UserError(f"{listing.location}: train_fraction {fraction} selects no image")
     # One read task per IMAGES_PER_TASK files, and map_batches over whole blocks, so that Ray fuses
     # reading, decoding and transforming into one task: the encoded bytes never enter the object store.
     files = ray.data.read_binary_files(
-        paths, filesystem=split_dir.filesystem, include_paths=True,
+        paths, filesystem=listing.location.filesystem, include_paths=True,
         shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
         override_num_blocks=-(-len(paths) // IMAGES_PER_TASK),
     )
-    preprocess = functools.partial(_preprocess_files, split_prefix=f"{split_dir.path.rstrip('/')}/",
+    preprocess = functools.partial(_preprocess_files, split_prefix=f"{listing.location.path.rstrip('/')}/",
                                    class_index={name: index for index, name in enumerate(classes)},
                                    seed=seed, shuffle_rows=False, **options)
     return _in_order(files.map_batches(preprocess, batch_size=None, batch_format="numpy"))
 
 
-def _parquet_split(split_dir: Location, fraction: float, seed: int, shuffle: bool, num_classes: int,
-                   **options) -> Dataset:
-    shards = parquet_shards(split_dir)
-    check_parquet_shards(shards)
-    check_label_range(parquet_label_range(shards), num_classes, split_dir)
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(shards[0].location.path, filesystem=split_dir.filesystem).names
+def _parquet_split(listing: ParquetSplit, fraction: float, seed: int, shuffle: bool, **options) -> Dataset:
+    names = pq.read_schema(listing.shards[0].location.path, filesystem=listing.location.filesystem).names
     columns = ["image", "label"] + (["path"] if "path" in names else [])
-    rows = ray.data.read_parquet([shard.location.path for shard in shards], filesystem=split_dir.filesystem,
+    rows = ray.data.read_parquet([shard.location.path for shard in listing.shards],
+                                 filesystem=listing.location.filesystem,
                                  shuffle=FileShuffleConfig(seed=seed) if shuffle else None).select_columns(columns)
     preprocess = functools.partial(_preprocess_rows, fraction=fraction, seed=seed, shuffle_rows=shuffle, **options)
     return _in_order(rows.map_batches(preprocess, batch_size=IMAGES_PER_TASK, batch_format="numpy"))
 
 
-def build_ray_datasets(cfg: PipelineConfig, *, skip_counter: SkipCounter,
+def build_ray_datasets(index: DatasetIndex, augments: tuple[ImageAugment, ImageAugment], *, input_size: int,
+                       num_classes: int, seed: int, skip_counter: SkipCounter,
                        train_fraction: float = 1.0) -> dict[str, Dataset]:
-    """{"train", "val"} ray.data datasets of `cfg.data` (lazy: nothing is read until iterated).
-
-    The dataset layout is checked here, on the driver, before any work; a missing path is a
-    UserError (or builds the digits demo when `data.demo` is set).
-    """
-    root = dataset_root(cfg)  # absolute or a URI: tasks on other nodes or in other directories read it
-    train_augment, eval_augment = augments_for(cfg)
-    size = cfg.model.input_size
-    common = dict(seed=cfg.seed, num_classes=cfg.model.num_classes, input_size=size, counter=skip_counter.actor)
-    train_options = dict(split="train", augment=train_augment, fraction=train_fraction, shuffle=True, **common)
-    val_options = dict(split="val", augment=eval_augment, fraction=1.0, shuffle=False, **common)
-    if cfg.data.format == "folder":
-        classes = list_classes(root / "train")
-        return {"train": _folder_split(root / "train", classes, **train_options),
-                "val": _folder_split(root / "val", classes, **val_options)}
-    return {"train": _parquet_split(root / "train", **train_options),
-            "val": _parquet_split(root / "val", **val_options)}
+    """{"train", "val"} ray.data datasets of an indexed dataset (lazy: nothing is read until
+    iterated); `augments` are the (train, eval) PIL steps. Its root is absolute or a URI, so tasks on
+    other nodes or in other directories read the same files."""
+    check_dataset(index, num_classes)
+    common = dict(seed=seed, input_size=input_size, counter=skip_counter.actor)
+    options = {"train": dict(augment=augments[0], fraction=train_fraction, shuffle=True, **common),
+               "val": dict(augment=augments[1], fraction=1.0, shuffle=False, **common)}
+    datasets = {}
+    for split in SPLITS:
+        listing = index.splits[split]
+        if isinstance(listing, FolderSplit):
+            datasets[split] = _folder_split(listing, index.classes, split=split, **options[split])
+        else:
+            datasets[split] = _parquet_split(listing, split=split, **options[split])
+    return datasets
 
 
 def iter_batches(shard: Dataset | ray.data.DataIterator, batch_size: int, device: str | torch.device = "auto",
@@ -260,8 +249,3 @@ def iter_batches(shard: Dataset | ray.data.DataIterator, batch_size: int, device
                                        local_shuffle_buffer_size=local_shuffle_buffer_size)
     for batch in batches:
         yield normalize(batch["image"]), batch["label"]
-
-
-def block_bytes_per_image(input_size: int) -> int:
-    """Bytes one image takes in a block: uint8 CHW."""
-    return 3 * input_size * input_size * np.dtype(np.uint8).itemsize

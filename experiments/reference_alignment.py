@@ -10,7 +10,7 @@ rank correlation of the two indicator sets per bit and kind, how many 2-bit acti
 the clamp's 1.0, and how many layers the searched policy changes at each of the demo's budgets.
 
     git archive <commit-before> | tar -x -C /tmp/limpq-before
-    python benchmarks/bench_reference_alignment.py --before-src /tmp/limpq-before --fp runs/demo/fp.pt
+    python experiments/reference_alignment.py --before-src /tmp/limpq-before --fp runs/demo/fp.pt
 """
 
 from __future__ import annotations
@@ -23,9 +23,14 @@ import time
 from pathlib import Path
 
 import yaml
+from scipy.stats import spearmanr
+
+from orchestrator.config.loading import load_config
+from orchestrator.indicators import load_indicators
+from orchestrator.search.costs import cost_table
+from orchestrator.search.ilp import Searcher
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 RUN = ("import sys; from orchestrator.cli import main; "
        "sys.exit(main(['indicators', 'train', '--config', sys.argv[1]]))")
@@ -70,13 +75,6 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="indicator epochs (default: the demo's)")
     parser.add_argument("--fraction", type=float, default=None, help="indicators.train_fraction (default: the demo's)")
     args = parser.parse_args()
-    from scipy.stats import spearmanr
-
-    from orchestrator.config import load_config
-    from orchestrator.indicators import load_indicators
-    from orchestrator.search.ilp import Searcher
-    from orchestrator.search.policy import config_cost_table
-
     started = time.monotonic()
     processes = {label: start(source, label, args) for label, source in (("before", args.before_src), ("after", REPO))}
     before, after = (load_indicators(finish(processes[label], label, started)) for label in ("before", "after"))
@@ -88,7 +86,8 @@ def main() -> int:
         above = sum(after.act[n][b] > 1.0 for n in after.layers)
         print(f"{b:>4}  {rho_w:>10.3f}  {rho_a:>8.3f}  {at_one[0]:>12}/{at_one[1]} (after: {above} above 1.0)")
     cfg = load_config(args.workdir / "after" / "demo.yaml")
-    costs = config_cost_table(cfg)
+    costs = cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, cfg.model.fixed_layers,
+                       cfg.model.num_classes)
     for budget in cfg.search.budgets:
         policies = [Searcher(ind, costs, alpha=cfg.search.alpha).solve(budget) for ind in (before, after)]
         changed = sum((x.wbits, x.abits) != (y.wbits, y.abits) for x, y in zip(policies[0].layers, policies[1].layers))

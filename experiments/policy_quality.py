@@ -16,9 +16,13 @@ uniform and a few random policies with the same recipe, per seed.
 FP weights are trained once per model (seed 0); the other seeds reuse them (fp.source: checkpoint)
 and vary indicator training, the random policies and fine-tuning.
 
-    python benchmarks/bench_policy_quality.py --help
-    python benchmarks/bench_policy_quality.py                       # the README numbers (see docs/results.md)
-    python benchmarks/bench_policy_quality.py --quick               # a minute-scale check that it runs
+    python experiments/policy_quality.py --help
+    python experiments/policy_quality.py                       # the README numbers (see docs/results.md)
+    python experiments/policy_quality.py --quick               # a minute-scale check that it runs
+
+An experiment, not a speed benchmark: it reuses the package's pipeline, scoring and search functions
+and adds only what the experiment itself is (random policies in a BitOps window, the anti-policy,
+the sensitivity sweep, the report).
 
 Outputs: a results table on stdout, <workdir>/results.json, plots in --plots-dir, and an MLflow run
 "policy-quality" (metrics + plots) in the benchmark's tracking store (<workdir>/mlflow.db).
@@ -38,17 +42,34 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
+import mlflow
 import numpy as np
+import ray
 import torch
+from scipy.stats import spearmanr
+
+from orchestrator.config.schema import Budget, PipelineConfig
+from orchestrator.data.demo import write_digits_dataset
+from orchestrator.data.layout import DatasetIndex, prepare_dataset
+from orchestrator.data.local import build_datasets
+from orchestrator.data.transforms import transforms_for
+from orchestrator.distributed.pipeline import run_indicators
+from orchestrator.distributed.stages import finished_stage
+from orchestrator.distributed.train import train_on_ray
+from orchestrator.indicators import load_indicators
+from orchestrator.preflight import preflight
+from orchestrator.search.ilp import Searcher
+from orchestrator.search.mckp import solve_mckp
+from orchestrator.stagekeys import stage_keys
+from orchestrator.tracking.runs import Tracker
+from orchestrator.train.checkpoint import load_checkpoint, restore_model
+from orchestrator.train.oneshot import loader_batches, policy_cost, score_policy
+from orchestrator.train.recipe import make_criterion
+from orchestrator.train.stages import finetune_model, untrained_joint_model
+from orchestrator.train.steps import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from orchestrator.config import Budget, PipelineConfig  # noqa: E402
-from orchestrator.indicators import load_indicators  # noqa: E402
-from orchestrator.search.ilp import Searcher  # noqa: E402
-from orchestrator.search.mckp import solve_mckp  # noqa: E402
-from orchestrator.search.policy import config_cost_table  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -116,34 +137,27 @@ def pipeline_config(args: argparse.Namespace, arch: str, seed: int, data: Path, 
     }).with_absolute_paths()
 
 
-def val_batches(cfg: PipelineConfig, samples: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from torch.utils.data import DataLoader
-
-    from orchestrator.data.local import build_datasets
-
-    _, val = build_datasets(cfg)
+def val_batches(cfg: PipelineConfig, dataset: DatasetIndex, samples: int | None = None) -> list:
+    """The val split decoded once (as a list of batches), or a fixed random subset of `samples` images."""
+    _, val = build_datasets(dataset, transforms_for(cfg.data, cfg.model.input_size), cfg.model.num_classes, cfg.seed)
     if samples is not None and samples < len(val):
         keep = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:samples]
         val = torch.utils.data.Subset(val, sorted(keep.tolist()))
-    return list(DataLoader(val, batch_size=256))
+    return list(loader_batches(val, 256, seed=0))
 
 
-def calibration_batches(cfg: PipelineConfig, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from torch.utils.data import DataLoader
-
-    from orchestrator.data.local import build_datasets
-
-    train, _ = build_datasets(cfg, cfg.indicators.train_fraction)
-    loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    return [batch for _, batch in zip(range(count), loader)]
+def calibration_batches(cfg: PipelineConfig, dataset: DatasetIndex, count: int) -> list:
+    """The BN recalibration batches one-shot scoring uses (`score_on_datasets`), decoded once."""
+    train, _ = build_datasets(dataset, transforms_for(cfg.data, cfg.model.input_size), cfg.model.num_classes,
+                              cfg.seed, cfg.indicators.train_fraction)
+    return list(loader_batches(train, cfg.data.batch_size, cfg.seed, count, shuffle=True))
 
 
 # --- policies ----------------------------------------------------------------------------------------
 
 
 def bitops_of(costs, policy: dict[str, tuple[int, int]]) -> float:
-    return sum(layer.macs * policy[layer.name][0] * policy[layer.name][1] for layer in costs.searchable) / 1e9
+    return policy_cost(costs, policy).bitops_g
 
 
 def random_policy_in_window(costs, bits: list[int], low: float, high: float, rng: random.Random,
@@ -199,14 +213,10 @@ def percentile_beaten(score: float, others: list[float]) -> float:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    from scipy.stats import spearmanr
-
     return float(spearmanr(x, y).statistic)
 
 
 def measure_budgets(args, cfg, model, costs, indicators, batches, calibration) -> list[dict]:
-    from orchestrator.train.oneshot import score_policy
-
     bits = sorted(args.bits)
     low_g = bitops_of(costs, {n: (bits[0], bits[0]) for n in costs.names})
     high_g = bitops_of(costs, {n: (bits[-1], bits[-1]) for n in costs.names})
@@ -243,8 +253,6 @@ def measure_budgets(args, cfg, model, costs, indicators, batches, calibration) -
 def measure_sensitivity(args, model, costs, indicators, batches, calibration) -> dict:
     """Val-loss increase when only one layer's weights (or activations) drop from the highest candidate
     to bit b; Spearman rank correlation with the indicators per bit and kind."""
-    from orchestrator.train.oneshot import score_policy
-
     top = max(args.bits)
     base = {n: (top, top) for n in costs.names}
     base_loss = score_policy(model, base, batches, calibration_batches=calibration)["loss"]
@@ -264,25 +272,15 @@ def measure_sensitivity(args, model, costs, indicators, batches, calibration) ->
     return out
 
 
-def finetune(args, cfg, label: str, policy: dict, fp_state: dict, joint_state: dict, batches) -> dict:
-    import ray
-
-    from orchestrator.distributed.train import train_on_ray
-    from orchestrator.tracking import Tracker
-    from orchestrator.train.checkpoint import restore_model
-    from orchestrator.train.recipe import make_criterion
-    from orchestrator.train.stages import finetune_model
-    from orchestrator.train.steps import evaluate
-
-    from orchestrator.stagekeys import stage_keys
-
+def finetune(args, cfg, dataset: DatasetIndex, label: str, policy: dict, fp_state: dict, joint_state: dict,
+             batches) -> dict:
     tracker = Tracker.from_config(cfg)
-    key = stage_keys(cfg).sweep
+    key = stage_keys(cfg, dataset.fingerprint).sweep
     with tracker.open_stage_run(cfg, "trial", key, run_name=label, extra_tags={"limpq.kind": "policy-quality"}) as run:
         inputs = {"fp_weights": ray.put(fp_state), "joint_weights": ray.put(joint_state), "policy": policy}
-        state, _ = train_on_ray(cfg, "finetune", tracker, run.run_id, f"{cfg.name}-ft-{label}-{key}", inputs,
+        state, _ = train_on_ray(cfg, dataset, "finetune", tracker, run.run_id, f"{cfg.name}-ft-{label}-{key}", inputs,
                                 label=label)
-    model = finetune_model(cfg, fp_state, policy)
+    model = finetune_model(cfg.model, cfg.indicators.bits, fp_state, policy)
     restore_model(model, state, f"fine-tuned {label}")
     return evaluate(model, batches, make_criterion(cfg.finetune))
 
@@ -339,10 +337,8 @@ def report(results: dict, args) -> str:
 
 
 def plots(results: dict, args) -> list[Path]:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     args.plots_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -392,8 +388,6 @@ def plots(results: dict, args) -> list[Path]:
 
 
 def log_to_mlflow(results: dict, paths: list[Path], args, text: str) -> None:
-    import mlflow
-
     mlflow.set_tracking_uri(f"sqlite:///{args.workdir / 'mlflow.db'}")
     mlflow.set_experiment("limpq-policy-quality")
     with mlflow.start_run(run_name="policy-quality"):
@@ -420,27 +414,24 @@ def log_to_mlflow(results: dict, paths: list[Path], args, text: str) -> None:
 
 def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None, cache: Path) -> tuple:
     """Indicators through the pipeline, then every one-shot measurement of this model and seed (cached)."""
-    from orchestrator.distributed.evaluate import load_joint
-    from orchestrator.distributed.pipeline import finished_stage, run_indicators
-    from orchestrator.stagekeys import stage_keys
-    from orchestrator.tracking import Tracker
-    from orchestrator.train.checkpoint import load_checkpoint
-
-    cfg = pipeline_config(args, arch, seed, data, fp_checkpoint)
-    indicators_path = run_indicators(cfg)
-    fp = finished_stage(cfg, Tracker.from_config(cfg), "fp", stage_keys(cfg).fp)  # this seed's FP weights
-    key = (f"{cfg.name}-{stage_keys(cfg).indicators}-{args.budgets}-{args.random}-{args.alpha}-"
+    checked = preflight(pipeline_config(args, arch, seed, data, fp_checkpoint))
+    cfg, costs = checked.config, checked.costs
+    dataset = checked.dataset or prepare_dataset(cfg.data)
+    indicators_path = run_indicators(checked)
+    keys = stage_keys(cfg, dataset.fingerprint)
+    fp = finished_stage(cfg, Tracker.from_config(cfg), "fp", keys.fp)  # this seed's FP weights
+    key = (f"{cfg.name}-{keys.indicators}-{args.budgets}-{args.random}-{args.alpha}-"
            f"{args.recalibrate_batches}-{args.val_samples}-{seed in args.sensitivity_seeds and args.sensitivity_bits}")
     cached = cache / f"{key}-with-uniform-budgets.json"  # the one-shot measurements (fine-tuning caches on key)
-    costs = config_cost_table(cfg)
     if cached.is_file():
         measured = json.loads(cached.read_text())
     else:
         indicators = load_indicators(indicators_path)
-        joint_state = load_checkpoint(indicators_path.parent / "joint.pt")["model"]
-        model = load_joint(cfg, joint_state).eval()
-        batches = val_batches(cfg, args.val_samples)
-        calibration = calibration_batches(cfg, args.recalibrate_batches) if args.recalibrate_batches else None
+        model = untrained_joint_model(cfg.model, cfg.indicators.bits)
+        restore_model(model, load_checkpoint(indicators_path.parent / "joint.pt")["model"], "joint checkpoint")
+        model.eval()
+        batches = val_batches(cfg, dataset, args.val_samples)
+        calibration = calibration_batches(cfg, dataset, args.recalibrate_batches) if args.recalibrate_batches else None
         measured = {"indicators": {kind: {str(b): [getattr(indicators, kind)[n][b] for n in costs.names]
                                           for b in args.bits} for kind in ("weight", "act")},
                     "budgets": measure_budgets(args, cfg, model, costs, indicators, batches, calibration)}
@@ -448,18 +439,16 @@ def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None,
             measured["sensitivity"] = measure_sensitivity(args, model, costs, indicators, batches, calibration)
             log.info("%s seed %d Spearman %s", arch, seed, measured["sensitivity"]["spearman"])
         cached.write_text(json.dumps(measured))
-    return cfg, key, measured, fp.file("fp.pt"), indicators_path.parent / "joint.pt"
+    return cfg, dataset, key, measured, fp.file("fp.pt"), indicators_path.parent / "joint.pt"
 
 
-def fine_tune_budgets(args, cfg, key: str, measured: dict, fp_checkpoint: Path, joint_checkpoint: Path,
-                      cache: Path) -> dict:
+def fine_tune_budgets(args, cfg, dataset: DatasetIndex, key: str, measured: dict, fp_checkpoint: Path,
+                      joint_checkpoint: Path, cache: Path) -> dict:
     """At two budgets (a third and two thirds of the way up): searched, uniform and random policies
     fine-tuned with the config's recipe; {budget: {"searched", "uniform", "uniform_bits", "random"}}."""
-    from orchestrator.train.checkpoint import load_checkpoint
-
     fp_state = load_checkpoint(fp_checkpoint)["model"]
     joint_state = load_checkpoint(joint_checkpoint)["model"]
-    batches = val_batches(cfg, args.val_samples)
+    batches = val_batches(cfg, dataset, args.val_samples)
     spread = [row for row in measured["budgets"] if not row.get("at_uniform")]
     count = len(spread)
     out = {}
@@ -472,7 +461,7 @@ def fine_tune_budgets(args, cfg, key: str, measured: dict, fp_checkpoint: Path, 
 
         def tune(label: str, policy: dict) -> float:
             policy = {name: tuple(bits) for name, bits in policy.items()}
-            return finetune(args, cfg, f"{label}-{budget_key}", policy, fp_state, joint_state, batches)["top1"]
+            return finetune(args, cfg, dataset, f"{label}-{budget_key}", policy, fp_state, joint_state, batches)["top1"]
 
         uniform_bits = row["uniform"]["bits"]
         entry = {"searched": tune("searched", row["searched"]["policy"]),
@@ -488,7 +477,7 @@ def fine_tune_budgets(args, cfg, key: str, measured: dict, fp_checkpoint: Path, 
 def finish(results: dict, args, started: float, argv: list[str] | None) -> str:
     text = report(results, args)
     text += (f"\n\nrun time {(time.monotonic() - started) / 60:.1f} min; command: "
-             f"python benchmarks/bench_policy_quality.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+             f"python experiments/policy_quality.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     paths = plots(results, args)
     (args.workdir / "results.json").write_text(json.dumps(results, default=str))
     log_to_mlflow(results, paths, args, text)
@@ -510,13 +499,9 @@ def main(argv: list[str] | None = None) -> int:
             merged["runs"].append(part.get("args"))
         finish(merged, args, started, argv)
         return 0
-    from orchestrator.data.demo import write_digits_dataset
-
     data = args.workdir / "digits32"
     write_digits_dataset(data, image_size=32)
     if not os.environ.get("RAY_ADDRESS"):
-        import ray
-
         # our own local Ray: a bare ray.init() would join any cluster `ray start` left on this machine
         ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=300 * 1024**2,
                  runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
@@ -528,15 +513,15 @@ def main(argv: list[str] | None = None) -> int:
         fp_checkpoint = None
         results["models"][arch] = {}
         for seed in args.seeds:
-            cfg, key, measured, fp_path, joint_path = one_shot(args, arch, seed, data, fp_checkpoint, cache)
+            cfg, dataset, key, measured, fp_path, joint_path = one_shot(args, arch, seed, data, fp_checkpoint, cache)
             fp_checkpoint = fp_checkpoint or fp_path  # seed 0's FP weights for every seed
             results["models"][arch][seed] = measured
-            done.append((arch, cfg, key, measured, fp_checkpoint, joint_path))
+            done.append((arch, cfg, dataset, key, measured, fp_checkpoint, joint_path))
     if args.finetune_models:
         finish(results, args, started, argv)  # the one-shot part, before the longer fine-tuning
-        for arch, cfg, key, measured, fp_checkpoint, joint_path in done:
+        for arch, cfg, dataset, key, measured, fp_checkpoint, joint_path in done:
             if arch in args.finetune_models:
-                for budget_key, entry in fine_tune_budgets(args, cfg, key, measured, fp_checkpoint, joint_path,
+                for budget_key, entry in fine_tune_budgets(args, cfg, dataset, key, measured, fp_checkpoint, joint_path,
                                                            cache).items():
                     results["finetune"].setdefault(arch, {}).setdefault(budget_key, {})[cfg.seed] = entry
     finish(results, args, started, argv)

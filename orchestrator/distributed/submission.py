@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -56,8 +57,6 @@ def load_runtime_env(path: str | Path | None, working_dir: str | None = None) ->
 
 def git_commit(directory: str | Path) -> str | None:
     """The HEAD commit of the git checkout holding `directory`, or None."""
-    import subprocess
-
     try:
         result = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)

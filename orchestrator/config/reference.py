@@ -1,4 +1,4 @@
-"""The configuration reference in Markdown, generated from the pydantic schema in orchestrator.config:
+"""The configuration reference in Markdown, generated from the pydantic schema in orchestrator.config.schema:
 one table per section (key, type, default, description), so the documentation cannot drift from
 the code. `update_markdown` rewrites the part of a file between the reference markers.
 
@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.errors import UserError
 
 START_MARKER = "<!-- config-reference:start -->"

@@ -1,4 +1,4 @@
-"""MLflow tracking of pipeline stages: one MLflow run per stage (FP, indicators, sweep, trial...).
+"""MLflow runs of pipeline stages: one MLflow run per stage (FP, indicators, sweep, trial...).
 
 Every call goes through `MlflowClient` with an explicit run id, never MLflow's global active run, so
 any one process (the driver, Ray Train rank 0, a Tune trial) can write any run, and one process can
@@ -13,40 +13,48 @@ half run behind; a finished one lets the pipeline skip the stage and take its ou
 
 Params are the settings that define results; where work runs (`ray.*`) goes into tags, which may
 change between submissions. Credentials never reach params, tags or printed commands.
+
+Calls go to MLflow's client as they are: it splits `log_batch` into MLflow's batch sizes itself, and
+concurrent writers to one sqlite store (the driver, a Train worker, several Tune trials) need no
+retries of ours: measured with MLflow 3.17, 4-6 processes writing at once (runs, params, tags,
+metrics, searches, logged models, model versions, aliases; 1,692 calls) met no "database is locked".
+Models and the registry are in `orchestrator.tracking.models`.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
-import logging
 import os
-import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from mlflow.utils.validation import (
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
-)
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from orchestrator.config import PipelineConfig
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.distributed.submission import git_commit
 from orchestrator.errors import UserError
-from orchestrator.mlflow_ui import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, experiment_page, mark_model_development
 from orchestrator.redact import redact, redact_params
+from orchestrator.tracking.ui import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_DEVELOPMENT,
+    experiment_page,
+    mark_model_development,
+)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SQLITE_PREFIX = "sqlite:///"
@@ -66,20 +74,10 @@ TAG_NOTE = "mlflow.note.content"
 _AMBIGUOUS_SOURCE_WARNING = "The specified dataset source can be interpreted in multiple ways"
 
 
-def _not_the_pickle_format_warning(record: logging.LogRecord) -> bool:
-    """`mlflow.pytorch` warns on every pickle-format save; pickle is our deliberate choice (see
-    `Tracker.log_model`), so the warning would be repeated noise in every trial's log stream."""
-    return not record.getMessage().startswith("Saving pytorch model by Pickle")
-
-
-logging.getLogger("mlflow.pytorch").addFilter(_not_the_pickle_format_warning)
-
-
 # Settings that say where and how work runs, not what it computes: tags, so they may change.
 _PLACEMENT_SECTIONS = ("ray.", "mlflow.", "output_dir", "name")
 
 UNFINISHED_STATUSES = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
-_LOCK_RETRIES = 8
 
 
 def resolve_tracking_uri(cfg: PipelineConfig) -> str:
@@ -127,8 +125,6 @@ def ray_job_submission_id() -> str | None:
 @lru_cache(maxsize=1)
 def _package_commit() -> str | None:
     """The commit of the checkout this package runs from (MLflow looks only at the main script's)."""
-    from orchestrator.submission import git_commit
-
     return git_commit(Path(__file__).resolve().parent)
 
 
@@ -137,8 +133,6 @@ def context_tags() -> dict[str, str]:
     the Ray job id. The commit is the running package's checkout's when MLflow finds none; under
     `ray job submit` the uploaded working dir has no .git, and `limpq submit` passes it as
     LIMPQ_GIT_COMMIT."""
-    from mlflow.tracking.context.registry import resolve_tags
-
     tags = {key: str(value) for key, value in resolve_tags().items()}
     tags.setdefault("mlflow.user", getpass.getuser())
     commit = os.environ.get("LIMPQ_GIT_COMMIT") or _package_commit()
@@ -155,32 +149,6 @@ def context_tags() -> dict[str, str]:
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text[:MAX_PARAM_VAL_LENGTH]
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _is_lock_error(error: BaseException) -> bool:
-    seen: BaseException | None = error
-    while seen is not None:
-        if "database is locked" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _retrying_lock_errors(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """`call(*args, **kwargs)`, retried with backoff while another process holds the sqlite lock."""
-    for attempt in range(_LOCK_RETRIES - 1):
-        try:
-            return call(*args, **kwargs)
-        except Exception as error:
-            if not _is_lock_error(error):
-                raise
-            time.sleep(min(0.05 * 2**attempt, 2.0) * (1 + random.random()))
-    return call(*args, **kwargs)
 
 
 @lru_cache(maxsize=None)
@@ -203,14 +171,6 @@ class Tracker:
     def client(self) -> MlflowClient:
         return _client(self.tracking_uri)
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call the client, retrying when another process holds the sqlite write lock.
-
-        MLflow's sqlite sessions read then write in one transaction, and two processes doing that
-        at once deadlock: sqlite fails one of them at once, whatever the busy timeout.
-        """
-        return _retrying_lock_errors(getattr(self.client, method), *args, **kwargs)
-
     @property
     def experiment_id(self) -> str:
         return _experiment_id(self)
@@ -226,8 +186,7 @@ class Tracker:
 
     def _stage_runs(self, cfg: PipelineConfig, stage: str, key: str, run_name: str) -> list[Run]:
         # Only the hex key and the stage go into the filter string: user-chosen names may hold quotes.
-        runs = self._call(
-            "search_runs",
+        runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{TAG_STAGE_KEY}` = '{key}' and tags.`{TAG_STAGE}` = '{stage}'",
             order_by=["attributes.start_time DESC"],
@@ -263,9 +222,9 @@ class Tracker:
         if unfinished:
             run = unfinished[0]
             run_id = run.info.run_id
-            self._call("update_run", run_id, status="RUNNING")
+            self.client.update_run(run_id, status="RUNNING")
             if TAG_ERROR in run.data.tags:
-                self._call("delete_tag", run_id, TAG_ERROR)
+                self.client.delete_tag(run_id, TAG_ERROR)
             tags[TAG_ATTEMPTS] = str(int(run.data.tags.get(TAG_ATTEMPTS, "1")) + 1)
             self.set_tags(run_id, tags)
             self.log_params(run_id, {key: value for key, value in params.items() if key not in run.data.params})
@@ -273,7 +232,7 @@ class Tracker:
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         tags[TAG_ATTEMPTS] = "1"
-        run = self._call("create_run", self.experiment_id, tags=tags, run_name=run_name)
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self.log_params(run.info.run_id, params)
         return StageRun(self, run.info.run_id, resumed=False)
 
@@ -283,14 +242,14 @@ class Tracker:
             raise ValueError(f"finish: status must be FINISHED, FAILED or KILLED, not {status!r}")
         if error:
             self.set_tags(run_id, {TAG_ERROR: redact(error)})
-        self._call("set_terminated", run_id, status=status)
+        self.client.set_terminated(run_id, status=status)
 
     def kill_open_runs(self, root_run_id: str, reason: str) -> list[str]:
         """Mark every RUNNING run of a pipeline's tree KILLED (after an interrupt); returns their ids."""
-        runs = self._call("search_runs", [self.experiment_id],
-                          filter_string=f"tags.`{TAG_ROOT}` = '{root_run_id}' and attributes.status = 'RUNNING'")
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{TAG_ROOT}` = '{root_run_id}' and attributes.status = 'RUNNING'")
         ids = [run.info.run_id for run in runs]
-        root = self.get_run(root_run_id)
+        root = self.client.get_run(root_run_id)
         if root.info.status == "RUNNING":
             ids.append(root_run_id)
         for run_id in ids:
@@ -300,127 +259,39 @@ class Tracker:
     # ------------------------------------------------------------------------------ logging
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        """Values are stringified (JSON for non-strings); one call per MLflow batch of 100, so a
-        lock retry never repeats a batch that was written."""
-        entries = [Param(key, _param_value(value)) for key, value in params.items()]
-        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
-            self._call("log_batch", run_id, params=chunk)
+        """Values are stringified (JSON for non-strings) and cut to MLflow's length limit."""
+        self.client.log_batch(run_id, params=[Param(key, _param_value(value)) for key, value in params.items()])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         timestamp = int(time.time() * 1000)
-        entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
-            self._call("log_batch", run_id, metrics=chunk)
+        self.client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp, step)
+                                               for key, value in metrics.items()])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        entries = [RunTag(key, str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()]
-        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
-            self._call("log_batch", run_id, tags=chunk)
-
-    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", run_id, str(local_path), artifact_path)
-
-    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._call("log_artifacts", run_id, str(local_dir), artifact_path)
-
-    def log_dict(self, run_id: str, data: Mapping[str, Any] | list, artifact_file: str) -> None:
-        """JSON or YAML, chosen by the file extension."""
-        self._call("log_dict", run_id, data, artifact_file)
-
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self._call("log_text", run_id, text, artifact_file)
-
-    def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
-        """Rows as an MLflow table (shown in the run's artifact view and the UI's evaluation tab)."""
-        columns = list(rows[0]) if rows else []
-        self._call("log_table", run_id, {column: [row[column] for row in rows] for column in columns}, artifact_file)
+        """Values are stringified and cut to MLflow's length limit."""
+        self.client.log_batch(run_id, tags=[RunTag(key, str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()])
 
     def log_dataset(self, run_id: str, source_uri: str, name: str, digest: str, context: str,
                     extra: Mapping[str, Any] | None = None) -> None:
         """Dataset lineage (`mlflow.log_input`): where the data is, its content digest, the split used
         (`context`) and sizes as input tags."""
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_AMBIGUOUS_SOURCE_WARNING)
             source = resolve_dataset_source(redact(source_uri))
         dataset = MetaDataset(source, name=name, digest=digest[:36])
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
         tags += [InputTag(f"limpq.{key}", str(value)) for key, value in (extra or {}).items()]
-        self._call("log_inputs", run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
-
-    def log_model(self, run_id: str, model: Any, example: Any, name: str = "model", step: int = 0,
-                  tags: Mapping[str, Any] | None = None) -> str:
-        """`mlflow.pytorch.log_model` into `run_id` (an MLflow 3 LoggedModel, linked to the run's metrics
-        at `step`) with a signature inferred from `example` (a CPU tensor batch) and this package as
-        code, so `mlflow.pytorch.load_model` works where limpq is not installed. Saved with MLflow's pickle
-        format: the LSQ quantizers (a custom autograd function, lazily initialised step sizes) do not go
-        through torch.export. Returns the model URI."""
-        import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-
-        import orchestrator
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        # MLflow creates the LoggedModel in the fluent active experiment, not the run's: without this
-        # it lands in experiment 0 (and its artifacts under ./mlruns of the working directory)
-        _retrying_lock_errors(mlflow.set_experiment, experiment_id=self.experiment_id)  # the run's: this tracker's
-        model = model.cpu().eval()
-        with torch.no_grad():
-            output = model(example)
-        signature = infer_signature(example.numpy(), output.numpy())
-        info = _retrying_lock_errors(  # fluent calls take the same lock retries
-            mlflow.pytorch.log_model, model, name=name, run_id=run_id, signature=signature,
-            input_example=example.numpy(), code_paths=[str(Path(orchestrator.__file__).parent)], step=step,
-            serialization_format="pickle",
-            tags=dict(tags or {}), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
-        return info.model_uri
-
-    def register_model(self, name: str, model_uri: str, run_id: str, tags: Mapping[str, Any],
-                       aliases: list[str]) -> str:
-        """A new version of registered model `name` (created if missing); returns the version."""
-        try:
-            self._call("create_registered_model", name, description="LIMPQ mixed-precision models, one version per "
-                       "searched budget; tags give budget, BitOps, size and top-1.")
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        from mlflow.store.artifact.utils.models import _parse_model_id_if_present
-
-        # a tracking server rejects a `models:/<id>` source unless the version names that model id
-        version = self._call("create_model_version", name, model_uri, run_id=run_id,
-                             tags={key: str(value) for key, value in tags.items()},
-                             model_id=_parse_model_id_if_present(model_uri))
-        for alias in aliases:
-            self._call("set_registered_model_alias", name, alias, version.version)
-        return str(version.version)
-
-    def set_model_alias(self, name: str, alias: str, version: str) -> None:
-        self._call("set_registered_model_alias", name, alias, version)
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
     def download_artifact(self, run_id: str, path: str, dst: str | Path) -> Path:
         """Copy the run's artifact file or folder `path` under `dst`; returns the local path."""
         Path(dst).mkdir(parents=True, exist_ok=True)
-        return Path(self._call("download_artifacts", run_id, path, str(dst)))
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
     def child_runs(self, parent_run_id: str) -> list[Run]:
-        return self._call("search_runs", [self.experiment_id],
-                          filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
-                          order_by=["attributes.start_time ASC"])
-
-    def model_versions_of_run(self, name: str, run_id: str) -> list[str]:
-        """Versions of registered model `name` created from `run_id` (newest first)."""
-        versions = self._call("search_model_versions", f"name = '{name}' and run_id = '{run_id}'")
-        return [str(v.version) for v in sorted(versions, key=lambda v: -int(v.version))]
-
-    def get_run(self, run_id: str) -> Run:
-        return self._call("get_run", run_id)
+        return self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+                                       order_by=["attributes.start_time ASC"])
 
     def ui_command(self) -> str:
         """The command that opens the MLflow UI on this store (credentials redacted)."""
@@ -432,15 +303,15 @@ class Tracker:
 
 @lru_cache(maxsize=None)
 def _experiment_id(tracker: Tracker) -> str:
-    experiment = tracker._call("get_experiment_by_name", tracker.experiment)
+    experiment = tracker.client.get_experiment_by_name(tracker.experiment)
     if experiment is None:
         try:
-            return tracker._call("create_experiment", tracker.experiment, tracker._artifact_location(),
-                                 tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+            return tracker.client.create_experiment(tracker.experiment, tracker._artifact_location(),
+                                                    tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            experiment = tracker._call("get_experiment_by_name", tracker.experiment)
+            experiment = tracker.client.get_experiment_by_name(tracker.experiment)
     if experiment.lifecycle_stage == "deleted":
         raise UserError(
             f"mlflow.experiment: experiment {tracker.experiment!r} is deleted in {tracker.tracking_uri}; "

@@ -1,0 +1,141 @@
+"""The sweep's result: one summary row per trial, read from the trial runs in MLflow (so an
+interrupted or failed trial can never show up as a result), logged to the sweep run as CSV, Parquet,
+an MLflow table, a report, the Pareto plot and bits-per-layer charts; and the table the pipeline prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.distributed.trial import (
+    ONE_SHOT,
+    TrialSpec,
+    evaluation_kind,
+    registered_model_name,
+)
+from orchestrator.fileio import write_text_atomic
+from orchestrator.plots import pareto_plot, policy_bits_chart
+from orchestrator.tracking.models import model_versions_of_run
+from orchestrator.tracking.runs import TAG_ERROR, Tracker
+
+SUMMARY_COLUMNS = ("budget", "kind", "status", "bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
+                   "top1", "top5", "epochs", "evaluation", "model_version", "run_id", "error")
+TEXT_COLUMNS = ("budget", "kind", "status", "evaluation", "model_version", "run_id", "error")
+
+
+def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: list[TrialSpec],
+               errors: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One summary row per trial, from its MLflow run: only a FINISHED run has results; a failed
+    one carries its error, an unfinished one says so (with Tune's error when there is one)."""
+    runs = {run.info.run_name: run for run in tracker.child_runs(sweep_run_id)}
+    rows = []
+    for spec in specs:
+        run = runs.get(spec.label)
+        metrics = run.data.metrics if run is not None else {}
+        status = run.info.status if run is not None else None
+        error = None
+        if status != "FINISHED":
+            error = (run.data.tags.get(TAG_ERROR) if run is not None else None) or (errors or {}).get(spec.label) \
+                or ("trial did not finish" if run is not None else "trial did not run")
+        ok = status == "FINISHED"
+        versions = model_versions_of_run(tracker, registered_model_name(cfg), run.info.run_id) if ok else []
+        rows.append({
+            "budget": spec.label, "kind": spec.kind, "status": "ok" if ok else "failed",
+            "bitops_g": metrics.get("bitops_g"), "size_mb": metrics.get("size_mb"),
+            "compression_ratio": metrics.get("compression_ratio"), "avg_wbits": metrics.get("avg_wbits"),
+            "avg_abits": metrics.get("avg_abits"), "top1": metrics.get("val_top1") if ok else None,
+            "top5": metrics.get("val_top5") if ok else None, "epochs": metrics.get("epoch") if ok else None,
+            "evaluation": evaluation_kind(cfg),
+            "model_version": versions[0] if versions else None,
+            "run_id": run.info.run_id if run is not None else None, "error": error,
+        })
+    return rows
+
+
+def log_summary(cfg: PipelineConfig, tracker: Tracker, run_id: str, rows: list[dict[str, Any]]) -> None:
+    out = cfg.run_dir / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        (c, pa.string() if c in TEXT_COLUMNS else pa.float64()) for c in SUMMARY_COLUMNS]))
+    pa_csv.write_csv(table, out / "summary.csv")
+    pq.write_table(table, out / "summary.parquet")
+    label = f" ({ONE_SHOT})" if cfg.finetune.epochs == 0 else ""
+    pareto_plot([r for r in rows if r["top1"] is not None], out / "pareto.png",
+                title=f"{cfg.model.arch} on {Path(cfg.data.path).name}: top-1 vs BitOps{label}")
+    write_text_atomic(out / "report.txt", format_report(rows))
+    for name in ("summary.csv", "summary.parquet", "report.txt"):
+        tracker.client.log_artifact(run_id, str(out / name))
+    # an MLflow table: shown in the run's artifact view and the UI's evaluation tab
+    tracker.client.log_table(run_id, {column: [row[column] for row in rows] for column in SUMMARY_COLUMNS},
+                             "summary_table.json")
+    tracker.client.log_artifact(run_id, str(out / "pareto.png"), "plots")
+    for row in rows:
+        if row["status"] == "ok":
+            _log_bits_chart(cfg, tracker, run_id, row, out)
+    finished = [row for row in rows if row["top1"] is not None and row["model_version"]]
+    if finished:
+        best = max(finished, key=lambda row: row["top1"])
+        tracker.client.set_registered_model_alias(registered_model_name(cfg), "best-top1", best["model_version"])
+    failed = [row for row in rows if row["status"] == "failed"]
+    tracker.set_tags(run_id, {"limpq.failed_trials": ",".join(r["budget"] for r in failed) or "none"})
+
+
+def read_finished_sweep(cfg: PipelineConfig, tracker: Tracker, root_run_id: str) -> list[dict[str, Any]]:
+    """The summary rows of a finished pipeline's sweep run."""
+    sweep = next(run for run in tracker.child_runs(root_run_id) if run.data.tags.get("limpq.stage") == "sweep")
+    return read_summary(tracker.download_artifact(sweep.info.run_id, "summary.csv",
+                                                  cfg.run_dir / sweep.info.run_id / ".fetch"))
+
+
+def _log_bits_chart(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, row: dict[str, Any], out: Path) -> None:
+    """The weight and activation bits per layer of a finished trial's policy, on the sweep run."""
+    label = row["budget"]
+    document = json.loads(tracker.download_artifact(row["run_id"], "policy.json", out / "policies" / label).read_text())
+    layers = document["layers"]
+    chart = out / "policies" / f"{label}.png"
+    policy_bits_chart([la["name"] for la in layers], [la["wbits"] for la in layers], [la["abits"] for la in layers],
+                      chart, title=f"{cfg.model.arch} {label}")
+    tracker.client.log_artifact(sweep_run_id, str(chart), "plots/bits")
+
+
+def read_summary(path: Path) -> list[dict[str, Any]]:
+    """Rows of a summary.csv written by `log_summary` (empty cells back to None)."""
+    types = {c: "string" if c in TEXT_COLUMNS else "float64" for c in SUMMARY_COLUMNS}
+    options = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True)
+    return pa_csv.read_csv(path, convert_options=options).to_pylist()
+
+
+def _nearest_uniform(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    uniform = [r for r in rows if r["kind"] == "uniform" and r["top1"] is not None and r["bitops_g"] is not None]
+    if row["bitops_g"] is None or not uniform:
+        return None
+    return min(uniform, key=lambda r: abs(math.log(r["bitops_g"] / row["bitops_g"])))
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    """The table the pipeline prints: budget, GBitOps, size, top-1, and MPQ vs the nearest uniform."""
+    def number(value: float | None, fmt: str) -> str:
+        return format(value, fmt) if value is not None else "-"
+
+    lines = [f"{'budget':<22} {'kind':<8} {'GBitOps':>9} {'size MB':>8} {'top-1 %':>8}  vs uniform (nearest BitOps)"]
+    for row in sorted(rows, key=lambda r: (r["bitops_g"] is None, r["bitops_g"] or 0.0)):
+        versus = ""
+        if row["kind"] == "mpq" and row["top1"] is not None:
+            base = _nearest_uniform(row, rows)
+            if base is not None:
+                versus = f"{base['budget']}: {100 * base['top1']:.1f}% ({100 * (row['top1'] - base['top1']):+.1f})"
+        top1 = number(100 * row["top1"] if row["top1"] is not None else None, ".1f")
+        lines.append(f"{row['budget']:<22} {row['kind']:<8} {number(row['bitops_g'], '.4f'):>9} "
+                     f"{number(row['size_mb'], '.3f'):>8} {top1:>8}  {versus}")
+    for row in rows:
+        if row["status"] == "failed":
+            lines.append(f"FAILED {row['budget']}: {row['error']}")
+    return "\n".join(lines)

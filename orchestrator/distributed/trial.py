@@ -1,0 +1,195 @@
+"""One trial of the budget sweep (a Ray Tune trial): the policy of its budget (ILP search, or a
+uniform baseline), fine-tuned on Ray Train or, with `finetune.epochs: 0`, scored with the joint
+model (SPEC 1.7); recorded in a nested MLflow run whose model becomes a version of the pipeline's
+registered model.
+
+MLflow is the source of truth for what finished: a trial whose run already finished under the same
+sweep run reports the stored result instead of training again, so a resubmitted sweep reruns only
+failed and never-run trials.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from orchestrator.config.schema import Budget, PipelineConfig, uniform_label
+from orchestrator.data.layout import DatasetIndex
+from orchestrator.distributed.evaluate import score_on_this_node
+from orchestrator.distributed.train import (
+    example_input,
+    log_dataset_inputs,
+    train_on_ray,
+)
+from orchestrator.errors import UserError
+from orchestrator.indicators import Indicators
+from orchestrator.plots import policy_bits_chart
+from orchestrator.quant.export import export_quantized
+from orchestrator.search.costs import CostTable
+from orchestrator.search.ilp import Searcher
+from orchestrator.search.policy import Policy, uniform_baseline
+from orchestrator.tracking.models import (
+    log_model,
+    model_versions_of_run,
+    register_model,
+)
+from orchestrator.tracking.runs import TAG_ROOT, Tracker
+from orchestrator.train.checkpoint import restore_model, save_checkpoint
+from orchestrator.train.stages import finetune_model, fp_meta
+
+ONE_SHOT = "joint model, no fine-tuning"
+POLICY_METRICS = ("bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    label: str
+    kind: str  # "mpq" or "uniform"
+    budget: dict[str, Any] | None = None  # Budget fields (mpq)
+    bits: int | None = None  # uniform W{bits}A{bits}
+
+
+@dataclass(frozen=True)
+class SweepInputs:
+    """What every trial needs, shipped once through the object store (`tune.with_parameters`)."""
+
+    cfg: PipelineConfig
+    dataset: DatasetIndex
+    costs: CostTable
+    tracker: Tracker
+    sweep_key: str
+    sweep_run_id: str
+    root_run_id: str
+    indicators: Indicators
+    fp_weights: dict
+    joint_weights: dict | None
+
+
+def trial_specs(cfg: PipelineConfig) -> list[TrialSpec]:
+    """One trial per budget and per uniform baseline (the schema keeps their labels distinct)."""
+    specs = [TrialSpec(b.label(), "mpq", budget=b.model_dump(exclude_none=True)) for b in cfg.search.budgets]
+    specs += [TrialSpec(uniform_label(b), "uniform", bits=b) for b in cfg.finetune.baselines]
+    if not specs:
+        raise UserError("search.budgets and finetune.baselines are both empty: nothing to sweep")
+    return specs
+
+
+def registered_model_name(cfg: PipelineConfig) -> str:
+    return f"{cfg.name}-{cfg.model.arch}"
+
+
+def model_alias(label: str) -> str:
+    """A registered-model alias for a budget label (aliases allow letters, digits, '-' and '_')."""
+    return "budget-" + re.sub(r"[^a-z0-9_-]+", "-", label.lower()).strip("-")
+
+
+def evaluation_kind(cfg: PipelineConfig) -> str:
+    return ONE_SHOT if cfg.finetune.epochs == 0 else "fine-tuned"
+
+
+def trial_policy(inputs: SweepInputs, spec: TrialSpec) -> Policy:
+    """The searched policy of the trial's budget, or its uniform baseline."""
+    search = inputs.cfg.search
+    if spec.kind == "uniform":
+        return uniform_baseline(inputs.costs, spec.bits, search.alpha)
+    searcher = Searcher(inputs.indicators, inputs.costs, search.wbits, search.abits, search.alpha, search.latency_table)
+    return searcher.solve(Budget(**spec.budget))
+
+
+def _policy_metrics(policy: Policy) -> dict[str, float]:
+    return {key: float(getattr(policy.totals, key)) for key in POLICY_METRICS}
+
+
+def _description(cfg: PipelineConfig, spec: TrialSpec) -> str:
+    what = (f"uniform W{spec.bits}A{spec.bits} baseline" if spec.kind == "uniform"
+            else f"mixed-precision policy searched for budget {spec.label}")
+    how = (f"scored with the joint model ({ONE_SHOT})" if cfg.finetune.epochs == 0
+           else f"fine-tuned for {cfg.finetune.epochs} epochs")
+    return f"{cfg.model.arch} at the {what}, {how}. Model registered as {registered_model_name(cfg)}."
+
+
+def _score_one_shot(inputs: SweepInputs, label: str, policy: Policy) -> dict[str, float]:
+    """The joint model's validation metrics at `policy` (SPEC 1.7), on this trial's CPUs: the same
+    scoring as `limpq evaluate`."""
+    [row] = score_on_this_node(inputs.cfg, inputs.dataset, inputs.costs, inputs.joint_weights,
+                               [(label, policy.assignment())], inputs.cfg.finetune.bn_recalibration_batches)
+    return {"val_top1": row["top1"], "val_loss": row["loss"], "val_samples": float(row["samples"])}
+
+
+def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
+    """One Tune trial: the policy of its budget, fine-tuned (or scored with the joint model), recorded
+    in a nested run whose model becomes a registered version."""
+    cfg, tracker = inputs.cfg, inputs.tracker
+    spec = TrialSpec(**config["trial"])
+    done = tracker.find_finished_stage_run(cfg, "trial", inputs.sweep_key, run_name=spec.label,
+                                           parent_run_id=inputs.sweep_run_id)
+    if done is not None:
+        tune.report({**tracker.client.get_run(done).data.metrics, "resumed_from_mlflow": 1.0})
+        return
+    run = tracker.open_stage_run(cfg, "trial", inputs.sweep_key, parent_run_id=inputs.sweep_run_id,
+                                 run_name=spec.label, description=_description(cfg, spec),
+                                 extra_tags={TAG_ROOT: inputs.root_run_id, "limpq.kind": spec.kind,
+                                             "limpq.budget": spec.label, "limpq.node": socket.gethostname(),
+                                             "limpq.ray_node_id": ray.get_runtime_context().get_node_id()})
+    try:
+        policy = trial_policy(inputs, spec)
+    except UserError as error:
+        # deterministic (an infeasible budget): recorded as this trial's failure, not retried
+        tracker.finish(run.run_id, "FAILED", f"{type(error).__name__}: {error}")
+        tune.report({"failed": 1.0})
+        return
+    with run:
+        bits = policy.assignment()
+        tracker.client.log_dict(run.run_id, policy.to_dict(), "policy.json")
+        tracker.log_params(run.run_id, {"trial.kind": spec.kind, "trial.budget": spec.label,
+                                        "trial.evaluation": evaluation_kind(cfg)})
+        tracker.log_metrics(run.run_id, _policy_metrics(policy), step=0)
+        if cfg.finetune.epochs == 0:
+            metrics = {**_policy_metrics(policy), **_score_one_shot(inputs, spec.label, policy), "epoch": 0.0}
+            tracker.log_metrics(run.run_id, metrics, step=0)
+            model = finetune_model(cfg.model, cfg.indicators.bits, inputs.fp_weights, bits, inputs.joint_weights)
+        else:
+            log_dataset_inputs(cfg, inputs.dataset, tracker, run.run_id, "finetune")
+            weights = {"fp_weights": inputs.fp_weights, "joint_weights": inputs.joint_weights, "policy": bits,
+                       "report_extra": _policy_metrics(policy)}
+            state, metrics = train_on_ray(cfg, inputs.dataset, "finetune", tracker, run.run_id,
+                                          f"{cfg.name}-trial-{spec.label}-{inputs.sweep_key}", weights, label=spec.label)
+            model = finetune_model(cfg.model, cfg.indicators.bits, inputs.fp_weights, bits)
+            restore_model(model, state, f"fine-tuned checkpoint of trial {spec.label}")
+        _log_trial_outputs(inputs, spec, run.run_id, model, policy, metrics)
+        tune.report(metrics)
+
+
+def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model: torch.nn.Module,
+                       policy: Policy, metrics: dict[str, float]) -> None:
+    """Checkpoint, integer export and bits chart as artifacts; the model as an MLflow model and a
+    version of the pipeline's registered model (once per trial run, also when a retry gets here)."""
+    cfg, tracker = inputs.cfg, inputs.tracker
+    document = policy.to_dict()
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = save_checkpoint(Path(directory) / "finetuned.pt", model,
+                                     meta={**fp_meta(cfg.model), "policy": document})
+        export = Path(directory) / "export.pt"
+        torch.save({**export_quantized(model), "policy": document}, export)
+        chart = Path(directory) / "bits.png"
+        policy_bits_chart([layer.name for layer in policy.layers], policy.weight_bits, policy.act_bits, chart,
+                          title=f"{cfg.model.arch} {spec.label}")
+        for path, folder in ((checkpoint, "checkpoint"), (export, "checkpoint"), (chart, "plots")):
+            tracker.client.log_artifact(run_id, str(path), folder)
+    name = registered_model_name(cfg)
+    if model_versions_of_run(tracker, name, run_id):
+        return
+    uri = log_model(tracker, run_id, model, example_input(cfg), name="model", step=int(metrics.get("epoch", 0)),
+                    tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
+    version_tags = {"budget": spec.label, "kind": spec.kind, "evaluation": evaluation_kind(cfg),
+                    "top1": f"{metrics.get('val_top1', float('nan')):.4f}",
+                    **{key: f"{value:.6g}" for key, value in _policy_metrics(policy).items()}}
+    register_model(tracker, name, uri, run_id, version_tags, aliases=[model_alias(spec.label)])

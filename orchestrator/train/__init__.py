@@ -1,0 +1,2 @@
+"""Layer 1: training of the FP, joint indicator and fine-tuning stages in plain torch (recipes, steps,
+checkpoints, one-shot scoring); Ray Train drives them from orchestrator.distributed.train."""

@@ -1,0 +1,131 @@
+"""The three layers hold: the method (layer 1) imports neither Ray nor MLflow, no module imports its way
+back to itself, and the fast paths stay fast (`limpq search` on a cached cost table, the dataset checks)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
+# Layer 1, the method in plain torch/PuLP, and the layer-neutral modules every layer may use.
+LAYER_ONE = ("orchestrator.quant", "orchestrator.search", "orchestrator.train", "orchestrator.data",
+             "orchestrator.config", "orchestrator.modelinfo", "orchestrator.indicators", "orchestrator.plots",
+             "orchestrator.preflight", "orchestrator.stagekeys", "orchestrator.errors", "orchestrator.fileio",
+             "orchestrator.seeds", "orchestrator.redact", "orchestrator.console")
+ORCHESTRATION = ("ray", "mlflow")
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module `path` imports, at its top or inside a function (relative imports resolved)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _own_graph() -> dict[str, set[str]]:
+    modules = _modules()
+
+    def owner(imported: str) -> str | None:
+        while imported and imported not in modules:
+            imported = imported.rpartition(".")[0]
+        return imported or None
+
+    return {name: {target for target in map(owner, _imports(name, path)) if target and target != name}
+            for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_its_way_back_to_itself() -> None:
+    assert _cycles(_own_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_method_layer_never_imports_ray_or_mlflow() -> None:
+    """Read from the source, so an import inside a function counts too."""
+    offending = {}
+    for name, path in _modules().items():
+        if name.startswith(LAYER_ONE):
+            bad = sorted(imported for imported in _imports(name, path) if imported.split(".")[0] in ORCHESTRATION)
+            if bad:
+                offending[name] = bad
+    assert offending == {}
+
+
+def _loaded_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         check=True, capture_output=True, text=True).stdout
+    return {name.split(".")[0] for name in out.split()}
+
+
+def test_method_layer_loads_without_ray_or_mlflow() -> None:
+    modules = [name for name in _modules() if name.startswith(LAYER_ONE)]
+    loaded = _loaded_after("\n".join(f"import {module}" for module in modules))
+    assert not set(ORCHESTRATION) & loaded
+
+
+def test_dataset_checks_do_not_import_torch() -> None:
+    """The preflight checks run before every entry point: listing and footers only."""
+    loaded = _loaded_after("import orchestrator.data.layout, orchestrator.data.storage, orchestrator.data.convert")
+    assert not {"torch", "ray", "mlflow"} & loaded
+
+
+def test_the_cli_and_a_search_with_a_cached_cost_table_do_not_import_torch() -> None:
+    loaded = _loaded_after("import orchestrator.cli; orchestrator.cli.build_parser(); import orchestrator.search.ilp")
+    assert not {"torch", "ray", "mlflow"} & loaded
