@@ -4,6 +4,7 @@ back to itself, and the fast paths stay fast (`limpq search` on a cached cost ta
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,14 @@ def test_dataset_checks_do_not_import_torch() -> None:
 def test_the_cli_and_a_search_with_a_cached_cost_table_do_not_import_torch() -> None:
     loaded = _loaded_after("import orchestrator.cli; orchestrator.cli.build_parser(); import orchestrator.search.ilp")
     assert not {"torch", "ray", "mlflow"} & loaded
+
+
+def test_a_ray_worker_imports_the_runtime_module_under_our_ray_data_logging() -> None:
+    """Every Ray worker imports `orchestrator.distributed.runtime` (its set-up hook) with
+    RAY_DATA_LOGGING_CONFIG set, and Ray Data applies that config while it is being imported: the filter
+    it names must not live in a module that imports ray.data, or the import comes back to a half-made
+    module and every worker exits at start."""
+    config = PACKAGE / "distributed" / "ray_data_logging.yaml"
+    result = subprocess.run([sys.executable, "-c", "import orchestrator.distributed.runtime"], capture_output=True,
+                            text=True, env={**os.environ, "RAY_DATA_LOGGING_CONFIG": str(config)})
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -22,7 +22,7 @@ from orchestrator.console import log_to_file
 
 log = logging.getLogger("limpq")
 
-RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")  # its filter: ray_data_logging.py
 # For every Train RunConfig(logging_config=...): Ray Train's INFO lines ("Moving model to device", every
 # reported checkpoint) and warnings about its own machinery (a slow resource request on a busy machine)
 # stay in <session>/logs/train/; a failure that matters reaches the console as an error.
@@ -63,14 +63,6 @@ def quiet_ray_internals() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
     for name in WORKER_QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-class HideOwnChoiceNotices(logging.Filter):
-    """For Ray Data's console (ray_data_logging.yaml): it warns, once per process, that progress bars
-    are off, which is this module's choice, not something for the user to fix."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(("Progress bars disabled", "Progress bars for operators disabled"))
 
 
 def _worker_env(dashboard_port: int) -> dict[str, str]:
