@@ -105,26 +105,32 @@ def dataloader_side(root: Path, transform, batch_size: int, cpus: int) -> Side:
     return Side("torchvision ImageFolder + DataLoader", lambda: iter(loader))
 
 
-def ray_datasets(cfg) -> dict:
+def reading_plan(cfg):
     from orchestrator.data.layout import index_dataset
     from orchestrator.data.transforms import augments_for
-    from orchestrator.distributed.datasets import SkipCounter, build_ray_datasets
+    from orchestrator.distributed.datasets import SkipCounter, training_data
 
-    return build_ray_datasets(index_dataset(cfg.data), augments_for(cfg.data, cfg.model.input_size),
-                              input_size=cfg.model.input_size, num_classes=cfg.model.num_classes, seed=cfg.seed,
-                              skip_counter=SkipCounter())
+    return training_data(index_dataset(cfg.data), augments_for(cfg.data, cfg.model.input_size),
+                         input_size=cfg.model.input_size, num_classes=cfg.model.num_classes, seed=cfg.seed,
+                         skip_counter=SkipCounter())
 
 
 def ray_side(cfg, batch_size: int) -> Side:
-    from orchestrator.distributed.datasets import iter_batches
+    """One Train worker's reading of successive epochs (each its own order and crops)."""
+    import itertools
 
-    train = ray_datasets(cfg)["train"]
-    return Side("ray.data pipeline (ours)", lambda: iter_batches(train, batch_size, device="cpu"))
+    from orchestrator.distributed.datasets import epoch_dataset, iter_batches
+
+    data, epochs = reading_plan(cfg), itertools.count()
+    return Side("ray.data pipeline (ours)",
+                lambda: iter_batches(epoch_dataset(data, "train", next(epochs)), batch_size, device="cpu"))
 
 
 def block_bytes(cfg) -> str:
     """Bytes per image in our blocks, measured on a block, against float32 CHW."""
-    block = ray_datasets(cfg)["val"].take_batch(1, batch_format="numpy")["image"]
+    from orchestrator.distributed.datasets import epoch_dataset
+
+    block = epoch_dataset(reading_plan(cfg), "val").take_batch(1, batch_format="numpy")["image"]
     float_bytes = block[0].size * 4
     return (f"bytes per image in blocks: {block[0].nbytes} ({block.dtype}, {block.shape[1:]}) vs {float_bytes} float32: "
             f"{float_bytes / block[0].nbytes:.0f}x smaller")

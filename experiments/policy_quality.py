@@ -414,7 +414,7 @@ def log_to_mlflow(results: dict, paths: list[Path], args, text: str) -> None:
 
 def one_shot(args, arch: str, seed: int, data: Path, fp_checkpoint: Path | None, cache: Path) -> tuple:
     """Indicators through the pipeline, then every one-shot measurement of this model and seed (cached)."""
-    checked = preflight(pipeline_config(args, arch, seed, data, fp_checkpoint))
+    checked = preflight(pipeline_config(args, arch, seed, data, fp_checkpoint), sweep=False)
     cfg, costs = checked.config, checked.costs
     dataset = checked.dataset or prepare_dataset(cfg.data)
     indicators_path = run_indicators(checked)

@@ -1,4 +1,7 @@
-"""User-facing errors: the CLI prints their message on one line and exits with status 2."""
+"""User-facing errors: the CLI prints their message on one line and exits with status 2.
+
+Layer-neutral: standard library only.
+"""
 
 
 class UserError(Exception):
@@ -19,3 +22,32 @@ class PipelineFailed(Exception):
 
 class Terminated(BaseException):
     """SIGTERM (e.g. `ray job stop`), raised like KeyboardInterrupt so open runs are closed KILLED. Exit 143."""
+
+
+# Attributes under which Ray keeps the exception a worker or task raised: RayTaskError.cause, Ray
+# Train's WorkerGroupError.worker_failures (rank -> error), ControllerError.controller_failure, and the
+# UserExceptionWithTraceback that wraps each worker's error.
+_RAY_WRAPPED = ("cause", "controller_failure", "_base_exc")
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError at the root of `error`, unwrapped from Ray's task and Train exceptions and
+    explicit `raise ... from` causes; None when the error is something else (a bug)."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        inner = [getattr(current, name) for name in _RAY_WRAPPED
+                 if isinstance(getattr(current, name, None), BaseException)]
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            inner += [failures[rank] for rank in sorted(failures) if isinstance(failures[rank], BaseException)]
+        # A RayTaskError raised by ray.get is also an instance of its cause's class; its text is a traceback.
+        if isinstance(current, UserError) and not inner:
+            return current
+        pending += inner
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+    return None

@@ -1,6 +1,8 @@
-"""Writing results that other processes read: each is built beside its final path and renamed onto it
-in one step (same filesystem, so the rename is atomic), so a reader never sees half a file or half a
-dataset, and an interrupted writer leaves the previous result (or nothing) behind.
+"""Files a command reads and writes. Results other processes read are built beside their final path
+and renamed onto it in one step (same filesystem, so the rename is atomic), so a reader never sees
+half a file or half a dataset, and an interrupted writer leaves the previous result (or nothing)
+behind. Inputs and outputs are checked before any work, with one line naming the path and what is
+wrong (missing, a directory, not readable, not writable).
 
 Layer-neutral: standard library only.
 """
@@ -14,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from orchestrator.errors import UserError
 
 
 def _umask() -> int:
@@ -54,3 +58,48 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, payload: object) -> None:
     write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
+
+
+def readable_file(path: str | Path, what: str) -> Path:
+    """`path` if it is a file this process can read; else a UserError naming `what` (e.g. "indicators
+    file") and why: not found, a directory, or not readable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the {what}'s path")
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{path}: {what} is not readable (permission denied); check its permissions")
+    return path
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable_directory(path: str | Path, key: str) -> Path:
+    """Checks, creating nothing, that `path` is a directory this process can write into, or one it
+    can create; else a UserError naming `key` (a config key or a flag) and the fix."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{key}: {path} is a file, not a directory; choose another path")
+    existing = _existing_ancestor(path)
+    if not existing.is_dir():
+        raise UserError(f"{key}: cannot create directory {path}: {existing} is a file; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key}: {existing} is not writable; choose a writable path")
+    return path
+
+
+def writable_file(path: str | Path, key: str) -> Path:
+    """Checks, creating nothing, that a file can be written at `path` (its directory exists or can
+    be created and is writable, and `path` is not a directory); else a UserError naming `key`."""
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise UserError(f"{key}: {path} is a directory; give a file path")
+    writable_directory(path.parent, key)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{key}: {path} is not writable; choose another path")
+    return path

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
-from orchestrator.fileio import write_json_atomic
+from orchestrator.fileio import readable_file, write_json_atomic
 
 INDICATORS_FORMAT = "limpq-indicators/v1"
 KINDS = ("weight", "act")
@@ -118,13 +118,11 @@ def _from_v1(raw: dict[str, Any]) -> Indicators:
 
 def load_indicators(path: str | Path) -> Indicators:
     """Our JSON v1, the published dict JSON, or the published pickle (plain data only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: indicators file not found")
+    path = readable_file(path, "indicators file")
     head = path.read_bytes()[:64].lstrip()
-    if head.startswith(b"{"):
+    if path.suffix.lower() == ".json" or head.startswith((b"{", b"[", b"\xef\xbb\xbf")):
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8-sig"))
         except (ValueError, UnicodeDecodeError) as error:
             raise UserError(f"{path}: not valid JSON ({error})") from None
     else:

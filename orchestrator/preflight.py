@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torchvision import models
@@ -31,9 +33,13 @@ from orchestrator.data.layout import (
     index_dataset,
 )
 from orchestrator.data.storage import check_storage_uri
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, InfeasibleError, UserError
+from orchestrator.fileio import readable_file
+from orchestrator.indicators import Indicators
 from orchestrator.modelinfo import build_model
+from orchestrator.redact import redact
 from orchestrator.search.costs import CostTable, cost_table
+from orchestrator.search.ilp import Searcher
 from orchestrator.search.latency import load_latency_table
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 
@@ -50,20 +56,26 @@ class CheckedConfig:
     dataset: DatasetIndex | None  # None: the digits demo is built when the run starts
 
 
-def preflight(cfg: PipelineConfig, *, cluster_resources: dict[str, float] | None = None) -> CheckedConfig:
+def preflight(cfg: PipelineConfig, *, sweep: bool = True,
+              cluster_resources: dict[str, float] | None = None) -> CheckedConfig:
     """Raise ConfigError/UserError (one line: key, problem, fix) for the first problem found.
 
+    `sweep`: the command runs the budget sweep (`limpq run`, and `limpq config validate`, which checks
+    what `limpq run` would), so it needs budgets that some policy can meet.
     `cluster_resources`: the most CPU/GPU the cluster can ever offer, from
     `orchestrator.distributed.capacity.cluster_capacity()` after connecting to a cluster; None when
     unknown (no cluster yet, or an autoscaler without a fixed maximum), which skips that check.
     """
     _check_recipes(cfg)
     _check_bits(cfg)
-    _check_gpu(cfg)
+    _check_resources(cfg)
+    _check_services(cfg)
     if cluster_resources is not None:
         check_cluster_resources(cfg, cluster_resources)
     costs = _check_model(cfg)
     _check_latency(cfg, costs)
+    if sweep:
+        _check_budgets(cfg, costs)
     dataset = _check_data(cfg)
     _check_storage(cfg)
     return CheckedConfig(cfg, costs, dataset)
@@ -115,7 +127,16 @@ def _check_bits(cfg: PipelineConfig) -> None:
                               "indicators.bits or drop them")
 
 
-def _check_gpu(cfg: PipelineConfig) -> None:
+def _check_resources(cfg: PipelineConfig) -> None:
+    """What the workers ask for exists: CPUs on this machine for the local Ray, CUDA for GPU workers."""
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        # the embedded local Ray: its Train workers run on this machine's cores
+        cores = os.cpu_count() or 1
+        wanted = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+        if wanted > cores:
+            raise ConfigError(f"ray.cpus_per_worker: {cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} CPUs "
+                              f"need {wanted:g} CPUs, but the local Ray runs on this machine's {cores}; lower "
+                              "ray.cpus_per_worker or ray.num_workers, or give a cluster (ray.address)")
     if not cfg.ray.use_gpu:
         return
     if cfg.ray.gpus_per_worker == 0:
@@ -125,6 +146,43 @@ def _check_gpu(cfg: PipelineConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("ray.use_gpu: true, but this machine has no CUDA device and no cluster is given "
                               "(ray.address or RAY_ADDRESS); set ray.use_gpu: false or run on a GPU cluster")
+
+
+# ------------------------------------------------------------------------------ services
+
+SERVICE_TIMEOUT_S = 10
+
+
+def _check_services(cfg: PipelineConfig) -> None:
+    """The MLflow tracking server and the Ray cluster the run will use answer, within seconds: a
+    server that is down would otherwise be retried for minutes after work has started."""
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    key = "mlflow.tracking_uri" if cfg.mlflow.tracking_uri else "MLFLOW_TRACKING_URI"
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVICE_TIMEOUT_S) as response:
+                response.read()
+        except urllib.error.HTTPError as error:  # it answers: up, perhaps behind an auth proxy
+            if error.code >= 500:
+                raise ConfigError(f"{key}: the MLflow server at {redact(uri)} answers {error.code} "
+                                  f"{error.reason}; check the server's log") from None
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise ConfigError(f"{key}: no MLflow server answers at {redact(uri)} ({reason}); start it "
+                              "(cluster/local-up.sh starts one) or fix the URI") from None
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or ""
+    key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+    if address and address not in ("auto", "local"):
+        target = address.removeprefix("ray://")
+        host, _, port = target.rpartition(":")
+        if "://" in target or not host or not port.isdigit():
+            raise ConfigError(f"{key}: {address!r} is not a Ray cluster address; give HOST:PORT of its GCS (e.g. "
+                              "127.0.0.1:6379), ray://HOST:PORT for Ray Client, or auto")
+        try:
+            socket.create_connection((host, int(port)), timeout=SERVICE_TIMEOUT_S).close()
+        except OSError as error:
+            raise ConfigError(f"{key}: no Ray cluster answers at {address} ({error.strerror or error}); start it "
+                              "(ray start --head, cluster/local-up.sh) or fix the address") from None
 
 
 def check_cluster_resources(cfg: PipelineConfig, capacity: dict[str, float]) -> None:
@@ -168,10 +226,11 @@ def _check_fp_source(cfg: PipelineConfig) -> None:
             raise ConfigError(f"fp.weights: {cfg.fp.weights!r} are not weights of {cfg.model.arch}; "
                               f"choose one of {', '.join(allowed) or '(none published)'}")
     elif cfg.fp.source == "checkpoint":
-        path = Path(cfg.fp.checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"fp.checkpoint: file not found: {path}; give the path of a torch checkpoint")
-        payload = load_checkpoint(path)  # weights_only: reads tensors, never runs code
+        try:
+            path = readable_file(cfg.fp.checkpoint, "torch checkpoint")
+            payload = load_checkpoint(path)  # weights_only: reads tensors, never runs code
+        except UserError as error:
+            raise ConfigError(f"fp.checkpoint: {error}") from None
         arch = payload["meta"].get("arch", cfg.model.arch)
         if arch != cfg.model.arch:
             raise ConfigError(f"fp.checkpoint: {path} holds a {arch}, but model.arch is {cfg.model.arch}")
@@ -211,9 +270,10 @@ def _check_latency(cfg: PipelineConfig, costs: CostTable) -> None:
                               "(CSV or JSON rows: layer, wbits, abits, ms)")
     if not table_path:
         return
-    if not Path(table_path).is_file():
-        raise ConfigError(f"search.latency_table: file not found: {table_path}")
-    table = load_latency_table(table_path)
+    try:
+        table = load_latency_table(table_path)
+    except UserError as error:
+        raise ConfigError(f"search.latency_table: {error}") from None
     layer_names = {layer.name for layer in (*costs.searchable, *costs.fixed)}
     unknown = sorted({layer for layer, _, _ in table if layer not in layer_names})
     if unknown:
@@ -226,6 +286,26 @@ def _check_latency(cfg: PipelineConfig, costs: CostTable) -> None:
         examples = ", ".join(f"{name} W{w}A{a}" for name, w, a in missing[:3])
         raise ConfigError(f"search.latency_table: {table_path} lacks {len(missing)} (layer, wbits, abits) entries "
                           f"the search needs, e.g. {examples}")
+
+
+def _check_budgets(cfg: PipelineConfig, costs: CostTable) -> None:
+    """Every budget can be met by some policy over the candidate bit-widths: the search's own ILP,
+    solved with indicators that exclude no entry, on the model's cost table. Trained indicators can
+    only exclude entries, so a budget refused here can never be met; one accepted here fails after
+    training only if the indicators exclude every policy that meets it."""
+    if not cfg.search.budgets:
+        raise ConfigError("search.budgets: empty, so the sweep has no budget to search; add at least one, e.g. "
+                          "{target_wbits: 4, target_abits: 4} (`limpq indicators train` trains indicators alone)")
+    bits = cfg.indicators.bits
+    steps = {name: {b: 2.0 ** -b for b in bits} for name in costs.names}  # any indicators that grow as b falls
+    searcher = Searcher(Indicators(cfg.model.arch, bits, costs.names, steps, steps), costs, cfg.search.wbits,
+                        cfg.search.abits, cfg.search.alpha, cfg.search.latency_table)
+    for index, budget in enumerate(cfg.search.budgets):
+        try:
+            searcher.solve(budget)
+        except InfeasibleError as error:
+            raise ConfigError(f"search.budgets[{index}] ({budget.label()}): {error}; no policy can meet it, so "
+                              "loosen it or add lower bit-widths to indicators.bits") from None
 
 
 # ------------------------------------------------------------------------------ data
@@ -242,6 +322,11 @@ def _check_data(cfg: PipelineConfig) -> DatasetIndex | None:
     for stage, recipe in _training_stages(cfg):
         samples = index.count("train", recipe.train_fraction, cfg.seed)
         share = samples // workers
+        if share == 0:
+            raise ConfigError(
+                f"ray.num_workers: {workers} workers share the {samples} images of the {stage} training set "
+                f"({stage}.train_fraction {recipe.train_fraction:g}), so some get none; lower ray.num_workers to "
+                f"{max(samples, 1)} or less, or raise {stage}.train_fraction")
         if share < batch:
             raise ConfigError(
                 f"data.batch_size: {batch} is more than a worker's share of the {stage} training set ({samples} "

@@ -3,8 +3,9 @@
 A stage is skipped when MLflow holds a finished run with its key, so the key must change exactly
 when the output would: it covers the stage's settings and the *content identity* of what it reads
 (the FP checkpoint's and latency table's digests, a fingerprint of the dataset's file listing), and
-the key of the stage before it. It never covers where things are (absolute paths, the job's
-per-upload working directory), nor how the work is spread (Ray resources), nor where it is logged.
+the key of the stage before it, and the settings that change numerics (`ray.bf16`). It never covers
+where things are (absolute paths, the job's per-upload working directory), nor how the work is
+spread (Ray resources), nor where it is logged.
 
 Layer-neutral: no Ray, no MLflow.
 """
@@ -33,6 +34,11 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# Settings under `ray` say where work runs, except these, which change what training computes: they
+# are in the stage keys and MLflow params, not placement tags.
+NUMERICS_KEYS = ("ray.bf16",)
+
+
 @dataclass(frozen=True)
 class StageKeys:
     fp: str
@@ -54,14 +60,16 @@ def stage_keys(cfg: PipelineConfig, dataset_fingerprint: dict) -> StageKeys:
         fp_payload = {"model": settings["model"], "fp": fp_settings, "seed": cfg.seed}
     data_settings = {k: v for k, v in settings["data"].items() if k not in ("path", "demo")}
     data_identity = {"settings": data_settings, "fingerprint": dataset_fingerprint}
+    # They join the payloads only when set, so the keys of runs without them stay as they were.
+    numerics = {"bf16": True} if cfg.ray.bf16 else {}
     if cfg.fp.source == "train":
-        fp_payload["data"] = data_identity
+        fp_payload.update(data=data_identity, **numerics)
     fp = _hash(fp_payload)
     indicators = _hash({"fp": fp, "indicators": settings["indicators"], "data": data_identity, "seed": cfg.seed,
-                        "model": settings["model"]})
+                        "model": settings["model"], **numerics})
     search_settings = dict(settings["search"])
     if cfg.search.latency_table:
         search_settings["latency_table"] = file_digest(cfg.search.latency_table)
     sweep = _hash({"indicators": indicators, "search": search_settings, "finetune": settings["finetune"],
-                   "seed": cfg.seed})
+                   "seed": cfg.seed, **numerics})
     return StageKeys(fp=fp, indicators=indicators, sweep=sweep)

@@ -63,14 +63,19 @@ def datasets_of(cfg: PipelineConfig, train_fraction: float = 1.0) -> tuple[Encod
                           cfg.model.num_classes, cfg.seed, train_fraction)
 
 
-def ray_datasets_of(cfg: PipelineConfig, counter, train_fraction: float = 1.0) -> dict:
-    """The ray.data {"train", "val"} datasets of `cfg` with `counter` (a SkipCounter), as a Train
-    stage builds them."""
+def ray_training_data(cfg: PipelineConfig, counter, train_fraction: float = 1.0):
+    """The ray.data reading plan of `cfg` with `counter` (a SkipCounter), as a Train stage builds it."""
     from orchestrator.data.transforms import augments_for
-    from orchestrator.distributed.datasets import (
-        build_ray_datasets,  # Ray: only the Ray tests load it
-    )
+    from orchestrator.distributed.datasets import training_data  # Ray: only the Ray tests load it
 
-    return build_ray_datasets(prepare_dataset(cfg.data), augments_for(cfg.data, cfg.model.input_size),
-                              input_size=cfg.model.input_size, num_classes=cfg.model.num_classes, seed=cfg.seed,
-                              skip_counter=counter, train_fraction=train_fraction)
+    return training_data(prepare_dataset(cfg.data), augments_for(cfg.data, cfg.model.input_size),
+                         input_size=cfg.model.input_size, num_classes=cfg.model.num_classes, seed=cfg.seed,
+                         skip_counter=counter, train_fraction=train_fraction)
+
+
+def ray_datasets_of(cfg: PipelineConfig, counter, train_fraction: float = 1.0, epoch: int = 0) -> dict:
+    """{"train", "val"}: one worker's ray.data datasets of `cfg` in `epoch`."""
+    from orchestrator.distributed.datasets import epoch_dataset
+
+    data = ray_training_data(cfg, counter, train_fraction)
+    return {split: epoch_dataset(data, split, epoch) for split in ("train", "val")}

@@ -14,11 +14,12 @@ from data_fixtures import (
     data_config,
     datasets_of,
     ray_datasets_of,
+    ray_training_data,
     write_tiny_folder,
 )
 
 from orchestrator.data.convert import folder_to_parquet
-from orchestrator.distributed.datasets import SkipCounter, dataset_config, iter_batches
+from orchestrator.distributed.datasets import SkipCounter, iter_batches
 from orchestrator.errors import UserError
 
 
@@ -92,8 +93,9 @@ def write_parquet_with_corrupt_rows(folder: Path, out: Path) -> None:
 
 
 def test_new_order_every_epoch_same_samples(layouts):
-    train = ray_datasets_of(data_config(layouts["folder"]), SkipCounter())["train"]
-    first, second = epoch_labels(train), epoch_labels(train)
+    cfg = data_config(layouts["folder"])
+    first = epoch_labels(ray_datasets_of(cfg, SkipCounter(), epoch=0)["train"])
+    second = epoch_labels(ray_datasets_of(cfg, SkipCounter(), epoch=1)["train"])
     assert first != second
     assert Counter(first) == Counter(second)
 
@@ -121,19 +123,32 @@ def first_batch(dataset, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tenso
 
 
 @pytest.mark.parametrize("fmt", ["folder", "parquet"])
-def test_same_seed_same_batches_each_epoch(layouts, fmt):
-    """Two executions with one seed: identical first batches in epoch 1 and in epoch 2 (order and
-    random crops), and epoch 2 differs from epoch 1."""
-    runs = []
-    for _ in range(2):
-        train = ray_datasets_of(data_config(layouts[fmt], fmt), SkipCounter())["train"]
-        runs.append([first_batch(train), first_batch(train)])
-    (epoch1, epoch2), (again1, again2) = runs
-    for ours, theirs in ((epoch1, again1), (epoch2, again2)):
-        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
-    assert not torch.equal(epoch1[0], epoch2[0])
-    other_seed = ray_datasets_of(data_config(layouts[fmt], fmt).model_copy(update={"seed": 1}), SkipCounter())["train"]
-    assert not torch.equal(first_batch(other_seed)[0], epoch1[0])
+def test_an_epochs_batches_depend_on_seed_and_epoch_alone(layouts, fmt):
+    """Epoch 2 read fresh (as a run resumed at epoch 2 reads it) gives the batches epoch 2 gives after
+    epoch 1 (order and random crops): nothing depends on what was executed before. Epoch 2 differs
+    from epoch 1, and another seed differs."""
+    cfg = data_config(layouts[fmt], fmt)
+    uninterrupted = [first_batch(ray_datasets_of(cfg, SkipCounter(), epoch=epoch)["train"]) for epoch in (0, 1)]
+    resumed = first_batch(ray_datasets_of(cfg, SkipCounter(), epoch=1)["train"])
+    assert torch.equal(uninterrupted[1][0], resumed[0]) and torch.equal(uninterrupted[1][1], resumed[1])
+    assert not torch.equal(uninterrupted[0][0], uninterrupted[1][0])
+    other_seed = ray_datasets_of(cfg.model_copy(update={"seed": 1}), SkipCounter(), epoch=0)["train"]
+    assert not torch.equal(first_batch(other_seed)[0], uninterrupted[0][0])
+
+
+def test_workers_split_each_epoch_without_overlap(layouts):
+    """Two workers' shares of an epoch: disjoint, together every readable image, alike in size."""
+    from orchestrator.distributed.datasets import epoch_dataset
+
+    def samples(dataset) -> Counter:  # one checksum per image: an image's crop depends on (seed, epoch, key) only
+        return Counter(round(float(image.double().sum()), 3) for images, _ in iter_batches(dataset, 8, device="cpu")
+                       for image in images)
+
+    data = ray_training_data(data_config(layouts["folder"]), SkipCounter())
+    shares = [samples(epoch_dataset(data, "train", 1, rank, 2)) for rank in (0, 1)]
+    sizes = [share.total() for share in shares]
+    assert abs(sizes[0] - sizes[1]) <= 2 and sum(sizes) == 3 * 16  # 50 files dealt 25 / 25, 2 of them unreadable
+    assert shares[0] + shares[1] == samples(epoch_dataset(data, "train", 1))
 
 
 def test_blocks_hold_uint8_and_batches_match_the_float_transforms(layouts):
@@ -151,38 +166,3 @@ def test_blocks_hold_uint8_and_batches_match_the_float_transforms(layouts):
     ordered = torch.stack([expected[key] for key in sorted(expected)])  # val is read in sorted key order
     assert torch.allclose(images, ordered, atol=1e-5)
     assert labels.tolist() == [in_process_val.labels[in_process_val.keys.index(key)] for key in sorted(expected)]
-
-
-@pytest.mark.slow
-def test_train_worker_sees_the_same_batches_with_the_same_seed(layouts, tmp_path):
-    """Under Ray Train (streaming_split, Train's own ingest options): one worker's first batch of
-    epochs 1 and 2 repeats across runs with one seed, and differs between the epochs."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    def loop(config):
-        import json
-
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
-        seen = []
-        for _ in range(2):
-            images, labels = next(iter_batches(shard, 8, device="cpu"))
-            seen.append([labels.tolist(), float(images.double().sum())])
-        Path(config["out"]).write_text(json.dumps(seen))
-
-    def first_batches(run: int) -> list:
-        import json
-
-        datasets = ray_datasets_of(data_config(layouts["folder"]), SkipCounter())
-        out = tmp_path / f"batches-{run}.json"
-        TorchTrainer(loop, train_loop_config={"out": str(out)},
-                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                     datasets={"train": datasets["train"]}, dataset_config=dataset_config(),
-                     run_config=RunConfig(name=f"seeded-{run}", storage_path=str(tmp_path))).fit()
-        return json.loads(out.read_text())
-
-    first, second = first_batches(0), first_batches(1)
-    assert first == second and len(first) == 2
-    assert first[0] != first[1]

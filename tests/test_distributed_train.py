@@ -53,7 +53,7 @@ def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: P
         "calls == 4 and __import__('ray').train.get_context().get_world_rank() == 0", marker, action="exit"))
     ray.init(address="local", num_cpus=4, include_dashboard=False)
 
-    out = run_indicators(preflight(cfg))
+    out = run_indicators(preflight(cfg, sweep=False))
 
     assert marker.exists(), "the fault was not injected"
     document = json.loads(out.read_text())
@@ -78,9 +78,44 @@ def test_two_workers_survive_a_killed_worker_and_skip_corrupt_images(tmp_path: P
 
 def test_rerun_skips_finished_stages(tmp_path: Path, digits: Path) -> None:
     cfg = _config(tmp_path, digits, indicators={"epochs": 1, "lr": 0.02}, ray={"num_workers": 1})
-    first = run_indicators(preflight(cfg)).read_text()
+    first = run_indicators(preflight(cfg, sweep=False)).read_text()
     shutil.rmtree(cfg.run_dir)  # outputs come back from MLflow, not from a second training
-    assert run_indicators(preflight(cfg)).read_text() == first
+    assert run_indicators(preflight(cfg, sweep=False)).read_text() == first
     tracker = Tracker.from_config(cfg)
     runs = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
     assert len(runs) == 1
+
+
+@pytest.mark.timeout(1800)  # two indicator stages
+def test_a_resumed_run_reads_and_learns_what_an_uninterrupted_one_does(tmp_path: Path, digits_slice: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker, two indicator epochs: a run whose worker dies at the second step of epoch 2 and that
+    resumes from the epoch-1 checkpoint reads epoch 2's batches as an uninterrupted run does (the same
+    order and crops, not epoch 1's again), so its epoch-2 losses and final weights are the same."""
+    import torch
+
+    from orchestrator.train.checkpoint import load_checkpoint
+
+    marker = tmp_path / "crashed-once"
+    # 80 images in batches of 16: 5 steps an epoch, so the 7th call is epoch 2's second step (first run only)
+    monkeypatch.setenv("PYTHONPATH", fail_once(tmp_path / "faults", "orchestrator.distributed.train",
+                                               "_every_worker_has_batch", "calls == 7", marker, action="exit"))
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    runs = {}
+    for name in ("resumed", "uninterrupted"):  # the fault fires once, in the first
+        cfg = _config(tmp_path / name, digits_slice, indicators={"epochs": 2, "lr": 0.005},
+                      ray={"num_workers": 1, "max_failures": 1})
+        runs[name] = (cfg, run_indicators(preflight(cfg, sweep=False)))
+    assert marker.exists(), "the fault was not injected"
+    (resumed_cfg, resumed_out), (straight_cfg, straight_out) = runs["resumed"], runs["uninterrupted"]
+    resumed_state = load_checkpoint(resumed_out.parent / "joint.pt")["model"]
+    straight_state = load_checkpoint(straight_out.parent / "joint.pt")["model"]
+    assert resumed_state.keys() == straight_state.keys()
+    assert all(torch.equal(resumed_state[key], straight_state[key]) for key in straight_state)
+
+    def losses(cfg: PipelineConfig) -> dict[int, float]:
+        tracker = Tracker.from_config(cfg)
+        [run] = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
+        return {m.step: m.value for m in tracker.client.get_metric_history(run.info.run_id, "loss_w4")}
+
+    assert losses(resumed_cfg) == losses(straight_cfg) and set(losses(straight_cfg)) == {1, 2}

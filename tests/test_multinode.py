@@ -225,7 +225,7 @@ def test_indicator_workers_span_two_nodes_and_survive_losing_one(
     killer = threading.Thread(target=kill_a_worker_node_after_the_first_checkpoint, daemon=True)
     killer.start()
     started = time.monotonic()
-    indicators = run_indicators(preflight(cfg))
+    indicators = run_indicators(preflight(cfg, sweep=False))
     seconds = time.monotonic() - started
     killer.join(timeout=5)
 

@@ -93,7 +93,7 @@ BAD_VALUES = [
     ("finetune.nesterov", True, None),  # momentum 0.9 by default: fine (control)
     ("ray.use_gpu", True, None),  # gpus_per_worker 0 is added below
     ("data.batch_size", 32, "data.batch_size: 32 is more than a worker's share of the fp training set"),
-    ("search.latency_table", "missing.csv", "search.latency_table: file not found: missing.csv"),
+    ("search.latency_table", "missing.csv", "search.latency_table: missing.csv: latency table not found"),
     ("search.budgets", [{"latency_ms": 5}], "search.budgets[0].latency_ms: a latency budget needs search.latency_table"),
     ("search.budgets", [{"name": "W3/A3", "bitops_g": 1}], "search.budgets[0].name: name 'W3/A3' may only hold"),
     ("search.budgets", [{"target_wbits": 3, "target_abits": 3}, {"bitops_g": 1, "name": "W3A3"}],
@@ -101,7 +101,7 @@ BAD_VALUES = [
     ("name", "my/run", "name: 'my/run' may only hold letters"),
     ("data.path", "nowhere", "data.path: dataset path does not exist: "),
     ("model.num_classes", 5, "has labels 0..9 but model.num_classes is 5; set model.num_classes: 10"),
-    ("fp.source", "checkpoint", "fp.checkpoint: file not found: missing.pt"),
+    ("fp.source", "checkpoint", "fp.checkpoint: missing.pt: torch checkpoint not found"),
     ("fp.source", "torchvision", "fp.weights: 'ResNet50_Weights.IMAGENET1K_V1' are not weights of resnet18"),
 ]
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from orchestrator.console import setup_console
-from orchestrator.errors import PipelineFailed, Terminated, UserError
+from orchestrator.errors import PipelineFailed, Terminated, user_error_in
 
 COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate")
 
@@ -39,38 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Attributes under which Ray keeps the exception a worker or task raised: RayTaskError.cause, Ray
-# Train's WorkerGroupError.worker_failures (rank -> error), ControllerError.controller_failure, and the
-# UserExceptionWithTraceback that wraps each worker's error.
-_RAY_WRAPPED = ("cause", "controller_failure", "_base_exc")
-
-
-def user_error_in(error: BaseException) -> UserError | None:
-    """The UserError at the root of `error`, unwrapped from Ray's task and Train exceptions and
-    explicit `raise ... from` causes; None when the error is something else (a bug)."""
-    pending, seen = [error], set()
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        inner = [getattr(current, name) for name in _RAY_WRAPPED
-                 if isinstance(getattr(current, name, None), BaseException)]
-        failures = getattr(current, "worker_failures", None)
-        if isinstance(failures, dict):
-            inner += [failures[rank] for rank in sorted(failures) if isinstance(failures[rank], BaseException)]
-        # A RayTaskError raised by ray.get is also an instance of its cause's class; its text is a traceback.
-        if isinstance(current, UserError) and not inner:
-            return current
-        pending += inner
-        if current.__cause__ is not None:
-            pending.append(current.__cause__)
-    return None
-
-
 def run_reporting_errors(command: Callable[[], int | None]) -> int:
     """Run a command as the console script does: a UserError, also one raised inside a Ray worker,
-    is one line on stderr and exit status 2; anything else keeps its traceback (it is a bug)."""
+    and an OS error about a file (permissions, a read-only place, a full disk) are one line on stderr
+    and exit status 2; anything else keeps its traceback (it is a bug)."""
     try:
         return int(command() or 0)
     except PipelineFailed as error:
@@ -85,6 +57,12 @@ def run_reporting_errors(command: Callable[[], int | None]) -> int:
     except Terminated as stop:
         print(f"limpq: {stop}", file=sys.stderr)
         return 143
+    except OSError as error:
+        if error.filename is None:  # not about a file the user named (a network error, a bug): keep the traceback
+            raise
+        # a path the user gave cannot be read or written (permissions, a read-only place, a full disk)
+        print(f"limpq: error: {error.filename}: {error.strerror or error}", file=sys.stderr, flush=True)
+        return 2
     except Exception as error:
         user_error = user_error_in(error)
         if user_error is None:

@@ -20,7 +20,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    checked = load_config_from_args(args)
+    checked = load_config_from_args(args, sweep=False)
     check_cluster(checked.config)
     from orchestrator.distributed.pipeline import run_indicators
 

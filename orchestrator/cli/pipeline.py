@@ -26,13 +26,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = Tr
                              "list items by index: search.budgets.0.name=x)")
 
 
-def load_config_from_args(args: argparse.Namespace, path: str | None = None) -> CheckedConfig:
+def load_config_from_args(args: argparse.Namespace, path: str | None = None, sweep: bool = True) -> CheckedConfig:
     """The config of `--config` (or `path`) with the `--set` overrides, through the whole preflight
     check: every mistake knowable before training is a one-line ConfigError here, before Ray starts
-    or an MLflow run exists."""
+    or an MLflow run exists. `sweep`: the command runs the budget sweep (its budgets are checked)."""
     from orchestrator.preflight import preflight
 
-    return preflight(load_config(path or args.config, parse_overrides(args.overrides)))
+    return preflight(load_config(path or args.config, parse_overrides(args.overrides)), sweep=sweep)
 
 
 def check_cluster(cfg: PipelineConfig) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from orchestrator.config.schema import Budget
 from orchestrator.errors import UserError
+from orchestrator.fileio import writable_directory, writable_file
 from orchestrator.indicators import load_indicators
 from orchestrator.search.costs import cost_table
 from orchestrator.search.ilp import Searcher
@@ -26,6 +28,7 @@ from orchestrator.search.sweep import (
     solve_budgets,
 )
 
+MAX_SWEEP_POINTS = 10_000  # a sweep of this many budgets takes about a minute
 SWEEP_HELP = """\
 sweeps (each point is solved in-process; --out-dir gets one policy per point and sweep.csv):
   --sweep-wa 2,2 3,3 3,4          uniform-W/A BitOps budgets
@@ -39,6 +42,20 @@ every point unless that constraint is swept. An infeasible point is a row of swe
 BitOps budgets count searchable layers only (SPEC 1.5); reports add the fixed layers at 8x8 bits.
 MB are 2^20 bytes, as in the published search script.
 """
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= `low` (a usage error, exit 2, otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
 
 
 def _budget_fields(args: argparse.Namespace) -> dict:
@@ -96,6 +113,10 @@ def _print_table(policy, costs) -> None:
 
 def _search(args: argparse.Namespace) -> int:
     axes = _sweep_axes(args)
+    points = math.prod(len(values) for values in axes.values())
+    if points > MAX_SWEEP_POINTS:
+        raise UserError(f"the sweep asks for {points:,} budgets (the product of its axes); at most "
+                        f"{MAX_SWEEP_POINTS:,} are solved in one command: use fewer values per axis")
     if axes and not args.out_dir:
         raise UserError("--out-dir: a sweep writes one policy per budget there; give a directory")
     if not axes and args.out_dir:
@@ -104,6 +125,12 @@ def _search(args: argparse.Namespace) -> int:
         raise UserError("--output/--export-yaml/--export-nncf write one policy; a sweep writes to --out-dir")
     if args.latency_budget is not None and not args.latency_table:
         raise UserError("--latency-budget needs --latency-table FILE")
+    budget = None if axes else _make_budget(_budget_fields(args))  # a sweep's budgets are checked as it expands them
+    for flag, path in (("--output", args.output), ("--export-yaml", args.export_yaml), ("--export-nncf", args.export_nncf)):
+        if path:
+            writable_file(path, flag)
+    if args.out_dir:
+        writable_directory(args.out_dir, "--out-dir")
     indicators = load_indicators(args.indicators)
     model = args.model or indicators.model
     if not model:
@@ -115,7 +142,7 @@ def _search(args: argparse.Namespace) -> int:
     provenance = {"indicators": args.indicators}
     if axes:
         return _sweep(args, searcher, axes, provenance)
-    policy = searcher.solve(_make_budget(_budget_fields(args)))
+    policy = searcher.solve(budget)
     policy.provenance.update(provenance)
     if args.output:
         save_policy(policy, args.output)
@@ -166,8 +193,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--indicators", required=True, metavar="PATH",
                         help="indicators: our JSON, the published dict JSON, or the published pickle")
     parser.add_argument("--model", help="torchvision model name (default: the one the indicators name)")
-    parser.add_argument("--input-size", type=int, default=224, metavar="N", help="input resolution for MACs (224)")
-    parser.add_argument("--num-classes", type=int, default=1000, metavar="N", help="classifier outputs (1000)")
+    parser.add_argument("--input-size", type=_at_least(8), default=224, metavar="N", help="input resolution for MACs (224)")
+    parser.add_argument("--num-classes", type=_at_least(2), default=1000, metavar="N", help="classifier outputs (1000)")
     parser.add_argument("--bits", type=int, nargs="+", metavar="B",
                         help="candidate bit-widths for weights and activations (default: the indicators' bits)")
     parser.add_argument("--wbits", type=int, nargs="+", metavar="B", help="weight candidates (refines --bits)")

@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, UserError
+from orchestrator.fileio import readable_file
 
 
 def _format_error(source: str, error: ValidationError, overridden: tuple[str, ...] = ()) -> str:
@@ -78,9 +79,10 @@ def _load_yaml(text: str, name: str) -> Any:
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A config file as a dict: UTF-8, valid YAML, a mapping at the top, no key given twice."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    try:
+        path = readable_file(path, "config file")
+    except UserError as error:
+        raise ConfigError(str(error)) from None
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")

@@ -31,6 +31,11 @@ def storable_name_problem(name: str) -> str | None:
     return None
 
 
+def budget_alias(label: str) -> str:
+    """The registered-model alias of a budget label (aliases allow letters, digits, '-' and '_')."""
+    return "budget-" + re.sub(r"[^a-z0-9_-]+", "-", label.lower()).strip("-")
+
+
 def uniform_label(bits: int) -> str:
     """The sweep label of the uniform W{bits}A{bits} baseline."""
     return f"uniform-W{bits}A{bits}"
@@ -127,12 +132,12 @@ class Budget(_Section):
     name: str | None = None
     target_wbits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS)
     target_abits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS)
-    bitops_g: float | None = Field(None, gt=0)
-    compression_ratio: float | None = Field(None, gt=0)
-    size_mb: float | None = Field(None, gt=0)
-    latency_ms: float | None = Field(None, gt=0)
-    avg_wbits: float | None = Field(None, gt=0)
-    avg_abits: float | None = Field(None, gt=0)
+    bitops_g: float | None = Field(None, gt=0, allow_inf_nan=False)
+    compression_ratio: float | None = Field(None, gt=0, allow_inf_nan=False)
+    size_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    latency_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+    avg_wbits: float | None = Field(None, gt=0, allow_inf_nan=False)
+    avg_abits: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_constraint(self) -> Budget:
@@ -224,21 +229,28 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _storable_distinct_labels(self) -> PipelineConfig:
-        """Every budget and baseline label is a run name and a metric key: storable and distinct."""
-        labels: dict[str, str] = {}
+        """Every budget and baseline label is a run name, a metric key and a registry alias: storable,
+        and distinct as aliases (which ignore case and map other characters to '-'), or one trial
+        would take another's alias."""
+        labels: dict[str, tuple[str, str]] = {}  # alias -> (label, where)
         for index, budget in enumerate(self.search.budgets):
             key, label = f"search.budgets[{index}]", budget.label()
             problem = storable_name_problem(label)
             if problem:
                 which = "name" if budget.name else "generated label"
                 raise ValueError(f"{key}.name: {which} {label!r} {problem} (MLflow refuses it); give another `name`")
-            if label in labels:
-                raise ValueError(f"{key}: label {label!r} repeats {labels[label]}; give one of them a distinct `name`")
-            labels[label] = key
+            alias = budget_alias(label)
+            if alias in labels:
+                first, where = labels[alias]
+                same = "repeats" if first == label else f"and {first!r} of"
+                raise ValueError(f"{key}: label {label!r} {same} {where}" + ("" if first == label else
+                                 f" are one registry alias ({alias})") + "; give one of them a distinct `name`")
+            labels[alias] = (label, key)
         for bits in self.finetune.baselines:
-            if uniform_label(bits) in labels:
-                raise ValueError(f"{labels[uniform_label(bits)]}.name: {uniform_label(bits)!r} is the label of "
-                                 f"the finetune.baselines entry {bits}; rename the budget")
+            if budget_alias(uniform_label(bits)) in labels:
+                _, where = labels[budget_alias(uniform_label(bits))]
+                raise ValueError(f"{where}.name: {uniform_label(bits)!r} is the label of the finetune.baselines "
+                                 f"entry {bits}; rename the budget")
         return self
 
     def with_absolute_paths(self) -> PipelineConfig:

@@ -26,9 +26,15 @@ import pyarrow.parquet as pq
 
 from orchestrator.data.images import is_decodable
 from orchestrator.data.layout import SPLITS, list_classes, list_folder_split
-from orchestrator.data.storage import Location, bucket_exists, locate, storage_error
+from orchestrator.data.storage import (
+    Location,
+    bucket_exists,
+    locate,
+    locate_reachable,
+    storage_error,
+)
 from orchestrator.errors import UserError
-from orchestrator.fileio import replaced_on_success
+from orchestrator.fileio import replaced_on_success, writable_directory
 
 
 @dataclass
@@ -85,9 +91,11 @@ def _is_empty_or_missing(location: Location) -> bool:
 def folder_to_parquet(src: str | Path, dst: str | Path, shard_size: int = 1000, seed: int = 0,
                       workers: int = 1) -> dict[str, SplitReport]:
     """Write Parquet shards of `src/{train,val}` to `dst` (paths or URIs); refuses a non-empty `dst`."""
-    source, target = locate(src, "SRC"), locate(dst, "DST")
     if shard_size < 1:
-        raise UserError(f"shard size must be at least 1, got {shard_size}")
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    source, target = locate_reachable(src, "SRC"), locate_reachable(dst, "DST")
+    if target.is_local:
+        writable_directory(target.path, "DST")
     for split in SPLITS:
         if not (source / split).is_dir("SRC"):
             raise UserError(f"{source}: no {split}/ directory")

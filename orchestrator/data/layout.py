@@ -26,12 +26,19 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestrator.config.schema import DataConfig
 from orchestrator.data.demo import write_digits_dataset
-from orchestrator.data.storage import Location, bucket_exists, locate, storage_error
+from orchestrator.data.storage import (
+    Location,
+    bucket_exists,
+    locate,
+    locate_reachable,
+    storage_error,
+)
 from orchestrator.errors import UserError
 from orchestrator.redact import redact
 from orchestrator.seeds import derived_seed
@@ -59,7 +66,7 @@ class ParquetShard:
     location: Location
     size: int
     rows: int
-    label_range: tuple[int, int] | None  # (min, max) label, None for no rows
+    labels: frozenset[int]  # the labels its rows carry
 
 
 @dataclass(frozen=True)
@@ -72,9 +79,8 @@ class ParquetSplit:
         return sum(shard.rows for shard in self.shards)
 
     @property
-    def label_range(self) -> tuple[int, int] | None:
-        ranges = [shard.label_range for shard in self.shards if shard.label_range is not None]
-        return (min(low for low, _ in ranges), max(high for _, high in ranges)) if ranges else None
+    def labels(self) -> frozenset[int]:
+        return frozenset().union(*(shard.labels for shard in self.shards))
 
     def fingerprint_lines(self) -> list[str]:
         return [f"{shard.location.name}\t{shard.size}\t{shard.rows}" for shard in self.shards]
@@ -164,7 +170,7 @@ def index_dataset(data: DataConfig) -> DatasetIndex:
     """List the dataset at `data.path` once (every file of a folder dataset, every Parquet footer).
     A root, split, class directory or shard that is missing or unreadable is a one-line UserError
     naming `data.path` and the fix; reads no image."""
-    root = locate(data.path, KEY)
+    root = locate_reachable(data.path, KEY)
     if not root.exists(KEY):
         raise _missing_root(root)
     for split in SPLITS:
@@ -188,9 +194,21 @@ def check_dataset(index: DatasetIndex, num_classes: int) -> None:
         check_label_range((0, len(index.classes) - 1), num_classes, index.root / "train")
         return
     for split, listing in index.splits.items():
-        if listing.rows == 0:
-            raise UserError(f"{KEY}: the shards in {listing.location} hold no rows")
-        check_label_range(listing.label_range, num_classes, listing.location)
+        labels = listing.labels
+        if not labels:
+            raise UserError(f"{KEY}: the shards in {listing.location} hold no labelled rows")
+        check_label_range((min(labels), max(labels)), num_classes, listing.location)
+    # as in a folder dataset, where an empty class directory is refused: every class of train has rows
+    train, val = index.splits["train"].labels, index.splits["val"].labels
+    empty = sorted(set(range(max(train) + 1)) - train)
+    if empty:
+        raise UserError(f"{KEY}: {index.splits['train'].location} has no row of class {empty[0]} (labels 0.."
+                        f"{max(train)}{f', {len(empty)} classes empty' if len(empty) > 1 else ''}); add its rows or "
+                        "renumber the labels")
+    unknown = sorted(val - train)
+    if unknown:
+        raise UserError(f"{KEY}: {index.splits['val'].location} has rows of class {unknown[0]}, which train/ lacks; "
+                        "remove them or add the class to train/")
 
 
 def is_image_file(name: str) -> bool:
@@ -251,24 +269,9 @@ def _parquet_file(location: Location) -> pq.ParquetFile:
         raise UserError(f"{KEY}: {location} is not a readable Parquet file ({error})") from None
 
 
-def _label_range(parquet: pq.ParquetFile) -> tuple[int, int] | None:
-    """(min, max) label from the footer statistics where present (no data read), else from the
-    label column; None for no rows."""
-    column = parquet.schema_arrow.get_field_index("label")
-    stats = [parquet.metadata.row_group(i).column(column).statistics for i in range(parquet.metadata.num_row_groups)]
-    if all(s is not None and s.has_min_max for s in stats):
-        pairs = [(s.min, s.max) for s in stats]
-    else:
-        labels = parquet.read(columns=["label"]).column("label").to_pylist()
-        pairs = [(min(labels), max(labels))] if labels else []
-    if not pairs:
-        return None
-    return int(min(low for low, _ in pairs)), int(max(high for _, high in pairs))
-
-
 def list_parquet_split(split_dir: Location) -> ParquetSplit:
-    """The split's `.parquet` files, sorted, with their row counts and label ranges from the
-    footers; a shard without the required columns is an error."""
+    """The split's `.parquet` files, sorted, with their row counts (from the footers) and the labels
+    they hold (the label column, the only data read); a shard without the required columns is an error."""
     shards = []
     for info in split_dir.files(KEY):
         relative = split_dir.relative(info.path)
@@ -279,7 +282,9 @@ def list_parquet_split(split_dir: Location) -> ParquetSplit:
         missing = [column for column in PARQUET_REQUIRED_COLUMNS if column not in parquet.schema_arrow.names]
         if missing:
             raise UserError(f"{KEY}: {location} is missing column(s) {', '.join(missing)}")
-        shards.append(ParquetShard(location, info.size, parquet.metadata.num_rows, _label_range(parquet)))
+        labels = pc.unique(parquet.read(columns=["label"]).column("label")).to_pylist()
+        shards.append(ParquetShard(location, info.size, parquet.metadata.num_rows,
+                                   frozenset(int(label) for label in labels if label is not None)))
     if not shards:
         raise UserError(f"{KEY}: {split_dir} holds no .parquet shards")
     return ParquetSplit(split_dir, shards)

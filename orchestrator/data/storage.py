@@ -12,8 +12,8 @@ echoed: messages show `redact(uri)`.
 
 from __future__ import annotations
 
-import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +21,17 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from orchestrator.errors import UserError
+from orchestrator.fileio import writable_directory
 from orchestrator.redact import redact
 
 CREDENTIAL_VARIABLES = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+PROBE_SECONDS = 20
+SERVICE_HINTS = {
+    "s3": "the network, AWS_ENDPOINT_URL and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the "
+          "node's role)",
+    "gs": "the network and the credentials (GOOGLE_APPLICATION_CREDENTIALS or the node's service account)",
+    "hdfs": "the network and the namenode address",
+}
 
 
 def is_uri(path: str) -> bool:
@@ -102,6 +110,40 @@ def locate(path_or_uri: str | Path, key: str = "path") -> Location:
     return Location(filesystem, path.rstrip("/"), text.rstrip("/"))
 
 
+def locate_reachable(path_or_uri: str | Path, key: str) -> Location:
+    """`locate`, and for object storage one request (the location's info) answered within
+    PROBE_SECONDS: a service that does not answer (a wrong endpoint, a firewall, missing credentials
+    that make the SDK wait for a metadata service) is one line naming `key` instead of minutes of
+    silence. Later listings, which may take minutes on a large bucket, have no such deadline."""
+    if not is_uri(str(path_or_uri)):
+        return locate(path_or_uri, key)
+
+    def probe() -> Location:
+        location = locate(path_or_uri, key)
+        location.info(key)
+        return location
+
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["location"] = probe()
+        except BaseException as error:  # handed to the caller as it is
+            outcome["error"] = error
+
+    # A daemon thread: a call that never returns is left behind, not waited for at exit.
+    thread = threading.Thread(target=target, name=f"probe {key}", daemon=True)
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    if thread.is_alive():
+        scheme = str(path_or_uri).split("://", 1)[0]
+        hint = SERVICE_HINTS.get(scheme, "the network and the service's credentials")
+        raise UserError(f"{key}: no answer from {redact(str(path_or_uri))} within {PROBE_SECONDS} s; check {hint}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["location"]
+
+
 def storage_error(error: OSError, key: str, location: Location) -> UserError:
     """One line naming the key and the likely fix for a filesystem error on `location`."""
     message = str(error)
@@ -135,9 +177,9 @@ def check_storage_uri(uri: str, key: str = "ray.storage_path") -> None:
     exists or can be created (nothing is created), or an object-storage URI whose bucket exists and
     accepts the credentials for writing (one small probe object is written and deleted). Raises a
     one-line UserError naming `key` otherwise."""
-    location = locate(uri, key)
+    location = locate_reachable(uri, key)
     if location.is_local:
-        _check_local_writable(Path(location.path), key)
+        writable_directory(location.path, key)
         return
     if location.bucket and not bucket_exists(location, key):
         raise UserError(f"{key}: bucket '{location.bucket}' does not exist ({location}); create it or fix the URI")
@@ -148,13 +190,3 @@ def check_storage_uri(uri: str, key: str = "ray.storage_path") -> None:
         location.filesystem.delete_file(probe.path)
     except OSError as error:
         raise storage_error(error, key, location) from None
-
-
-def _check_local_writable(path: Path, key: str) -> None:
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{key}: cannot create directory {path}: {existing} is a file; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key}: {existing} is not writable; choose a writable path")

@@ -13,23 +13,18 @@ holds no GPU node yet is not refused:
 
 from __future__ import annotations
 
-import json
-
 import ray
-from ray._private import ray_constants
-from ray._private.state import state
-from ray.experimental.internal_kv import _internal_kv_get
+
+from orchestrator.distributed.compat import autoscaler_maximum, autoscaler_node_types
 
 
 def cluster_capacity() -> dict[str, float] | None:
     """Call after `ray.init()`; None when the cluster may grow or its kind is not known yet."""
     now = {key: float(value) for key, value in ray.cluster_resources().items()}
-    maximum = state.get_max_resources_from_cluster_config()
+    maximum = autoscaler_maximum()
     if maximum:
-        return {key: max(now.get(key, 0.0), float(maximum.get(key, 0))) for key in {*now, *maximum}}
-    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    report = json.loads(status).get("autoscaler_report") if status else None
-    node_types = (report or {}).get("node_type_mapping") or {}
+        return {key: max(now.get(key, 0.0), maximum.get(key, 0.0)) for key in {*now, *maximum}}
+    node_types = autoscaler_node_types()
     if node_types and all(node_type == f"node_{node_id}" for node_id, node_type in node_types.items()):
         return now
     return None

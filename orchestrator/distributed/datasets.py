@@ -1,24 +1,22 @@
-"""The ray.data input pipeline for Ray Train: folder or Parquet ImageNet layouts on a local disk or
-object storage (`s3://`, see `orchestrator.data.storage`), decoded, cropped and flipped in
+"""The ray.data input pipeline of the Train stages: folder or Parquet ImageNet layouts on a local disk
+or object storage (`s3://`, see `orchestrator.data.storage`), decoded, cropped and flipped in
 `map_batches` tasks into blocks of uint8 CHW images (`{"image": uint8 (N,3,H,W), "label": int64}`:
 3 bytes per pixel instead of float32's 12); `iter_batches` normalizes each batch to float32 on the
 consumer's device.
 
-Order and randomness are functions of (cfg.seed, epoch, sample), so the same config and seed give
-the same batches. Ray Train executes a dataset again each time a worker iterates its shard (once
-per epoch); Ray Data counts these executions (`DataContext._execution_idx`, the counter its own
-`FileShuffleConfig(reseed_after_execution=True)` uses) and ships that context to the map tasks, so
-the epoch is known inside them:
-- folders: the file list is shuffled with `FileShuffleConfig(seed)`, reseeded per execution (one
-  file is one image, so that is a full shuffle, free of any data movement); Parquet: shards are
-  shuffled the same way and rows are permuted inside every map batch by a generator seeded from
-  (seed, epoch, the batch's keys);
+Each Train worker reads its own share of each epoch: `epoch_dataset(data, split, epoch, rank,
+world)`. What it reads, in which order and with which random crops is a function of (seed, epoch,
+rank, world size) alone, never of how many times Ray Data executed something before, so a run that
+resumes from a checkpoint at epoch k reads exactly what an uninterrupted run reads in epoch k:
+- folders: the selected files are permuted by (seed, epoch) and dealt out round-robin to the ranks
+  (one file is one image, so that is a full shuffle, free of any data movement); Parquet: the shards
+  are permuted and dealt out the same way, and rows are permuted inside every map batch by a
+  generator seeded from (seed, epoch, the batch's keys); validation reads in listing order;
 - random crops and flips: torch's CPU generator is seeded per image from (seed, epoch, image key),
   independent of which task or worker process handles the image;
-- `preserve_order` (set on the datasets, and on Train's ingest through `dataset_config()`) makes
-  blocks arrive in that order although tasks run in parallel.
-With several Train workers, `streaming_split` hands blocks to whichever worker asks first, so which
-worker sees which batch is not fixed; a single worker's stream is.
+- `preserve_order` makes blocks arrive in that order although tasks run in parallel.
+A Parquet split is dealt out by shard, so its shards should outnumber the workers several times over
+(`limpq data to-parquet --shard-size`); the training loop stops every worker at the shortest share.
 
 Subset: `train_fraction` keeps the same deterministic subset of samples in every epoch and in
 either layout (see `orchestrator.data.layout.in_fraction`); folder files outside it are never read.
@@ -43,17 +41,16 @@ for tiny ones.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data import DataContext, Dataset, ExecutionOptions, FileShuffleConfig
-from ray.train import DataConfig
+from ray.data import Dataset
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.data.images import decode_image
@@ -61,7 +58,6 @@ from orchestrator.data.layout import (
     SPLITS,
     DatasetIndex,
     FolderSplit,
-    ParquetSplit,
     check_dataset,
     content_key,
     in_fraction,
@@ -80,26 +76,6 @@ IMAGES_PER_TASK = 256
 OUTPUT_BLOCK_IMAGES = 32
 
 
-def _execution_options() -> ExecutionOptions:
-    """Ray Data's defaults for this process, with blocks delivered in order."""
-    options = copy.deepcopy(DataContext.get_current().execution_options)
-    options.preserve_order = True
-    return options
-
-
-def dataset_config():
-    """Ray Train's `DataConfig` for these datasets: Train replaces each dataset's execution options
-    with its own defaults, which would drop `preserve_order`. Pass it as
-    `TorchTrainer(..., dataset_config=dataset_config())`."""
-    return DataConfig(execution_options=_execution_options())
-
-
-def _current_epoch() -> int:
-    """How many times this dataset was executed before (the epoch under Ray Train); 0 outside
-    a Ray Data task."""
-    return DataContext.get_current()._execution_idx
-
-
 @ray.remote(num_cpus=0)
 class _SkippedImages:
     def __init__(self) -> None:
@@ -116,7 +92,7 @@ class _SkippedImages:
 
 
 class SkipCounter:
-    """Distinct unreadable images per split, reported by the map tasks of `build_ray_datasets`.
+    """Distinct unreadable images per split, reported by the map tasks of `epoch_dataset`.
 
     Create it on the driver (it starts a zero-CPU actor owned by the driver) and keep it for as
     long as the datasets are used; it pickles, so Train workers may receive it too.
@@ -136,11 +112,10 @@ class SkipCounter:
 
 
 def _decode_and_transform(encoded_images: Sequence[bytes], labels: Sequence[int], keys: Sequence[str], *,
-                          split: str, augment: ImageAugment, input_size: int, seed: int, shuffle_rows: bool,
-                          counter: ray.actor.ActorHandle) -> Iterator[dict[str, np.ndarray]]:
+                          split: str, epoch: int, augment: ImageAugment, input_size: int, seed: int,
+                          shuffle_rows: bool, counter: ray.actor.ActorHandle) -> Iterator[dict[str, np.ndarray]]:
     """Yields blocks of at most OUTPUT_BLOCK_IMAGES uint8 CHW images: a task may cover many files
     (fewer, longer tasks keep the CPUs busy) while its output blocks stay small."""
-    epoch = _current_epoch()
     order = (np.random.default_rng(derived_seed(seed, epoch, *keys)).permutation(len(keys)) if shuffle_rows
              else range(len(keys)))
     generator = torch.default_generator  # what torchvision's random transforms draw from
@@ -185,67 +160,78 @@ def _preprocess_rows(batch: dict[str, np.ndarray], *, fraction: float, **options
                                      [keys[row] for row in selected], **options)
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What every worker needs to read its share of any epoch: shipped once (as an object ref)."""
+
+    index: DatasetIndex
+    augments: tuple[ImageAugment, ImageAugment]  # (train, eval) PIL steps
+    input_size: int
+    seed: int
+    train_fraction: float
+    counter: SkipCounter
+
+
+def training_data(index: DatasetIndex, augments: tuple[ImageAugment, ImageAugment], *, input_size: int,
+                  num_classes: int, seed: int, skip_counter: SkipCounter, train_fraction: float = 1.0) -> TrainingData:
+    """The reading plan of an indexed dataset, checked before any work (labels, and that the training
+    fraction selects something). Its root is absolute or a URI, so tasks on other nodes or in other
+    directories read the same files."""
+    check_dataset(index, num_classes)
+    train = index.splits["train"]
+    if isinstance(train, FolderSplit) and not any(in_fraction(key, train_fraction, seed) for key in train.keys):
+        raise UserError(f"{train.location}: train_fraction {train_fraction} selects no image")
+    return TrainingData(index, augments, input_size, seed, train_fraction, skip_counter)
+
+
+def _dealt(items: list, seed: int, epoch: int, rank: int, world: int, shuffle: bool) -> list:
+    """This rank's items of the epoch: all items permuted by (seed, epoch) when shuffling, then every
+    `world`-th one from position `rank`."""
+    if shuffle:
+        order = np.random.default_rng(derived_seed(seed, "order", epoch)).permutation(len(items))
+        items = [items[i] for i in order]
+    return items[rank::world]
+
+
 def _in_order(dataset: Dataset) -> Dataset:
-    dataset.context.execution_options = _execution_options()
+    dataset.context.execution_options.preserve_order = True
     return dataset
 
 
-def _folder_split(listing: FolderSplit, classes: list[str], fraction: float, seed: int, shuffle: bool,
-                  **options) -> Dataset:
-    paths = [(listing.location / key).path for key in listing.keys if in_fraction(key, fraction, seed)]
-    if not paths:
-        raise UserError(f"{listing.location}: train_fraction {fraction} selects no image")
-    # One read task per IMAGES_PER_TASK files, and map_batches over whole blocks, so that Ray fuses
-    # reading, decoding and transforming into one task: the encoded bytes never enter the object store.
-    files = ray.data.read_binary_files(
-        paths, filesystem=listing.location.filesystem, include_paths=True,
-        shuffle=FileShuffleConfig(seed=seed) if shuffle else None,
-        override_num_blocks=-(-len(paths) // IMAGES_PER_TASK),
-    )
-    preprocess = functools.partial(_preprocess_files, split_prefix=f"{listing.location.path.rstrip('/')}/",
-                                   class_index={name: index for index, name in enumerate(classes)},
-                                   seed=seed, shuffle_rows=False, **options)
-    return _in_order(files.map_batches(preprocess, batch_size=None, batch_format="numpy"))
-
-
-def _parquet_split(listing: ParquetSplit, fraction: float, seed: int, shuffle: bool, **options) -> Dataset:
+def epoch_dataset(data: TrainingData, split: str, epoch: int = 0, rank: int = 0, world: int = 1) -> Dataset:
+    """The `rank`-th of `world` workers' share of `split` in `epoch` (lazy: nothing is read until
+    iterated). Training reads a `train_fraction` subset, permuted and augmented per epoch; validation
+    reads everything in listing order with the eval transforms, the same in every epoch."""
+    training = split == "train"
+    listing = data.index.splits[split]
+    options = dict(split=split, epoch=epoch, augment=data.augments[0 if training else 1], input_size=data.input_size,
+                   seed=data.seed, counter=data.counter.actor)
+    fraction = data.train_fraction if training else 1.0
+    if isinstance(listing, FolderSplit):
+        keys = [key for key in listing.keys if in_fraction(key, fraction, data.seed)]
+        paths = [(listing.location / key).path for key in _dealt(keys, data.seed, epoch, rank, world, training)]
+        # One read task per IMAGES_PER_TASK files, and map_batches over whole blocks, so that Ray fuses
+        # reading, decoding and transforming into one task: the encoded bytes never enter the object store.
+        files = ray.data.read_binary_files(paths, filesystem=listing.location.filesystem, include_paths=True,
+                                           override_num_blocks=max(1, -(-len(paths) // IMAGES_PER_TASK)))
+        preprocess = functools.partial(_preprocess_files, split_prefix=f"{listing.location.path.rstrip('/')}/",
+                                       class_index={name: i for i, name in enumerate(data.index.classes)},
+                                       shuffle_rows=False, **options)
+        return _in_order(files.map_batches(preprocess, batch_size=None, batch_format="numpy"))
+    shards = _dealt(listing.shards, data.seed, epoch, rank, world, training)
     names = pq.read_schema(listing.shards[0].location.path, filesystem=listing.location.filesystem).names
     columns = ["image", "label"] + (["path"] if "path" in names else [])
-    rows = ray.data.read_parquet([shard.location.path for shard in listing.shards],
-                                 filesystem=listing.location.filesystem,
-                                 shuffle=FileShuffleConfig(seed=seed) if shuffle else None).select_columns(columns)
-    preprocess = functools.partial(_preprocess_rows, fraction=fraction, seed=seed, shuffle_rows=shuffle, **options)
+    rows = ray.data.read_parquet([shard.location.path for shard in shards], filesystem=listing.location.filesystem,
+                                 columns=columns)
+    preprocess = functools.partial(_preprocess_rows, fraction=fraction, shuffle_rows=training, **options)
     return _in_order(rows.map_batches(preprocess, batch_size=IMAGES_PER_TASK, batch_format="numpy"))
 
 
-def build_ray_datasets(index: DatasetIndex, augments: tuple[ImageAugment, ImageAugment], *, input_size: int,
-                       num_classes: int, seed: int, skip_counter: SkipCounter,
-                       train_fraction: float = 1.0) -> dict[str, Dataset]:
-    """{"train", "val"} ray.data datasets of an indexed dataset (lazy: nothing is read until
-    iterated); `augments` are the (train, eval) PIL steps. Its root is absolute or a URI, so tasks on
-    other nodes or in other directories read the same files."""
-    check_dataset(index, num_classes)
-    common = dict(seed=seed, input_size=input_size, counter=skip_counter.actor)
-    options = {"train": dict(augment=augments[0], fraction=train_fraction, shuffle=True, **common),
-               "val": dict(augment=augments[1], fraction=1.0, shuffle=False, **common)}
-    datasets = {}
-    for split in SPLITS:
-        listing = index.splits[split]
-        if isinstance(listing, FolderSplit):
-            datasets[split] = _folder_split(listing, index.classes, split=split, **options[split])
-        else:
-            datasets[split] = _parquet_split(listing, split=split, **options[split])
-    return datasets
-
-
-def iter_batches(shard: Dataset | ray.data.DataIterator, batch_size: int, device: str | torch.device = "auto",
-                 local_shuffle_buffer_size: int | None = None,
+def iter_batches(dataset: Dataset, batch_size: int, device: str | torch.device = "auto",
                  drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches from a dataset or a Train worker's shard: float32 NCHW images
-    normalized on `device`, int64 labels; one call is one epoch. `device="auto"` is the Train
-    worker's device (CPU outside Train). The uint8 blocks travel to the device as they are and are
-    normalized there."""
-    batches = shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
-                                       local_shuffle_buffer_size=local_shuffle_buffer_size)
+    """(images, labels) batches of a dataset: float32 NCHW images normalized on `device`, int64 labels;
+    one call is one pass. `device="auto"` is the Train worker's device (CPU outside Train). The uint8
+    blocks travel to the device as they are and are normalized there."""
+    batches = dataset.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last)
     for batch in batches:
         yield normalize(batch["image"]), batch["label"]

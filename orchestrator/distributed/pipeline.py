@@ -148,5 +148,8 @@ def _print_where_to_look(cfg: PipelineConfig, tracker: Tracker) -> None:
     if url:
         print(f"Ray dashboard: {url} (while Ray runs: Train and Data progress; on a cluster `ray dashboard "
               "ray_cluster.yaml`)", flush=True)
-    print(f"Registered model: {registered_model_name(cfg)} (aliases best-top1, budget-<label>; "
-          f"mlflow.pytorch.load_model('models:/{registered_model_name(cfg)}@best-top1'))", flush=True)
+    name = registered_model_name(cfg)
+    if not tracker.client.search_model_versions(f"name = '{name}'", max_results=1):
+        return  # nothing registered (every trial failed, or the run stopped before the sweep)
+    print(f"Registered model: {name} (aliases best-top1, budget-<label>; "
+          f"mlflow.pytorch.load_model('models:/{name}@best-top1'))", flush=True)

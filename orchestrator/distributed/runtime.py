@@ -19,6 +19,7 @@ from ray.data import DataContext
 
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.console import log_to_file
+from orchestrator.distributed.compat import check_versions, train_report_logger_name
 
 log = logging.getLogger("limpq")
 
@@ -54,7 +55,7 @@ def free_ports(count: int) -> list[int]:
 # Loggers whose INFO lines in workers are set-up detail (Ray Train configures workers' root logger
 # to print INFO): the MLflow store's schema checks, and Train's per-report line, which Ray names
 # after its source file rather than under "ray.train", where RunConfig's logging_config would reach.
-WORKER_QUIET_LOGGERS = ("alembic", "mlflow", str(Path(ray.__file__).parent / "train/v2/_internal/execution/context.py"))
+WORKER_QUIET_LOGGERS = ("alembic", "mlflow", train_report_logger_name())
 
 
 def quiet_ray_internals() -> None:
@@ -115,6 +116,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
             runtime_env={"env_vars": _worker_env(port), "worker_process_setup_hook": quiet_ray_internals},
         )
     log.info("logs: %s; Ray's in %s", log_file, Path(_context.address_info["session_dir"]) / "logs")
+    check_versions()
     url = dashboard_url()
     if url:
         log.info("Ray dashboard (Train and Data progress while this runs): %s; if it asks for a token, "

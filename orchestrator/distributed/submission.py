@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -78,9 +79,9 @@ def use_auth_token_if_present() -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     if "ray" in sys.modules:
-        from ray._raylet import Config
+        from orchestrator.distributed.compat import reload_ray_auth_mode  # Ray: see the module's docstring
 
-        Config.initialize("")
+        reload_ray_auth_mode()
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,13 @@ def submit(entrypoint: Sequence[str], address: str | None = None, runtime_env: d
     """Submit `entrypoint` (an argv list, run by the cluster's shell) and return at once."""
     if not entrypoint:
         raise UserError("submit: no command given; usage: limpq submit [options] -- python jobs/pipeline.py --config FILE")
+    given = address
     address = resolve_address(address)
+    if not _is_cluster_address(address):
+        source = "--address" if given else ("RAY_API_SERVER_ADDRESS" if os.environ.get("RAY_API_SERVER_ADDRESS")
+                                             else "RAY_ADDRESS")
+        raise UserError(f"{source}: {address!r} is not a Ray job API address; give the dashboard's URL (e.g. "
+                        f"{DEFAULT_ADDRESS}), ray://HOST:PORT, HOST:PORT of the cluster, or auto")
     # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override its address argument; an explicit
     # --address has to win, so it goes into the variable Ray reads first.
     os.environ["RAY_API_SERVER_ADDRESS"] = address
@@ -109,6 +116,19 @@ def submit(entrypoint: Sequence[str], address: str | None = None, runtime_env: d
         raise UserError(f"cannot use the Ray job API at {address}: {first_line}") from None
     job_id = client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env or {"working_dir": "."})
     return SubmittedJob(client, job_id, address)
+
+
+def _is_cluster_address(address: str) -> bool:
+    """What Ray's JobSubmissionClient takes: the dashboard's http(s) URL, a Ray Client ray:// address,
+    a cluster's HOST:PORT, or auto."""
+    if address == "auto":
+        return True
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) or bool(parts.hostname and port)
 
 
 def follow(job: SubmittedJob, out: TextIO = sys.stdout) -> str:

@@ -1,12 +1,13 @@
 """FP, joint indicator and fine-tuning training on Ray Train (TorchTrainer), fed by the ray.data
-pipeline and recorded in MLflow. This is the only training loop: a laptop runs it on local Ray.
+pipeline (each worker reads its share of each epoch, `orchestrator.distributed.datasets`) and recorded
+in MLflow. This is the only training loop: a laptop runs it on local Ray.
 
 The driver opens the stage's MLflow run; the rank-0 worker logs per-epoch metrics, Ray Data's
 stats and system metrics while training runs (the driver is blocked in `fit()` meanwhile); after
 training the driver writes the outputs, logs them as artifacts and as an MLflow model. Checkpoints
 go through `ray.train.report` every epoch, so a lost worker restarts the group from the last one
-(FailureConfig), and submitting the same run again resumes a crashed job (Train V2 restores a run
-from its (storage_path, name)).
+(`fit_with_retries`), and submitting the same run again resumes a crashed job (Train V2 restores a
+run from its (storage_path, name)).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,14 @@ import torch
 import torch.distributed as dist
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from ray.experimental import tqdm_ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config.schema import PipelineConfig, RecipeConfig
@@ -33,13 +42,14 @@ from orchestrator.data.layout import DatasetIndex
 from orchestrator.data.transforms import augments_for
 from orchestrator.distributed.datasets import (
     SkipCounter,
-    build_ray_datasets,
-    dataset_config,
+    TrainingData,
+    epoch_dataset,
     iter_batches,
+    training_data,
 )
 from orchestrator.distributed.interrupts import run_off_main_thread
 from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, user_error_in
 from orchestrator.indicators import save_indicators
 from orchestrator.plots import indicator_heatmap
 from orchestrator.quant.policy import extract_indicators, uniform_policy
@@ -112,13 +122,12 @@ def _every_worker_has_batch(has_batch: bool) -> bool:
     return _all_reduce([1.0 if has_batch else 0.0], op=dist.ReduceOp.MIN)[0] > 0
 
 
-def _validation(model, cfg: PipelineConfig, stage: str, criterion, device) -> dict[str, float]:
+def _validation(model, cfg: PipelineConfig, stage: str, criterion, device, val: ray.data.Dataset) -> dict[str, float]:
     """Validation over every worker's share of the val set, aggregated by sample count. The joint
     model is scored at every uniform bit-width on the same batches (the split is decoded once per
     epoch); other models as they stand (FP, or their fixed policy)."""
-    shard = ray.train.get_dataset_shard("val")
     policies = {f"_w{b}": uniform_policy(model, b) for b in cfg.indicators.bits} if stage == "indicators" else {"": None}
-    results = evaluate_policies(model, iter_batches(shard, cfg.data.batch_size, device), criterion, policies,
+    results = evaluate_policies(model, iter_batches(val, cfg.data.batch_size, device), criterion, policies,
                                 cfg.ray.bf16)
     metrics = {}
     for suffix, result in results.items():
@@ -164,7 +173,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: PipelineConfig = config["pipeline"]
     stage: str = config["stage"]
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    data: TrainingData = _resolve(config["data"])
     device = ray.train.torch.get_device()
     recipe = stage_recipe(cfg, stage)
     per_epoch: int = config["steps_per_epoch"]
@@ -188,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tracker: Tracker | None = config.get("tracker") if rank == 0 else None
     monitor = _system_metrics(tracker, config.get("run_id"))
-    shard = ray.train.get_dataset_shard("train")
+    val = epoch_dataset(data, "val", rank=rank, world=world)  # the same in every epoch
     progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
     keep_partial = stage == "indicators"  # the reference keeps an epoch's last partial batch
     try:
@@ -196,7 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seed_epoch(cfg.seed, stage, rank, epoch)
             model.train()
             sums, started, images = MetricSums(), time.monotonic(), 0
-            batches = iter_batches(shard, cfg.data.batch_size, device, drop_last=not keep_partial)
+            train = epoch_dataset(data, "train", epoch, rank, world)  # what an uninterrupted run reads in this epoch
+            batches = iter_batches(train, cfg.data.batch_size, device, drop_last=not keep_partial)
             for step in range(per_epoch):
                 batch = next(batches, None)
                 # a kept last batch of one image cannot go through BatchNorm in training mode: it ends the epoch
@@ -208,13 +219,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 sums.add(metrics, len(y))
                 images += len(y)
                 progress.update(epoch, step, len(y), metrics)
-            for _ in batches:  # drain: the shard iterator must finish before the next epoch starts
-                pass
+            batches.close()  # the other workers may stop at a shorter share: the rest is not read
             progress.close()  # the epoch's bar ends with its steps, before validation
             seconds = time.monotonic() - started
             metrics = _mean_across_workers(sums.means())
             metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]
-            metrics.update(_validation(model, cfg, stage, training.criterion, device))
+            metrics.update(_validation(model, cfg, stage, training.criterion, device, val))
             metrics["epoch"] = epoch + 1
             metrics.update(config.get("report_extra", {}))
             with tempfile.TemporaryDirectory() as directory:
@@ -226,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     checkpoint = ray.train.Checkpoint.from_directory(directory)
                     if tracker is not None:
                         tracker.log_metrics(config["run_id"], metrics, step=epoch + 1)
-                        tracker.client.log_text(config["run_id"], shard.stats(),
+                        tracker.client.log_text(config["run_id"], train.stats(),
                                                 f"data_stats/epoch_{epoch + 1:03d}.txt")
                 ray.train.report(metrics, checkpoint=checkpoint)
     finally:
@@ -260,6 +270,22 @@ def steps_per_epoch(cfg: PipelineConfig, dataset: DatasetIndex, stage: str) -> i
     return steps
 
 
+def fit_with_retries(trainer: Callable[[], TorchTrainer], max_failures: int, label: str) -> Result:
+    """Fit, and after a failure fit the same run again (Train resumes it from its last checkpoint) up
+    to `max_failures` times; a failure whose root is a UserError (a corrupt checkpoint, a diverged
+    loss: it would fail the same way again) ends the stage at once. Ray Train's own retries cannot do
+    this: its failure policy (Ray 2.60) retries every worker error alike and has no public hook."""
+    for attempt in range(max_failures + 1):
+        try:
+            return run_off_main_thread(trainer().fit, name="ray-train-fit")
+        except TrainingFailedError as error:
+            if user_error_in(error) is not None or attempt == max_failures:
+                raise
+            log.warning("%s: training failed (%s); resuming from its last checkpoint, retry %d of %d", label,
+                        str(error).strip().splitlines()[-1][:200], attempt + 1, max_failures)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def train_on_ray(cfg: PipelineConfig, dataset: DatasetIndex, stage: str, tracker: Tracker, run_id: str,
                  run_name: str, inputs: dict[str, Any] | None = None,
                  label: str | None = None) -> tuple[dict, dict[str, float]]:
@@ -273,31 +299,31 @@ def train_on_ray(cfg: PipelineConfig, dataset: DatasetIndex, stage: str, tracker
     ensure_ray(cfg)
     recipe = stage_recipe(cfg, stage)
     counter = SkipCounter()
-    datasets = build_ray_datasets(dataset, augments_for(cfg.data, cfg.model.input_size),
-                                  input_size=cfg.model.input_size, num_classes=cfg.model.num_classes, seed=cfg.seed,
-                                  skip_counter=counter, train_fraction=recipe.train_fraction)
+    data = training_data(dataset, augments_for(cfg.data, cfg.model.input_size), input_size=cfg.model.input_size,
+                         num_classes=cfg.model.num_classes, seed=cfg.seed, skip_counter=counter,
+                         train_fraction=recipe.train_fraction)
     per_epoch = steps_per_epoch(cfg, dataset, stage)
     tracker.set_tags(run_id, {"limpq.steps_per_epoch": per_epoch})
     loop_config: dict[str, Any] = {
         "pipeline": cfg, "stage": stage, "steps_per_epoch": per_epoch, "tracker": tracker, "run_id": run_id,
-        "label": label or stage, **(inputs or {}),
+        "label": label or stage, "data": ray.put(data), **(inputs or {}),
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=_scaling(cfg),
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        datasets=datasets,
-        dataset_config=dataset_config(),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path(cfg),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=TRAIN_LOGGING,
-        ),
-    )
-    result = run_off_main_thread(trainer.fit, name="ray-train-fit")
+    def trainer() -> TorchTrainer:
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=_scaling(cfg),
+            torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage_path(cfg),
+                failure_config=FailureConfig(max_failures=0),  # retried below, where a user's mistake is told apart
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                logging_config=TRAIN_LOGGING,
+            ),
+        )
+
+    result = fit_with_retries(trainer, cfg.ray.max_failures, label or stage)
     skipped = counter.counts()
     tracker.log_metrics(run_id, {f"skipped_images_{split}": n for split, n in skipped.items()}, step=recipe.epochs)
     if any(skipped.values()):

@@ -10,7 +10,6 @@ failed and never-run trials.
 
 from __future__ import annotations
 
-import re
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +20,12 @@ import ray
 import torch
 from ray import tune
 
-from orchestrator.config.schema import Budget, PipelineConfig, uniform_label
+from orchestrator.config.schema import (
+    Budget,
+    PipelineConfig,
+    budget_alias,
+    uniform_label,
+)
 from orchestrator.data.layout import DatasetIndex
 from orchestrator.distributed.evaluate import score_on_this_node
 from orchestrator.distributed.train import (
@@ -84,11 +88,6 @@ def trial_specs(cfg: PipelineConfig) -> list[TrialSpec]:
 
 def registered_model_name(cfg: PipelineConfig) -> str:
     return f"{cfg.name}-{cfg.model.arch}"
-
-
-def model_alias(label: str) -> str:
-    """A registered-model alias for a budget label (aliases allow letters, digits, '-' and '_')."""
-    return "budget-" + re.sub(r"[^a-z0-9_-]+", "-", label.lower()).strip("-")
 
 
 def evaluation_kind(cfg: PipelineConfig) -> str:
@@ -192,4 +191,4 @@ def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model:
     version_tags = {"budget": spec.label, "kind": spec.kind, "evaluation": evaluation_kind(cfg),
                     "top1": f"{metrics.get('val_top1', float('nan')):.4f}",
                     **{key: f"{value:.6g}" for key, value in _policy_metrics(policy).items()}}
-    register_model(tracker, name, uri, run_id, version_tags, aliases=[model_alias(spec.label)])
+    register_model(tracker, name, uri, run_id, version_tags, aliases=[budget_alias(spec.label)])

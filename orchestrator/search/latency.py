@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from orchestrator.errors import UserError
+from orchestrator.fileio import readable_file
 from orchestrator.indicators import strip_ddp_prefix
 
 LatencyTable = dict[tuple[str, int, int], float]
@@ -36,9 +37,7 @@ def _row_entry(path: Path, where: str, values: dict) -> tuple[tuple[str, int, in
 
 
 def load_latency_table(path: str | Path) -> LatencyTable:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: latency table not found")
+    path = readable_file(path, "latency table")
     text = path.read_text()
     entries: list[tuple[str, dict]] = []
     if text.lstrip().startswith(("[", "{")):

@@ -10,7 +10,7 @@ from typing import Any
 
 from orchestrator.config.schema import uniform_label
 from orchestrator.errors import UserError
-from orchestrator.fileio import write_json_atomic, write_text_atomic
+from orchestrator.fileio import readable_file, write_json_atomic, write_text_atomic
 from orchestrator.indicators import strip_ddp_prefix
 from orchestrator.search.costs import FIXED_LAYER_BITS, CostTable
 
@@ -116,7 +116,7 @@ class Policy:
             alpha=float(raw.get("alpha", 0.0)),
             wbits_candidates=list(raw.get("wbits_candidates") or []),
             abits_candidates=list(raw.get("abits_candidates") or []),
-            layers=[LayerBits(strip_ddp_prefix(entry["name"]), int(entry["wbits"]), int(entry["abits"]))
+            layers=[LayerBits(strip_ddp_prefix(entry["name"]), _bit_width(entry, "wbits"), _bit_width(entry, "abits"))
                     for entry in raw["layers"]],
             fixed_layers=[entry["name"] if isinstance(entry, dict) else entry for entry in raw.get("fixed_layers", [])],
             constraints=dict(raw.get("constraints") or {}),
@@ -129,14 +129,20 @@ class Policy:
         )
 
 
+def _bit_width(entry: dict[str, Any], key: str) -> int:
+    """A layer's bit-width as written: an integer, never a string or a float that merely converts."""
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"layer {entry.get('name')!r}: {key} is {value!r}, not an integer bit-width")
+    return value
+
+
 def save_policy(policy: Policy, path: str | Path) -> None:
     write_json_atomic(path, policy.to_dict())
 
 
 def load_policy(path: str | Path) -> Policy:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: policy file not found")
+    path = readable_file(path, "policy file")
     try:
         raw = json.loads(path.read_text())
     except ValueError as error:

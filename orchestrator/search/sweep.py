@@ -94,16 +94,24 @@ class SweepResult:
     policy_file: str
 
 
+POLICY_FILE = re.compile(r"\d{4}_[A-Za-z0-9.+_-]*\.json")  # what `_filename` writes
+
+
 def _filename(index: int, label: str) -> str:
     return f"{index:04d}_{re.sub(r'[^A-Za-z0-9.+-]+', '_', label)}.json"
 
 
 def solve_budgets(searcher: Searcher, budgets: list[Budget], out_dir: str | Path,
               provenance: dict[str, Any] | None = None) -> list[SweepResult]:
-    """Solve every budget; write out_dir/policies/<index>_<label>.json and out_dir/sweep.csv."""
+    """Solve every budget; write out_dir/policies/<index>_<label>.json and out_dir/sweep.csv. Policy
+    files an earlier sweep left in out_dir/policies are removed first, so the folder holds this
+    sweep's policies and no stale one."""
     out_dir = Path(out_dir)
     policy_dir = out_dir / "policies"
     policy_dir.mkdir(parents=True, exist_ok=True)
+    for stale in policy_dir.iterdir():
+        if POLICY_FILE.fullmatch(stale.name):
+            stale.unlink()
     results = []
     for index, budget in enumerate(budgets):
         try:

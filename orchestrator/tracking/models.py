@@ -13,9 +13,9 @@ import mlflow.pytorch
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from mlflow.store.artifact.utils.models import _parse_model_id_if_present
 
 import orchestrator
+from orchestrator.distributed.compat import logged_model_id
 from orchestrator.tracking.runs import Tracker
 
 REGISTERED_MODEL_DESCRIPTION = ("LIMPQ mixed-precision models, one version per searched budget; tags give budget, "
@@ -65,7 +65,7 @@ def register_model(tracker: Tracker, name: str, model_uri: str, run_id: str, tag
     # a tracking server rejects a `models:/<id>` source unless the version names that model id
     version = tracker.client.create_model_version(name, model_uri, run_id=run_id,
                                                   tags={key: str(value) for key, value in tags.items()},
-                                                  model_id=_parse_model_id_if_present(model_uri))
+                                                  model_id=logged_model_id(model_uri))
     for alias in aliases:
         tracker.client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

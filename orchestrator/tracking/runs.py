@@ -46,9 +46,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from orchestrator.config.schema import PipelineConfig
+from orchestrator.distributed.compat import dataset_input_entity
 from orchestrator.distributed.submission import git_commit
 from orchestrator.errors import UserError
 from orchestrator.redact import redact, redact_params
+from orchestrator.stagekeys import NUMERICS_KEYS
 from orchestrator.tracking.ui import (
     EXPERIMENT_KIND_TAG,
     MODEL_DEVELOPMENT,
@@ -103,12 +105,14 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
 
 def result_params(cfg: PipelineConfig) -> dict[str, Any]:
     """The settings that define results, for MLflow params (credentials redacted)."""
-    return redact_params({key: value for key, value in cfg.flat().items() if not key.startswith(_PLACEMENT_SECTIONS)})
+    return redact_params({key: value for key, value in cfg.flat().items()
+                          if not key.startswith(_PLACEMENT_SECTIONS) or key in NUMERICS_KEYS})
 
 
 def placement_tags(cfg: PipelineConfig) -> dict[str, str]:
     """Where and how a run's work is placed (`ray.*`): tags, rewritten on every attempt."""
-    return redact_params({f"limpq.{key}": str(value) for key, value in cfg.flat().items() if key.startswith("ray.")})
+    return redact_params({f"limpq.{key}": str(value) for key, value in cfg.flat().items()
+                          if key.startswith("ray.") and key not in NUMERICS_KEYS})
 
 
 def ray_job_submission_id() -> str | None:
@@ -281,7 +285,7 @@ class Tracker:
         dataset = MetaDataset(source, name=name, digest=digest[:36])
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
         tags += [InputTag(f"limpq.{key}", str(value)) for key, value in (extra or {}).items()]
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset_input_entity(dataset), tags=tags)])
 
     def download_artifact(self, run_id: str, path: str, dst: str | Path) -> Path:
         """Copy the run's artifact file or folder `path` under `dst`; returns the local path."""

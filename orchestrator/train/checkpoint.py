@@ -3,7 +3,9 @@ resumed run continues exactly. Written atomically; read with `weights_only=True`
 
 from __future__ import annotations
 
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
-from orchestrator.fileio import replaced_on_success
+from orchestrator.fileio import readable_file, replaced_on_success
 from orchestrator.quant.surgery import unwrap
 
 FORMAT = "limpq-checkpoint/v1"
@@ -65,14 +67,19 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint (ours, or a bare state dict from elsewhere) without executing any code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint file not found")
+    path = readable_file(path, "checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise UserError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
+        # torch's own message goes on to suggest weights_only=False, which would run the file's code
+        refused = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(error))
+        what = f" ({refused.group(1)})" if refused else ""
+        raise UserError(f"{path}: refused to load: it holds Python objects{what}, not only tensors, and loading "
+                        "them could run code; save the model's state_dict (torch.save(model.state_dict(), ...))") from None
     except Exception as error:  # torch raises many types for corrupt files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
+        raise UserError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return payload
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
@@ -80,6 +87,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return {"format": "state_dict", "model": payload, "meta": {}}
     raise UserError(f"{path}: holds neither a limpq checkpoint nor a model state dict")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:

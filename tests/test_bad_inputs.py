@@ -1,0 +1,292 @@
+"""Bad inputs a user gives, across every command, each refused before any work: exit status 2, one
+line on stderr naming the key, file or value and the fix, no traceback, nothing created in the
+working directory, within 60 s. Unreachable services are simulated on 127.0.0.1 only: an unused
+port, or a server that accepts connections and never answers.
+
+The cases of issue 19 are here; the config checks that already held are in test_preflight.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import yaml
+from cluster import free_port
+from data_fixtures import write_tiny_folder
+
+from orchestrator.cli import main
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.data.convert import folder_to_parquet
+from orchestrator.indicators import Indicators, save_indicators
+
+LEFT_BY_A_RUN = ("mlflow.db", "mlruns", "mlartifacts", "runs", "demo_data", "out")
+
+
+@pytest.fixture(scope="module")
+def black_hole() -> Iterator[str]:
+    """host:port of a server on 127.0.0.1 that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for connection in accepted:
+        connection.close()
+
+
+@dataclass
+class Case:
+    """`argv` run in an empty working directory after `setup(workdir, env)` prepared files and
+    environment; stderr must be one line holding `expected`."""
+
+    id: str
+    argv: list[str]
+    expected: str
+    setup: Callable[[Path, dict[str, str]], None] = lambda workdir, env: None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _config(workdir: Path, digits: Path, **sections) -> None:
+    """workdir/config.yaml: the digits slice at 16 px, one budget, plus `sections` (keys replaced)."""
+    raw = {
+        "name": "bad", "output_dir": "runs",
+        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
+        "data": {"path": str(digits), "batch_size": 8},
+        "fp": {"epochs": 0},
+        "indicators": {"bits": [4, 3, 2], "epochs": 1},
+        "search": {"budgets": [{"target_wbits": 3, "target_abits": 3}]},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    (workdir / "config.yaml").write_text(yaml.safe_dump(raw))
+
+
+def _policy(workdir: Path, **changes) -> None:
+    """workdir/policy.json: a uniform W3A3 policy of resnet18 at 16 px, with `changes`."""
+    from orchestrator.search.costs import cost_table
+    from orchestrator.search.policy import uniform_baseline
+
+    document = uniform_baseline(cost_table("resnet18", 16, num_classes=10), 3).to_dict()
+    layers = changes.pop("layers", None)
+    if layers is not None:
+        document["layers"][0].update(layers)
+    document.update(changes)
+    (workdir / "policy.json").write_text(json.dumps(document))
+
+
+def _indicators(workdir: Path) -> None:
+    names = [f"layer{i}" for i in range(3)]
+    steps = {name: {4: 0.1, 2: 0.4} for name in names}
+    save_indicators(Indicators("resnet18", [4, 2], names, steps, steps), workdir / "ind.json")
+
+
+def _unused_port() -> int:
+    return free_port()
+
+
+def _malicious_checkpoint(workdir: Path) -> None:
+    class RunsACommand:
+        def __reduce__(self):
+            return (os.system, ("echo this must never run",))
+
+    torch.save({"model": RunsACommand()}, workdir / "fp.pt")
+
+
+def _parquet_with_an_empty_class(workdir: Path) -> None:
+    write_tiny_folder(workdir / "folder", classes=3, per_class=8)
+    for image in (workdir / "folder" / "train" / "c1").iterdir():
+        image.unlink()
+    (workdir / "folder" / "train" / "c1").rmdir()
+    for image in (workdir / "folder" / "val" / "c1").iterdir():
+        image.unlink()
+    (workdir / "folder" / "val" / "c1").rmdir()
+    folder_to_parquet(workdir / "folder", workdir / "pq", shard_size=10)
+    import pyarrow.parquet as pq
+
+    # renumber the labels 0, 2 (no row of class 1), as a dataset built by other tools might
+    for split in ("train", "val"):
+        for shard in (workdir / "pq" / split).glob("*.parquet"):
+            table = pq.read_table(shard)
+            labels = [2 if label == 1 else label for label in table.column("label").to_pylist()]
+            pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                            __import__("pyarrow").array(labels)), shard)
+
+
+def _cases(digits: Path, black_hole: str) -> list[Case]:
+    def config(**sections):
+        return lambda workdir, env: _config(workdir, digits, **sections)
+
+    return [
+        # services that do not answer
+        Case("mlflow server down", ["config", "validate", "config.yaml"],
+             "mlflow.tracking_uri: no MLflow server answers at http://127.0.0.1:",
+             config(mlflow={"tracking_uri": f"http://127.0.0.1:{_unused_port()}"})),
+        Case("mlflow server silent", ["run", "--config", "config.yaml"],
+             f"mlflow.tracking_uri: no MLflow server answers at http://{black_hole}",
+             config(mlflow={"tracking_uri": f"http://{black_hole}"})),
+        Case("ray address down", ["run", "--config", "config.yaml"], "ray.address: no Ray cluster answers at 127.0.0.1:",
+             config(ray={"address": f"127.0.0.1:{_unused_port()}"})),
+        Case("RAY_ADDRESS down", ["indicators", "train", "--config", "config.yaml"],
+             "RAY_ADDRESS: no Ray cluster answers at 127.0.0.1:", config(),
+             env={"RAY_ADDRESS": f"127.0.0.1:{_unused_port()}"}),
+        Case("ray address not an address", ["config", "validate", "config.yaml"],
+             "ray.address: 'my-cluster' is not a Ray cluster address", config(ray={"address": "my-cluster"})),
+        Case("s3 endpoint silent", ["config", "validate", "config.yaml"],
+             "data.path: no answer from s3://bucket/digits within 20 s; check the network, AWS_ENDPOINT_URL",
+             config(data={"path": "s3://bucket/digits"}),
+             env={"AWS_ENDPOINT_URL": f"http://{black_hole}", "AWS_ACCESS_KEY_ID": "testing",
+                  "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}),
+        # budgets no policy can meet
+        Case("average bits below every candidate", ["config", "validate", "config.yaml"],
+             "search.budgets[0] (avgW1): average weight bits 1 is below the minimum 2",
+             config(search={"budgets": [{"avg_wbits": 1.0}]})),
+        Case("compression ratio too high", ["run", "--config", "config.yaml"],
+             "search.budgets[0] (CR1000): compression ratio 1000 is above the maximum",
+             config(search={"budgets": [{"compression_ratio": 1000}]})),
+        Case("BitOps below the lowest bits", ["run", "--config", "config.yaml"],
+             "search.budgets[0] (G1e-06): BitOps budget 1e-06 G is below the minimum",
+             config(search={"budgets": [{"bitops_g": 1e-6}]})),
+        Case("jointly infeasible", ["run", "--config", "config.yaml"], "search.budgets[1] (",
+             config(search={"budgets": [{"target_wbits": 4, "target_abits": 4},
+                                        {"target_wbits": 2, "target_abits": 2, "avg_abits": 2.5, "size_mb": 1e-3}]})),
+        Case("no budget", ["run", "--config", "config.yaml"], "search.budgets: empty", config(search={"budgets": []})),
+        Case("labels one alias", ["config", "validate", "config.yaml"],
+             "search.budgets[1]: label 'small' and 'Small' of search.budgets[0] are one registry alias",
+             config(search={"budgets": [{"name": "Small", "bitops_g": 0.05}, {"name": "small", "bitops_g": 0.06}]})),
+        Case("infinite budget", ["config", "validate", "config.yaml"], "search.budgets.0.bitops_g: Input should be a finite",
+             config(search={"budgets": [{"bitops_g": float("inf")}]})),
+        # resources
+        Case("more CPUs than the machine", ["run", "--config", "config.yaml"],
+             "ray.cpus_per_worker: 1 worker(s) x 10000 CPUs need 10000 CPUs, but the local Ray runs on this machine's",
+             config(ray={"cpus_per_worker": 10000})),
+        Case("a worker without images", ["run", "--config", "config.yaml"],
+             "ray.num_workers: 2 workers share the",
+             config(ray={"num_workers": 2, "cpus_per_worker": 0.5}, data={"batch_size": 1},
+                    indicators={"train_fraction": 0.013})),
+        # files
+        Case("a directory as config", ["run", "--config", "."], ".: is a directory; give the config file's path"),
+        Case("config missing", ["config", "validate", "nothing.yaml"], "nothing.yaml: config file not found"),
+        Case("a directory as indicators", ["search", "--indicators", ".", "--bitops-budget", "1"],
+             ".: is a directory; give the indicators file's path"),
+        Case("indicators json malformed", ["indicators", "show", "ind.json"], "ind.json: not valid JSON",
+             lambda workdir, env: (workdir / "ind.json").write_text("[1, 2,")),
+        Case("a directory as fp checkpoint", ["config", "validate", "config.yaml"],
+             "fp.checkpoint: .: is a directory; give the torch checkpoint's path",
+             config(fp={"source": "checkpoint", "checkpoint": "."})),
+        Case("a checkpoint that runs code", ["config", "validate", "config.yaml"],
+             "fp.checkpoint: fp.pt: refused to load: it holds Python objects (posix.system)",
+             lambda workdir, env: (_malicious_checkpoint(workdir),
+                                   _config(workdir, digits, fp={"source": "checkpoint", "checkpoint": "fp.pt"}))),
+        Case("parquet with an empty class", ["config", "validate", "config.yaml"], "has no row of class 1",
+             lambda workdir, env: (_parquet_with_an_empty_class(workdir),
+                                   _config(workdir, digits, data={"path": "pq", "format": "parquet"},
+                                           model={"num_classes": 3}))),
+        # limpq search
+        Case("search output is a directory", ["search", "--indicators", "ind.json", "--model", "resnet18",
+                                              "--bitops-budget", "1", "--output", "."],
+             "--output: ", lambda workdir, env: _indicators(workdir)),
+        Case("search out-dir under a file", ["search", "--indicators", "ind.json", "--sweep-bitops", "1", "2",
+                                             "--out-dir", "ind.json/sweep"],
+             "--out-dir: cannot create directory", lambda workdir, env: _indicators(workdir)),
+        Case("a huge sweep", ["search", "--indicators", "ind.json", "--model", "resnet18", "--sweep-bitops",
+                              "0.1:0.3:100000000", "--out-dir", "out"],
+             "the sweep asks for 100,000,000 budgets", lambda workdir, env: _indicators(workdir)),
+        Case("an infinite budget", ["search", "--indicators", "ind.json", "--bitops-budget", "inf"],
+             "--bitops-budget: Input should be a finite number", lambda workdir, env: _indicators(workdir)),
+        Case("no classes", ["search", "--indicators", "ind.json", "--bitops-budget", "1", "--num-classes", "0"],
+             "argument --num-classes: 0 is below 2"),
+        # limpq data to-parquet
+        Case("to-parquet into a file", ["data", "to-parquet", "src", "target"], "DST: ",
+             lambda workdir, env: (write_tiny_folder(workdir / "src", classes=2, per_class=2),
+                                   (workdir / "target").write_text("a file"))),
+        Case("to-parquet under a file", ["data", "to-parquet", "src", "target/pq"], "DST: cannot create directory",
+             lambda workdir, env: (write_tiny_folder(workdir / "src", classes=2, per_class=2),
+                                   (workdir / "target").write_text("a file"))),
+        Case("to-parquet into /proc", ["data", "to-parquet", "src", "/proc/limpq-pq"], "/proc/",
+             lambda workdir, env: write_tiny_folder(workdir / "src", classes=2, per_class=2)),
+        # limpq submit
+        Case("submit to not an address", ["submit", "--address", "notaurl", "--", "echo", "hi"],
+             "--address: 'notaurl' is not a Ray job API address"),
+        # limpq evaluate: policies checked before the joint model is looked up
+        Case("evaluate another model's policy", ["evaluate", "--config", "config.yaml", "--policy", "policy.json"],
+             "policy.json: a policy for model resnet50, but the config's model.arch is resnet18",
+             lambda workdir, env: (_config(workdir, digits), _policy(workdir, model="resnet50"))),
+        Case("evaluate bits as text", ["evaluate", "--config", "config.yaml", "--policy", "policy.json"],
+             "wbits is '3', not an integer bit-width",
+             lambda workdir, env: (_config(workdir, digits), _policy(workdir, layers={"wbits": "3"}))),
+        Case("evaluate another input size", ["evaluate", "--config", "config.yaml", "--policy", "policy.json"],
+             "policy.json: a policy searched at input size 224, but the config's model.input_size is 16",
+             lambda workdir, env: (_config(workdir, digits), _policy(workdir, input_size=224))),
+        Case("evaluate a bit-width not trained", ["evaluate", "--config", "config.yaml", "--uniform", "8"],
+             "uniform-W8A8: layer layer1.0.conv1 asks for W8A8", lambda workdir, env: _config(workdir, digits)),
+    ]
+
+
+CASE_IDS = [case.id for case in _cases(Path("x"), "127.0.0.1:1")]
+
+
+@pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
+def test_bad_input_is_one_line_before_any_work(index: int, digits_slice: Path, black_hole: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    case = _cases(digits_slice, black_hole)[index]
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    case.setup(workdir, case.env)
+    before = {path.name for path in workdir.iterdir()}
+    capsys.readouterr()
+    started = time.monotonic()
+    try:
+        code = main(case.argv)
+    except SystemExit as usage_error:  # argparse's own errors
+        code = usage_error.code
+    seconds = time.monotonic() - started
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    assert case.expected in captured.err, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert seconds < 60
+    assert not ray.is_initialized()
+    assert {path.name for path in workdir.iterdir()} - before == set(), "the command created files"
+    assert not [name for name in LEFT_BY_A_RUN if (workdir / name).exists() and name not in before]
+
+
+def test_config_with_numerics_on_is_another_stage(digits_slice: Path) -> None:
+    """ray.bf16 changes what training computes: its stages are not the bf16-off ones (resources are)."""
+    from orchestrator.data.layout import index_dataset
+    from orchestrator.stagekeys import stage_keys
+
+    def keys(**ray_settings):
+        cfg = PipelineConfig.model_validate({"data": {"path": str(digits_slice)}, "ray": ray_settings})
+        return stage_keys(cfg, index_dataset(cfg.data).fingerprint)
+
+    plain = keys()
+    assert keys(num_workers=4, cpus_per_worker=2) == plain
+    bf16 = keys(bf16=True)
+    assert bf16.fp != plain.fp and bf16.indicators != plain.indicators and bf16.sweep != plain.sweep
