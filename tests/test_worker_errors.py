@@ -5,8 +5,8 @@ worker error keeps its traceback."""
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -32,14 +32,6 @@ def local_ray():
     yield
     ray.shutdown()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-def _fit(loop) -> None:
-    with tempfile.TemporaryDirectory() as storage:
-        TorchTrainer(
-            loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(storage_path=storage, failure_config=FailureConfig(max_failures=0)),
-        ).fit()
 
 
 def _raises_user_error(config=None) -> None:
@@ -77,12 +69,35 @@ def test_user_error_in_a_ray_task_is_one_line(capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err == f"limpq: error: {MESSAGE}\n"
 
 
-@pytest.mark.slow  # one TorchTrainer run: about a minute on 2 busy cores
-def test_user_error_in_a_train_worker_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_reporting_errors(lambda: _fit(_raises_user_error)) == 2
+def _counts_attempts_then_raises(config) -> None:
+    with open(config["attempts"], "a") as attempts:
+        attempts.write("attempt\n")
+    raise (UserError(MESSAGE) if config["user_error"] else RuntimeError("a lost node, say"))
+
+
+def test_user_error_in_a_train_worker_ends_the_stage_at_once_as_one_line(tmp_path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """With retries allowed, a worker's UserError is not retried (it would fail the same way); any
+    other worker error is, up to max_failures, each time resuming the same run."""
+    from orchestrator.distributed.train import fit_with_retries
+
+    def trainer(user_error: bool, attempts: Path):
+        return lambda: TorchTrainer(
+            _counts_attempts_then_raises,
+            train_loop_config={"attempts": str(attempts), "user_error": user_error},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"errors-{user_error}", storage_path=str(tmp_path),
+                                 failure_config=FailureConfig(max_failures=0)))
+
+    mistake = tmp_path / "mistake.txt"
+    assert run_reporting_errors(lambda: fit_with_retries(trainer(True, mistake), 2, "test")) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == f"limpq: error: {MESSAGE}"
-    assert "Traceback" not in err
+    assert err.splitlines()[-1] == f"limpq: error: {MESSAGE}" and "Traceback" not in err
+    assert mistake.read_text().count("attempt") == 1
+    fault = tmp_path / "fault.txt"
+    with pytest.raises(Exception, match="a lost node"):
+        fit_with_retries(trainer(False, fault), 1, "test")
+    assert fault.read_text().count("attempt") == 2
 
 
 def test_other_worker_errors_keep_their_traceback() -> None:
