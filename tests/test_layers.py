@@ -8,8 +8,9 @@ import sys
 LAYER_ONE = [
     "orchestrator.config", "orchestrator.modelinfo", "orchestrator.indicators", "orchestrator.plots",
     "orchestrator.quant.lsq", "orchestrator.quant.modules", "orchestrator.quant.surgery", "orchestrator.quant.policy",
-    "orchestrator.quant.export", "orchestrator.search.costs", "orchestrator.search.ilp", "orchestrator.search.policy",
-    "orchestrator.search.sweep", "orchestrator.train.stages", "orchestrator.train.steps",
+    "orchestrator.quant.onnx_export", "orchestrator.quant.onnx_check", "orchestrator.search.costs",
+    "orchestrator.search.ilp", "orchestrator.search.policy", "orchestrator.search.sweep", "orchestrator.train.stages",
+    "orchestrator.train.steps",
     "orchestrator.data.demo", "orchestrator.data.local", "orchestrator.data.convert", "orchestrator.data.layout",
     "orchestrator.data.storage",
 ]

@@ -37,13 +37,13 @@ from ray.tune.experiment import Trial
 
 from orchestrator.config import Budget, PipelineConfig, uniform_label
 from orchestrator.distributed.capacity import cluster_capacity
+from orchestrator.distributed.onnx_models import ONNX_COLUMNS, log_trial_onnx, onnx_row, set_onnx_alias
 from orchestrator.distributed.runtime import ensure_ray, started_local_ray
 from orchestrator.distributed.train import example_input, log_dataset_inputs, storage_path, train_on_ray
 from orchestrator.errors import UserError
 from orchestrator.fileio import write_text_atomic
 from orchestrator.indicators import Indicators, load_indicators
 from orchestrator.plots import pareto_plot, policy_bits_chart
-from orchestrator.quant.export import export_quantized
 from orchestrator.search.policy import policy_for_budget, uniform_policy_document
 from orchestrator.stagekeys import StageKeys
 from orchestrator.tracking import TAG_ERROR, TAG_ROOT, Tracker
@@ -59,7 +59,7 @@ TRIAL_DRIVER_MEMORY = 512 * 2**20
 # CPUs each running trial needs beside its workers' for the Ray Data tasks that feed them.
 TRIAL_DATA_CPU = 1
 SUMMARY_COLUMNS = ("budget", "kind", "status", "bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
-                   "top1", "top5", "epochs", "evaluation", "model_version", "run_id", "error")
+                   "top1", "top5", *ONNX_COLUMNS, "epochs", "evaluation", "model_version", "run_id", "error")
 TEXT_COLUMNS = ("budget", "kind", "status", "evaluation", "model_version", "run_id", "error")
 ONE_SHOT = "joint model, no fine-tuning"
 
@@ -179,29 +179,29 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
 
 def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model: torch.nn.Module,
                        document: dict[str, Any], metrics: dict[str, float]) -> None:
-    """Checkpoint, integer export and bits chart as artifacts; the model as an MLflow model and a
-    version of the pipeline's registered model (once per trial run, also when a retry gets here)."""
+    """Checkpoint and bits chart as artifacts; the model as an MLflow model and a version of the
+    pipeline's registered model, then its ONNX export as a version of `<name>-<arch>-onnx` (each once
+    per trial run, also when a retry gets here)."""
     cfg, tracker = inputs.cfg, inputs.tracker
     policy = {layer["name"]: (layer["wbits"], layer["abits"]) for layer in document["layers"]}
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = save_checkpoint(Path(directory) / "finetuned.pt", model, meta={**fp_meta(cfg), "policy": document})
-        export = Path(directory) / "export.pt"
-        torch.save({**export_quantized(model), "policy": document}, export)
         chart = Path(directory) / "bits.png"
         policy_bits_chart(list(policy), [w for w, _ in policy.values()], [a for _, a in policy.values()], chart,
                           title=f"{cfg.model.arch} {spec.label}")
-        for path, folder in ((checkpoint, "checkpoint"), (export, "checkpoint"), (chart, "plots")):
+        for path, folder in ((checkpoint, "checkpoint"), (chart, "plots")):
             tracker.log_artifact(run_id, path, folder)
     name = registered_model_name(cfg)
-    if tracker.model_versions_of_run(name, run_id):
-        return
     epochs = int(metrics.get("epoch", 0))
-    uri = tracker.log_model(run_id, model, example_input(cfg), name="model", step=epochs,
-                            tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
     version_tags = {"budget": spec.label, "kind": spec.kind, "evaluation": ONE_SHOT if cfg.finetune.epochs == 0
                     else "fine-tuned", "top1": f"{metrics.get('val_top1', float('nan')):.4f}",
                     **{key: f"{value:.6g}" for key, value in _policy_metrics(document).items()}}
-    tracker.register_model(name, uri, run_id, version_tags, aliases=[model_alias(spec.label)])
+    if not tracker.model_versions_of_run(name, run_id):
+        uri = tracker.log_model(run_id, model, example_input(cfg), name="model", step=epochs,
+                                tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
+        tracker.register_model(name, uri, run_id, version_tags, aliases=[model_alias(spec.label)])
+    log_trial_onnx(cfg, tracker, run_id, model, example_input(cfg), name, version_tags, [model_alias(spec.label)],
+                   step=epochs)
 
 
 def _trial_name(trial: Trial) -> str:
@@ -256,7 +256,8 @@ def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: 
             "bitops_g": metrics.get("bitops_g"), "size_mb": metrics.get("size_mb"),
             "compression_ratio": metrics.get("compression_ratio"), "avg_wbits": metrics.get("avg_wbits"),
             "avg_abits": metrics.get("avg_abits"), "top1": metrics.get("val_top1") if ok else None,
-            "top5": metrics.get("val_top5") if ok else None, "epochs": metrics.get("epoch") if ok else None,
+            "top5": metrics.get("val_top5") if ok else None, **onnx_row(metrics, ok),
+            "epochs": metrics.get("epoch") if ok else None,
             "evaluation": ONE_SHOT if cfg.finetune.epochs == 0 else "fine-tuned",
             "model_version": versions[0] if versions else None,
             "run_id": run.info.run_id if run is not None else None, "error": error,
@@ -362,6 +363,7 @@ def _log_summary(cfg: PipelineConfig, tracker: Tracker, run_id: str, rows: list[
     if finished:
         best = max(finished, key=lambda row: row["top1"])
         tracker.set_model_alias(registered_model_name(cfg), "best-top1", best["model_version"])
+        set_onnx_alias(tracker, registered_model_name(cfg), best["run_id"], "best-top1")
     failed = [row for row in rows if row["status"] == "failed"]
     tracker.set_tags(run_id, {"limpq.failed_trials": ",".join(r["budget"] for r in failed) or "none"})
 
@@ -405,16 +407,18 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     def number(value: float | None, fmt: str) -> str:
         return format(value, fmt) if value is not None else "-"
 
-    lines = [f"{'budget':<22} {'kind':<8} {'GBitOps':>9} {'size MB':>8} {'top-1 %':>8}  vs uniform (nearest BitOps)"]
+    lines = [f"{'budget':<22} {'kind':<8} {'GBitOps':>9} {'size MB':>8} {'top-1 %':>8} {'ONNX top-1 %':>12} "
+             f"{'agree %':>7}  vs uniform (nearest BitOps)"]
     for row in sorted(rows, key=lambda r: (r["bitops_g"] is None, r["bitops_g"] or 0.0)):
         versus = ""
         if row["kind"] == "mpq" and row["top1"] is not None:
             base = _nearest_uniform(row, rows)
             if base is not None:
                 versus = f"{base['budget']}: {100 * base['top1']:.1f}% ({100 * (row['top1'] - base['top1']):+.1f})"
-        top1 = number(100 * row["top1"] if row["top1"] is not None else None, ".1f")
+        top1, onnx_top1, agreement = (number(100 * row[key] if row.get(key) is not None else None, ".1f")
+                                      for key in ("top1", "onnx_top1", "onnx_agreement"))
         lines.append(f"{row['budget']:<22} {row['kind']:<8} {number(row['bitops_g'], '.4f'):>9} "
-                     f"{number(row['size_mb'], '.3f'):>8} {top1:>8}  {versus}")
+                     f"{number(row['size_mb'], '.3f'):>8} {top1:>8} {onnx_top1:>12} {agreement:>7}  {versus}")
     for row in rows:
         if row["status"] == "failed":
             lines.append(f"FAILED {row['budget']}: {row['error']}")
