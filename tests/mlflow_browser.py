@@ -183,6 +183,17 @@ class Browser:
                 return
             await asyncio.sleep(1.0)
 
+    async def models_cell(self, run_name: str) -> str | None:
+        """The text of the runs table's Models cell in the row of run `run_name` (None: no such row).
+        A row's cells sit in several row elements (pinned and scrolled parts) that share a row-index."""
+        return await self.evaluate(
+            "(() => { const cell = [...document.querySelectorAll('[role=gridcell][col-id=\"attributes.`Run Name`\"]')]"
+            f".find(c => c.innerText.trim().split(/\\s+/).pop() === {json.dumps(run_name)});"
+            " if (!cell) return null; const index = cell.closest('[role=row]').getAttribute('row-index');"
+            " const models = document.querySelector(`[role=row][row-index=\"${index}\"] "
+            "[role=gridcell][col-id=\"attributes.\\`Models\\`\"]`);"
+            " return models ? models.innerText.trim() : null; })()")
+
     async def close_assistant(self) -> None:
         """Close the MLflow Assistant side panel (its close button is the page's top-right one),
         which otherwise takes a third of the page."""
@@ -228,6 +239,7 @@ class Expectations:
     trial_run: str | None = None
     trial_metrics: list[str] = field(default_factory=list)
     trial_artifacts: list[str] = field(default_factory=list)
+    trial_models: list[str] = field(default_factory=list)  # the names of the trial run's logged models
 
 
 def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectations:
@@ -257,6 +269,8 @@ def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectat
         expected.trial_run = trial.info.run_name
         expected.trial_metrics = [key for key in TRIAL_METRICS if key in trial.data.metrics]
         expected.trial_artifacts = [Path(a.path).name for a in client.list_artifacts(trial.info.run_id)][:6]
+        expected.trial_models = [model.name for model in client.search_logged_models(
+            [experiment.experiment_id], filter_string=f"source_run_id = '{trial.info.run_id}'")]
     return expected
 
 
@@ -273,6 +287,15 @@ async def _check_pages(browser: Browser, url: str, experiment_id: str, expected:
     if expected.nested_runs:
         await browser.expand_all_runs()
         await browser.wait_for(expected.nested_runs, timeout)
+    if expected.trial_models:  # the Models column names one of the trial's models and counts the others
+        shown, deadline = None, time.monotonic() + timeout
+        while not (shown and shown.split()[0] in expected.trial_models and (len(expected.trial_models) == 1
+                                                                           or f"+{len(expected.trial_models) - 1}" in shown)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the Models cell of run {expected.trial_run} shows {shown!r}, not its logged "
+                                     f"models {expected.trial_models}")
+            await asyncio.sleep(0.5)
+            shown = await browser.models_cell(expected.trial_run)
     if expected.registered_model:
         await browser.open(f"{url}/#/models?{MODEL_TRAINING}", [expected.registered_model], timeout)
         versions = [f"Version {n}" for n in range(1, expected.model_versions + 1)]

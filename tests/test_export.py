@@ -22,21 +22,21 @@ import onnxruntime
 import pytest
 import ray
 import torch
-import yaml
 from mlflow_browser import free_port
 from onnx import numpy_helper
+from smoke_config import write_smoke_config
 from torch import nn
 
 from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.distributed.onnx_models import val_batches
+from orchestrator.errors import UserError
 from orchestrator.quant.lsq import levels
 from orchestrator.quant.onnx_check import compare_with_torch
 from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.tracking import Tracker
 
-REPO = Path(__file__).resolve().parents[1]
 PYTORCH_NAME, ONNX_NAME = "smoke-resnet18", "smoke-resnet18-onnx"
 
 
@@ -100,6 +100,22 @@ def test_a_2_and_a_3_bit_layer_export_only_their_own_levels(tmp_path: Path) -> N
     assert check.agreement >= 0.999 and check.max_logit_diff < 1e-4
 
 
+def test_what_onnx_qdq_cannot_express_is_one_user_error_naming_the_layer_or_operator(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    quantize_model(model, policy={"2": (10, 4), "4": (4, 4)}, input_size=10)
+    with pytest.raises(UserError, match=r"^layer 2: 10-bit weights do not fit an 8-bit integer type"):
+        export_onnx(model, torch.zeros(1, 3, 10, 10), tmp_path / "wide.onnx")
+
+    class Histogram(nn.Module):  # an operator the ONNX translation does not cover
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.histc(x, bins=4).expand(x.shape[0], 4)
+
+    with pytest.raises(UserError, match=r"^the model cannot be exported to ONNX: torch\.ops\.aten\.histc\.default: "):
+        export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), Histogram()), torch.zeros(1, 3, 8, 8), tmp_path / "odd.onnx")
+    assert not (tmp_path / "wide.onnx").exists() and not (tmp_path / "odd.onnx").exists()
+
+
 # --- the smoke pipeline, its registered models and `limpq export` ----------------------------------------
 
 
@@ -110,17 +126,9 @@ def smoke(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     fine-tuning run). Returns its config file."""
     from orchestrator.distributed.pipeline import run_pipeline
 
-    tmp = tmp_path_factory.mktemp("export")
-    raw = yaml.safe_load((REPO / "jobs/configs/smoke.yaml").read_text())
-    raw["data"].update(path=str(digits_slice), demo=False, batch_size=16)
-    raw["fp"]["epochs"] = 0
-    raw["search"]["budgets"] = [{"target_wbits": 3, "target_abits": 3}]
-    raw["finetune"].update(epochs=0, baselines=[], bn_recalibration_batches=1)
-    raw["output_dir"] = str(tmp / "runs")
-    raw["ray"]["storage_path"] = str(tmp / "ray")
-    raw["mlflow"]["tracking_uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    config = tmp / "smoke.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = write_smoke_config(digits_slice, tmp_path_factory.mktemp("export"), fp={"epochs": 0},
+                                search={"budgets": [{"target_wbits": 3, "target_abits": 3}]},
+                                finetune={"epochs": 0, "baselines": [], "bn_recalibration_batches": 1})
     ray.init(address="local", num_cpus=3, include_dashboard=False)  # never join a `ray start` cluster
     try:
         run_pipeline(load_config(config))

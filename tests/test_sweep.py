@@ -113,6 +113,11 @@ def test_sweep_run_tree_models_failures_and_resubmission(tmp_path: Path, digits_
     model = client.get_registered_model(name)
     assert set(model.aliases) == {"best-top1", "budget-w3a3", "budget-uniform-w3a3"}
     assert client.get_model_version_by_alias(name, "budget-w3a3").run_id == trials["W3A3"].info.run_id
+    # and each one's ONNX export, checked in ONNX Runtime, as a version of <name>-onnx with the same aliases
+    onnx_versions = {v.tags["budget"]: v for v in client.search_model_versions(f"name = '{name}-onnx'")}
+    assert set(onnx_versions) == {"W3A3", "uniform-W3A3"}
+    assert set(client.get_registered_model(f"{name}-onnx").aliases) == set(model.aliases)
+    assert all(trials[label].data.metrics["onnx_agreement"] >= 0.999 for label in onnx_versions)
 
     # loading a registered version in a fresh process gives the trial checkpoint's logits
     checkpoint = tracker.download_artifact(trials["W3A3"].info.run_id, "checkpoint/finetuned.pt", tmp_path / "ckpt")
@@ -143,6 +148,7 @@ def test_sweep_run_tree_models_failures_and_resubmission(tmp_path: Path, digits_
         run_pipeline(cfg)
     assert len(client.search_runs([tracker.experiment_id], "")) == run_count
     assert len(client.search_model_versions(f"name = '{name}'")) == version_count
+    assert len(client.search_model_versions(f"name = '{name}-onnx'")) == version_count
     trials_after = {run.info.run_name: run for run in client.search_runs(
         [tracker.experiment_id], "tags.`limpq.stage` = 'trial'")}
     assert trials_after["G0.001"].data.tags["limpq.attempts"] == "2"

@@ -197,6 +197,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
 
 def _print_where_to_look(cfg: PipelineConfig, tracker: Tracker) -> None:
+    from orchestrator.distributed.onnx_models import onnx_registered_name
     from orchestrator.distributed.runtime import dashboard_url
     from orchestrator.distributed.sweep import registered_model_name
 
@@ -207,3 +208,6 @@ def _print_where_to_look(cfg: PipelineConfig, tracker: Tracker) -> None:
               "ray_cluster.yaml`)", flush=True)
     print(f"Registered model: {registered_model_name(cfg)} (aliases best-top1, budget-<label>; "
           f"mlflow.pytorch.load_model('models:/{registered_model_name(cfg)}@best-top1'))", flush=True)
+    onnx_name = onnx_registered_name(registered_model_name(cfg))
+    print(f"ONNX (QDQ at the searched bits): {onnx_name}, same aliases; serve it with `mlflow models serve -m "
+          f"models:/{onnx_name}@best-top1 --env-manager local`", flush=True)

@@ -47,7 +47,6 @@ def cpu_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
     session would be); `threads` 0 lets ONNX Runtime choose."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: it warns about every initializer the optimizer drops
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,7 +129,7 @@ def _layer_of(quantizer_name: str) -> str:
     return quantizer_name.rpartition(".")[0] or "<model>"
 
 
-def _stand_ins(model: nn.Module, opset: int) -> dict[str, tuple[_QuantDequant, QuantizedTensor]]:
+def _stand_ins(model: nn.Module) -> dict[str, tuple[_QuantDequant, QuantizedTensor]]:
     """An export stand-in for every LsqQuantizer of `model`; UserError (one line, naming the layer)
     for one that ONNX QDQ cannot express."""
     stand_ins = {}
@@ -145,14 +145,10 @@ def _stand_ins(model: nn.Module, opset: int) -> dict[str, tuple[_QuantDequant, Q
             raise UserError(f"layer {layer}: {bits}-bit {module.kind}s do not fit an 8-bit integer type, the widest "
                             "that ONNX QuantizeLinear/DequantizeLinear runtimes execute")
         qn, qp = levels(bits, module.signed)
-        onnx_type = _container(qn, qp)[0]
-        if opset < MIN_OPSET:
-            raise UserError(f"layer {layer}: {bits}-bit {module.kind}s need ONNX opset {MIN_OPSET} or newer "
-                            f"(INT4/UINT4 types); got --opset {opset}")
         step = module.effective_step_size(bits)
         stand_ins[name] = (_QuantDequant(step, qn, qp), QuantizedTensor(
             layer=layer, kind=module.kind, bits=bits, signed=module.signed,
-            onnx_type=onnx.TensorProto.DataType.Name(onnx_type), scale=step))
+            onnx_type=onnx.TensorProto.DataType.Name(_container(qn, qp)[0]), scale=step))
     return stand_ins
 
 
@@ -191,7 +187,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     with torch.no_grad():
         model(example)
     model = copy.deepcopy(model)
-    stand_ins = _stand_ins(model, opset)
+    stand_ins = _stand_ins(model)
     _replace_modules(model, {name: module for name, (module, _) in stand_ins.items()})
     # torch.export specializes a dimension of size 1, so a dynamic batch is traced at batch 2
     traced = example[:1].expand(batch or 2, *example.shape[1:]).contiguous()
@@ -200,8 +196,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
             model, (traced,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], dynamic_shapes=None if batch else ({0: "batch"},), optimize=False,
             custom_translation_table={torch.ops.limpq.quant_dequant.default: _quant_dequant_onnx}, verbose=False)
-    except Exception as error:  # torch.onnx wraps whatever it cannot translate in its own error types
-        raise UserError(f"the model cannot be exported to ONNX: {str(error).strip().splitlines()[0][:300]}") from error
+    except torch.onnx.errors.OnnxExporterError as error:
+        raise UserError(f"the model cannot be exported to ONNX: {_export_failure(error)}") from error
     proto = program.model_proto
     # weights first, while each one still reads its own Clip: the optimizer may fold a small weight's
     # Clip into a new initializer
@@ -215,6 +211,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     path = Path(path)
     onnx.save_model(proto, path)
     return OnnxExport(path, quantized)
+
+
+def _export_failure(error: BaseException) -> str:
+    """One line from torch.onnx's chain of errors: the operator it could not translate, and why."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    operator = next((found.group(1) for found in (re.search(r"target=([\w.]+)", str(e)) for e in chain) if found), None)
+    root = chain[-1]
+    reason = f"{type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else ''}"
+    return f"{operator}: {reason}" if operator else reason[:300]
 
 
 def _value(graph: onnx.GraphProto, name: str) -> np.ndarray:
@@ -296,14 +303,18 @@ def _clamp_4bit_inputs_with_min_max(proto: onnx.ModelProto) -> None:
         qn, qp = _clip_range(graph, node, np.float32(_value(graph, quantize.input[1])), dtype)
         value = node.input[0]
         if qp < _integer_range(dtype)[1]:
-            nodes.append(onnx.helper.make_node("Min", [value, high], [f"{node.output[0]}_min"], name=f"{node.name}_min"))
-            value = f"{node.output[0]}_min"
+            nodes.append(onnx.helper.make_node("Min", [value, high], [f"{value}_min"], name=f"{node.name}_min"))
+            value = f"{value}_min"
         if qn > _integer_range(dtype)[0]:
-            nodes.append(onnx.helper.make_node("Max", [value, low], [f"{node.output[0]}_max"], name=f"{node.name}_max"))
-            value = f"{node.output[0]}_max"
+            nodes.append(onnx.helper.make_node("Max", [value, low], [f"{value}_max"], name=f"{node.name}_max"))
+            value = f"{value}_max"
         quantize.input[0] = value
     del graph.node[:]
     graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [initializer for initializer in graph.initializer if initializer.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _drop_stack_traces(proto: onnx.ModelProto) -> None:
