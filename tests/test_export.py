@@ -100,6 +100,33 @@ def test_a_2_and_a_3_bit_layer_export_only_their_own_levels(tmp_path: Path) -> N
     assert check.agreement >= 0.999 and check.max_logit_diff < 1e-4
 
 
+class _TwoReaders(nn.Module):
+    """One activation read by two low-bit layers (as a ResNet block's first conv and its downsample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 8, 3), nn.ReLU()
+        self.left, self.right = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.stem(x))
+        return self.head(self.left(x) + self.right(x))
+
+
+def test_one_activation_read_by_a_2_and_a_3_bit_layer_exports_both_clamps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _TwoReaders()
+    quantize_model(model, policy={"left": (3, 2), "right": (2, 3)}, input_size=10)
+    model(torch.randn(8, 3, 10, 10))
+    out = tmp_path / "two.onnx"
+    export_onnx(model.eval(), torch.zeros(1, 3, 10, 10), out)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    images = torch.randn(32, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    check = compare_with_torch(model, out, [(images, torch.zeros(32, dtype=torch.long))])
+    assert check.agreement == 1.0 and check.max_logit_diff < 1e-5
+
+
 def test_what_onnx_qdq_cannot_express_is_one_user_error_naming_the_layer_or_operator(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))

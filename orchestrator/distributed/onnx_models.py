@@ -17,12 +17,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import mlflow
+import mlflow.onnx
+import mlflow.pytorch
+import onnx
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import get_model_info, infer_signature
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader
 
 from orchestrator.config import PipelineConfig
+from orchestrator.data.local import build_datasets
 from orchestrator.errors import UserError
-from orchestrator.quant.onnx_check import MIN_AGREEMENT, OnnxAgreement, compare_with_torch
-from orchestrator.quant.onnx_export import INPUT_NAME, OnnxExport, check_opset, export_onnx, float_copy
+from orchestrator.quant.onnx_check import MIN_AGREEMENT, OnnxAgreement, compare_with_torch, cpu_session
+from orchestrator.quant.onnx_export import INPUT_NAME, OnnxExport, export_onnx, float_copy
 from orchestrator.redact import redact
 from orchestrator.tracking import DEFAULT_TRACKING_URI, SQLITE_PREFIX, Tracker, _retrying_lock_errors
 
@@ -42,10 +51,6 @@ def onnx_registered_name(pytorch_name: str) -> str:
 def val_batches(cfg: PipelineConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The config's val split in batches of `data.batch_size`, read in this process (as `limpq
     evaluate` reads it)."""
-    from torch.utils.data import DataLoader
-
-    from orchestrator.data.local import build_datasets
-
     _, val = build_datasets(cfg, train_fraction=0.0)  # no training image is read
     yield from DataLoader(val, batch_size=cfg.data.batch_size)
 
@@ -54,13 +59,6 @@ def log_onnx_model(tracker: Tracker, run_id: str, path: Path, example: torch.Ten
                    tags: Mapping[str, Any]) -> str:
     """`mlflow.onnx.log_model` of the file at `path` into `run_id`, with a signature and input
     example, run by ONNX Runtime on the CPU; returns the model URI."""
-    import mlflow
-    import mlflow.onnx
-    import onnx
-    from mlflow.models import infer_signature
-
-    from orchestrator.quant.onnx_check import cpu_session
-
     mlflow.set_tracking_uri(tracker.tracking_uri)
     # the LoggedModel goes to the fluent active experiment: the run's (see Tracker.log_model)
     _retrying_lock_errors(mlflow.set_experiment, experiment_id=tracker.experiment_id)
@@ -156,9 +154,6 @@ class SourceModel:
 
 
 def _pytorch_model_of(tracking_uri: str, uri: str, what: str) -> SourceModel:
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import get_model_info
-
     try:
         info = get_model_info(uri)
     except (MlflowException, OSError) as error:
@@ -176,11 +171,6 @@ def _pytorch_model_of(tracking_uri: str, uri: str, what: str) -> SourceModel:
 
 def resolve_source(tracking_uri: str, model_uri: str | None, run_id: str | None) -> SourceModel:
     """The PyTorch model behind `--model-uri` or `--run-id` (its newest logged PyTorch model)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import get_model_info
-    from mlflow.tracking import MlflowClient
-
     mlflow.set_tracking_uri(tracking_uri)  # get_model_info resolves models:/ URIs at the global store
     if model_uri is not None:
         return _pytorch_model_of(tracking_uri, model_uri, model_uri)
@@ -212,11 +202,6 @@ def export_logged_model(tracking_uri: str, source: SourceModel, out: Path, opset
                         batch: int | None) -> ExportResult:
     """`limpq export`: the source model as ONNX QDQ at `out`, with the size of an FP32 export of the
     same model and a check in ONNX Runtime on a few random images."""
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.tracking import MlflowClient
-
-    check_opset(opset)
     mlflow.set_tracking_uri(tracking_uri)
     # MLflow's PyTorch flavor is a pickle of the whole module (see Tracker.log_model): loading it runs
     # code from the store, as mlflow.pytorch.load_model and `mlflow models serve` do

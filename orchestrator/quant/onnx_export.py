@@ -301,13 +301,14 @@ def _clamp_4bit_inputs_with_min_max(proto: onnx.ModelProto) -> None:
             continue
         low, high = node.input[1], node.input[2]
         qn, qp = _clip_range(graph, node, np.float32(_value(graph, quantize.input[1])), dtype)
-        value = node.input[0]
+        # one tensor may feed several quantizers: the new names come from the Clip's (unique) output
+        value, clipped = node.input[0], node.output[0]
         if qp < _integer_range(dtype)[1]:
-            nodes.append(onnx.helper.make_node("Min", [value, high], [f"{value}_min"], name=f"{node.name}_min"))
-            value = f"{value}_min"
+            nodes.append(onnx.helper.make_node("Min", [value, high], [f"{clipped}_min"], name=f"{node.name}_min"))
+            value = f"{clipped}_min"
         if qn > _integer_range(dtype)[0]:
-            nodes.append(onnx.helper.make_node("Max", [value, low], [f"{value}_max"], name=f"{node.name}_max"))
-            value = f"{value}_max"
+            nodes.append(onnx.helper.make_node("Max", [value, low], [f"{clipped}_max"], name=f"{node.name}_max"))
+            value = f"{clipped}_max"
         quantize.input[0] = value
     del graph.node[:]
     graph.node.extend(nodes)
