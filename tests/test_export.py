@@ -214,7 +214,7 @@ def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_a
     assert 0 <= metrics["onnx_top1"] <= 1 and metrics["onnx_size_mb"] > 0
     sweep = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
     report = Path(client.download_artifacts(sweep.info.run_id, "report.txt", str(smoke.parent))).read_text()
-    assert "ONNX top-1 %" in report.splitlines()[0] and "100.0" in report.splitlines()[1]
+    assert "ONNX top-1 %" in report.splitlines()[0] and "100.00" in report.splitlines()[1]
 
 
 def test_registered_onnx_model_predicts_through_pyfunc_and_mlflow_models_serve(smoke: Path, tmp_path: Path) -> None:

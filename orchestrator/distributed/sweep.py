@@ -415,8 +415,8 @@ def format_report(rows: list[dict[str, Any]]) -> str:
             base = _nearest_uniform(row, rows)
             if base is not None:
                 versus = f"{base['budget']}: {100 * base['top1']:.1f}% ({100 * (row['top1'] - base['top1']):+.1f})"
-        top1, onnx_top1, agreement = (number(100 * row[key] if row.get(key) is not None else None, ".1f")
-                                      for key in ("top1", "onnx_top1", "onnx_agreement"))
+        top1, onnx_top1, agreement = (number(100 * row[key] if row.get(key) is not None else None, fmt) for key, fmt
+                                      in (("top1", ".1f"), ("onnx_top1", ".1f"), ("onnx_agreement", ".2f")))
         lines.append(f"{row['budget']:<22} {row['kind']:<8} {number(row['bitops_g'], '.4f'):>9} "
                      f"{number(row['size_mb'], '.3f'):>8} {top1:>8} {onnx_top1:>12} {agreement:>7}  {versus}")
     for row in rows:
