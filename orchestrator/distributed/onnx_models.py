@@ -75,13 +75,19 @@ def log_trial_onnx(cfg: PipelineConfig, tracker: Tracker, run_id: str, model: to
                    step: int) -> None:
     """Export a finished trial's model, check it on the val split, log `onnx_top1`, `onnx_agreement`,
     `onnx_max_logit_diff` and `onnx_size_mb` on the trial run, log the ONNX model and register it
-    with the PyTorch version's tags and aliases: once per trial run. An export below the agreement
-    threshold is logged but not registered, and the run's `limpq.onnx_check` tag says why."""
+    with the PyTorch version's tags and aliases: once per trial run. A model that ONNX QDQ cannot
+    express, or an export below the agreement threshold, is not registered, and the run's
+    `limpq.onnx_check` tag says why."""
     name = onnx_registered_name(pytorch_name)
     if tracker.model_versions_of_run(name, run_id):
         return
     with tempfile.TemporaryDirectory() as directory:
-        export = export_onnx(model, example, Path(directory) / "model.onnx")
+        try:
+            export = export_onnx(model, example, Path(directory) / "model.onnx")
+        except UserError as error:  # the trial's PyTorch results stand; the run says why there is no ONNX
+            tracker.set_tags(run_id, {TAG_ONNX_CHECK: f"not exported: {error}"})
+            log.warning("trial run %s: no ONNX model: %s", run_id, error)
+            return
         agreement = compare_with_torch(model, export.path, val_batches(cfg))
         tracker.log_metrics(run_id, {**agreement.metrics(), "onnx_size_mb": export.size_bytes / MEGABYTE}, step=step)
         uri = log_onnx_model(tracker, run_id, export.path, example, step, tags={"format": "onnx-qdq"})
