@@ -94,12 +94,21 @@ def writable_directory(path: str | Path, key: str) -> Path:
 
 
 def writable_file(path: str | Path, key: str) -> Path:
-    """Checks, creating nothing, that a file can be written at `path` (its directory exists or can
-    be created and is writable, and `path` is not a directory); else a UserError naming `key`."""
+    """Checks that a file can be written at `path` (not a directory; its directory exists or can be
+    created, and is writable), leaving nothing behind; else a UserError naming `key`. Where the
+    directory exists, the file is opened for appending to find out: permission bits do not say it
+    for root, nor for a read-only file system."""
     path = Path(path).expanduser().absolute()
     if path.is_dir():
         raise UserError(f"{key}: {path} is a directory; give a file path")
     writable_directory(path.parent, key)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UserError(f"{key}: {path} is not writable; choose another path")
+    if path.parent.is_dir():
+        existed = path.exists()
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as error:
+            raise UserError(f"{key}: {path} cannot be written ({error.strerror}); choose another path") from None
+        if not existed:
+            path.unlink()
     return path

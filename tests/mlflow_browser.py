@@ -142,6 +142,28 @@ def expand_all_runs(page: Page) -> None:
         page.wait_for_timeout(1000)
 
 
+def models_cell(page: Page, run_name: str) -> str | None:
+    """The text of the runs table's Models cell in the row of run `run_name` (None: no such row). A
+    row's cells sit in several row elements (pinned and scrolled parts) that share a row-index."""
+    return page.evaluate(
+        "runName => { const cell = [...document.querySelectorAll('[role=gridcell][col-id=\"attributes.`Run Name`\"]')]"
+        ".find(c => c.innerText.trim().split(/\\s+/).pop() === runName);"
+        " if (!cell) return null; const index = cell.closest('[role=row]').getAttribute('row-index');"
+        " const models = document.querySelector(`[role=row][row-index=\"${index}\"] "
+        "[role=gridcell][col-id=\"attributes.\\`Models\\`\"]`);"
+        " return models ? models.innerText.trim() : null; }", run_name)
+
+
+def wait_for_models_cell(page: Page, run_name: str, models: list[str], timeout: float = PAGE_TIMEOUT_S) -> None:
+    """The Models column names one of the run's logged models and counts the others ("name +N")."""
+    shown, deadline = None, time.monotonic() + timeout
+    while not (shown and shown.split()[0] in models and (len(models) == 1 or f"+{len(models) - 1}" in shown)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the Models cell of run {run_name} shows {shown!r}, not its logged models {models}")
+        page.wait_for_timeout(500)
+        shown = models_cell(page, run_name)
+
+
 def close_assistant(page: Page) -> None:
     """Close the MLflow Assistant side panel (its close button is the page's top-right one), which
     otherwise takes a third of the page."""
@@ -173,6 +195,7 @@ class Expectations:
     trial_run: str | None = None
     trial_metrics: list[str] = field(default_factory=list)
     trial_artifacts: list[str] = field(default_factory=list)
+    trial_models: list[str] = field(default_factory=list)  # the names of the trial run's logged models
 
 
 def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectations:
@@ -200,6 +223,8 @@ def expectations_from_store(tracking_uri: str, experiment_name: str) -> Expectat
         expected.trial_run = trial.info.run_name
         expected.trial_metrics = [key for key in TRIAL_METRICS if key in trial.data.metrics]
         expected.trial_artifacts = [Path(a.path).name for a in client.list_artifacts(trial.info.run_id)][:6]
+        expected.trial_models = [model.name for model in client.search_logged_models(
+            [experiment.experiment_id], filter_string=f"source_run_id = '{trial.info.run_id}'")]
     return expected
 
 
@@ -226,6 +251,8 @@ def check_pages(url: str, tracking_uri: str, experiment_name: str, expected: Exp
         if expected.nested_runs:
             expand_all_runs(page)
             wait_for_text(page, expected.nested_runs, timeout)
+        if expected.trial_models:
+            wait_for_models_cell(page, expected.trial_run, expected.trial_models, timeout)
         if expected.registered_model:
             open_page(page, f"{url}/#/models?{MODEL_TRAINING}", [expected.registered_model], timeout)
             versions = [f"Version {n}" for n in range(1, expected.model_versions + 1)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-import yaml
+from pipelines import write_smoke_config
 from torch import nn
 
 from orchestrator.cli import main
@@ -21,8 +21,6 @@ from orchestrator.search.costs import costs_from_layers
 from orchestrator.search.policy import policy_totals
 from orchestrator.train.oneshot import check_policy, policy_cost, score_policy
 from orchestrator.train.steps import evaluate
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _joint_model() -> nn.Module:
@@ -89,15 +87,7 @@ def smoke_pipeline(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory)
     from orchestrator.distributed.pipeline import run_indicators
     from orchestrator.preflight import preflight
 
-    tmp = tmp_path_factory.mktemp("evaluate")
-    raw = yaml.safe_load((REPO / "jobs/configs/smoke.yaml").read_text())
-    raw["data"].update(path=str(digits_slice), demo=False, batch_size=16)  # a step per epoch on the slice
-    raw["fp"]["epochs"] = 0
-    raw["output_dir"] = str(tmp / "runs")
-    raw["ray"]["storage_path"] = str(tmp / "ray")
-    raw["mlflow"]["tracking_uri"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    config = tmp / "smoke.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = write_smoke_config(digits_slice, tmp_path_factory.mktemp("evaluate"), fp={"epochs": 0})
     ray.init(address="local", num_cpus=3, include_dashboard=False)  # never join a `ray start` cluster
     try:
         run_indicators(preflight(load_config(config)))

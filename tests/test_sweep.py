@@ -138,6 +138,12 @@ def test_every_finished_trial_is_a_registered_version_with_tags_and_aliases(swee
     assert set(sweep.client.get_registered_model(name).aliases) == {"best-top1", "budget-w3a3", "budget-g0-1",
                                                                     "budget-uniform-w3a3"}
     assert sweep.client.get_model_version_by_alias(name, "budget-w3a3").run_id == sweep.trials["W3A3"].info.run_id
+    # and each one's ONNX export, checked in ONNX Runtime, as a version of <name>-onnx with the same aliases
+    onnx_versions = {v.tags["budget"]: v for v in sweep.client.search_model_versions(f"name = '{name}-onnx'")}
+    assert set(onnx_versions) == set(sweep.versions)
+    assert set(sweep.client.get_registered_model(f"{name}-onnx").aliases) == \
+        set(sweep.client.get_registered_model(name).aliases)
+    assert all(sweep.trials[label].data.metrics["onnx_agreement"] >= 0.999 for label in onnx_versions)
 
 
 def test_a_registered_version_loads_in_a_fresh_process_with_the_checkpoints_logits(sweep: Sweep) -> None:
@@ -170,3 +176,5 @@ def test_a_finished_pipeline_submitted_again_runs_and_registers_nothing(sweep: S
     assert [row["budget"] for row in sweep.resubmitted] == [row["budget"] for row in sweep.rows]
     assert len(sweep.runs_after) == len(sweep.runs)
     assert len(sweep.versions_after) == len(sweep.versions)
+    name = registered_model_name(sweep.cfg)
+    assert len(sweep.client.search_model_versions(f"name = '{name}-onnx'")) == len(sweep.versions)

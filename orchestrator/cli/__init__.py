@@ -15,7 +15,7 @@ from collections.abc import Callable
 from orchestrator.console import setup_console
 from orchestrator.errors import PipelineFailed, Terminated, user_error_in
 
-COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate")
+COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate", "export")
 
 
 class _OneLineErrors(argparse.ArgumentParser):

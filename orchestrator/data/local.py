@@ -107,17 +107,19 @@ def _parquet_split(listing: ParquetSplit, fraction: float, seed: int, transform:
     return _select(sources, labels, keys, fraction, seed, transform, classes, listing.location)
 
 
+def split_dataset(index: DatasetIndex, split: str, transform: ImageTransform, seed: int,
+                  fraction: float = 1.0) -> EncodedImageDataset:
+    """One split of an indexed dataset: a `fraction` subset chosen by `seed`, through `transform`."""
+    listing = index.splits[split]
+    if isinstance(listing, FolderSplit):
+        return _folder_split(listing, index.classes, fraction, seed, transform)
+    return _parquet_split(listing, fraction, seed, transform)
+
+
 def build_datasets(index: DatasetIndex, transforms: tuple[ImageTransform, ImageTransform], num_classes: int,
                    seed: int, train_fraction: float = 1.0) -> tuple[EncodedImageDataset, EncodedImageDataset]:
     """(train, val) datasets of an indexed dataset; train uses the first of `transforms` and a
     `train_fraction` subset chosen by `seed`, val the second and every sample."""
     check_dataset(index, num_classes)
-    fractions = {"train": train_fraction, "val": 1.0}
-    datasets = []
-    for split, transform in zip(("train", "val"), transforms):
-        listing = index.splits[split]
-        if isinstance(listing, FolderSplit):
-            datasets.append(_folder_split(listing, index.classes, fractions[split], seed, transform))
-        else:
-            datasets.append(_parquet_split(listing, fractions[split], seed, transform))
-    return datasets[0], datasets[1]
+    return (split_dataset(index, "train", transforms[0], seed, train_fraction),
+            split_dataset(index, "val", transforms[1], seed))

@@ -14,22 +14,28 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ray
+import torch
 
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import DatasetIndex, prepare_dataset
-from orchestrator.data.local import build_datasets
+from orchestrator.data.local import build_datasets, split_dataset
 from orchestrator.data.transforms import transforms_for
 from orchestrator.distributed.runtime import ensure_ray
 from orchestrator.distributed.stages import finished_stage
 from orchestrator.errors import UserError
 from orchestrator.preflight import CheckedConfig
-from orchestrator.quant.policy import BitAssignment
+from orchestrator.quant.policy import BitAssignment, set_policy
 from orchestrator.redact import redact
 from orchestrator.search.costs import CostTable
 from orchestrator.stagekeys import stage_keys
 from orchestrator.tracking.runs import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
-from orchestrator.train.oneshot import check_policy, score_on_datasets
+from orchestrator.train.oneshot import (
+    check_policy,
+    loader_batches,
+    recalibrate_bn,
+    score_on_datasets,
+)
 from orchestrator.train.recipe import make_criterion
 from orchestrator.train.stages import JOINT_FILE, device_for, untrained_joint_model
 
@@ -63,6 +69,22 @@ def score_on_this_node(cfg: PipelineConfig, dataset: DatasetIndex, costs: CostTa
     return score_on_datasets(model, policies, costs, train_set, val_set, batch_size=cfg.data.batch_size, seed=cfg.seed,
                              calibration_batches=calibration_batches, criterion=make_criterion(cfg.indicators),
                              bf16=cfg.ray.bf16, device=device_for(cfg.ray.use_gpu))
+
+
+def scored_joint_model(cfg: PipelineConfig, dataset: DatasetIndex, state: dict, policy: BitAssignment,
+                       calibration_batches: int = 0) -> torch.nn.Module:
+    """The joint model as `score_on_this_node` scores it at `policy`: its bits set and, with
+    `calibration_batches`, BN statistics recomputed on the same seeded training batches (and kept).
+    What a one-shot trial registers: the model its top-1 belongs to."""
+    model = untrained_joint_model(cfg.model, cfg.indicators.bits)
+    restore_model(model, state, "joint checkpoint")
+    set_policy(model, policy)
+    if calibration_batches:
+        train_transform, _ = transforms_for(cfg.data, cfg.model.input_size)
+        train_set = split_dataset(dataset, "train", train_transform, cfg.seed, cfg.indicators.train_fraction)
+        recalibrate_bn(model, loader_batches(train_set, cfg.data.batch_size, cfg.seed, calibration_batches,
+                                             shuffle=True))
+    return model.eval()
 
 
 def score_with_joint_model(checked: CheckedConfig, policies: Labelled, calibration_batches: int = 0) -> list[dict]:

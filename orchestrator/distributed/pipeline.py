@@ -19,6 +19,7 @@ from pathlib import Path
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import DatasetIndex, prepare_dataset
 from orchestrator.distributed.interrupts import terminate_as_exception
+from orchestrator.distributed.onnx_models import onnx_registered_name
 from orchestrator.distributed.runtime import dashboard_url
 from orchestrator.distributed.stages import StageOutput, finished_stage, run_directory
 from orchestrator.distributed.summary import format_report, read_finished_sweep
@@ -153,3 +154,7 @@ def _print_where_to_look(cfg: PipelineConfig, tracker: Tracker) -> None:
         return  # nothing registered (every trial failed, or the run stopped before the sweep)
     print(f"Registered model: {name} (aliases best-top1, budget-<label>; "
           f"mlflow.pytorch.load_model('models:/{name}@best-top1'))", flush=True)
+    onnx_name = onnx_registered_name(name)
+    if tracker.client.search_model_versions(f"name = '{onnx_name}'", max_results=1):
+        print(f"ONNX (QDQ at the searched bits): {onnx_name}, same aliases; serve it with `mlflow models serve -m "
+              f"models:/{onnx_name}@best-top1 --env-manager local`", flush=True)

@@ -79,7 +79,9 @@ def use_auth_token_if_present() -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     if "ray" in sys.modules:
-        from orchestrator.distributed.compat import reload_ray_auth_mode  # Ray: see the module's docstring
+        from orchestrator.distributed.compat import (
+            reload_ray_auth_mode,  # Ray: see the module's docstring
+        )
 
         reload_ray_auth_mode()
 

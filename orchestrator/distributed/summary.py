@@ -15,6 +15,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from orchestrator.config.schema import PipelineConfig
+from orchestrator.distributed.onnx_models import ONNX_COLUMNS, onnx_row, set_onnx_alias
 from orchestrator.distributed.trial import (
     ONE_SHOT,
     TrialSpec,
@@ -27,7 +28,7 @@ from orchestrator.tracking.models import model_versions_of_run
 from orchestrator.tracking.runs import TAG_ERROR, Tracker
 
 SUMMARY_COLUMNS = ("budget", "kind", "status", "bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
-                   "top1", "top5", "epochs", "evaluation", "model_version", "run_id", "error")
+                   "top1", "top5", *ONNX_COLUMNS, "epochs", "evaluation", "model_version", "run_id", "error")
 TEXT_COLUMNS = ("budget", "kind", "status", "evaluation", "model_version", "run_id", "error")
 
 
@@ -52,7 +53,8 @@ def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: 
             "bitops_g": metrics.get("bitops_g"), "size_mb": metrics.get("size_mb"),
             "compression_ratio": metrics.get("compression_ratio"), "avg_wbits": metrics.get("avg_wbits"),
             "avg_abits": metrics.get("avg_abits"), "top1": metrics.get("val_top1") if ok else None,
-            "top5": metrics.get("val_top5") if ok else None, "epochs": metrics.get("epoch") if ok else None,
+            "top5": metrics.get("val_top5") if ok else None, **onnx_row(metrics, ok),
+            "epochs": metrics.get("epoch") if ok else None,
             "evaluation": evaluation_kind(cfg),
             "model_version": versions[0] if versions else None,
             "run_id": run.info.run_id if run is not None else None, "error": error,
@@ -84,6 +86,7 @@ def log_summary(cfg: PipelineConfig, tracker: Tracker, run_id: str, rows: list[d
     if finished:
         best = max(finished, key=lambda row: row["top1"])
         tracker.client.set_registered_model_alias(registered_model_name(cfg), "best-top1", best["model_version"])
+        set_onnx_alias(tracker, registered_model_name(cfg), best["run_id"], "best-top1")
     failed = [row for row in rows if row["status"] == "failed"]
     tracker.set_tags(run_id, {"limpq.failed_trials": ",".join(r["budget"] for r in failed) or "none"})
 
@@ -125,16 +128,18 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     def number(value: float | None, fmt: str) -> str:
         return format(value, fmt) if value is not None else "-"
 
-    lines = [f"{'budget':<22} {'kind':<8} {'GBitOps':>9} {'size MB':>8} {'top-1 %':>8}  vs uniform (nearest BitOps)"]
+    lines = [f"{'budget':<22} {'kind':<8} {'GBitOps':>9} {'size MB':>8} {'top-1 %':>8} {'ONNX top-1 %':>12} "
+             f"{'agree %':>7}  vs uniform (nearest BitOps)"]
     for row in sorted(rows, key=lambda r: (r["bitops_g"] is None, r["bitops_g"] or 0.0)):
         versus = ""
         if row["kind"] == "mpq" and row["top1"] is not None:
             base = _nearest_uniform(row, rows)
             if base is not None:
                 versus = f"{base['budget']}: {100 * base['top1']:.1f}% ({100 * (row['top1'] - base['top1']):+.1f})"
-        top1 = number(100 * row["top1"] if row["top1"] is not None else None, ".1f")
+        top1, onnx_top1, agreement = (number(100 * row[key] if row.get(key) is not None else None, fmt) for key, fmt
+                                      in (("top1", ".1f"), ("onnx_top1", ".1f"), ("onnx_agreement", ".2f")))
         lines.append(f"{row['budget']:<22} {row['kind']:<8} {number(row['bitops_g'], '.4f'):>9} "
-                     f"{number(row['size_mb'], '.3f'):>8} {top1:>8}  {versus}")
+                     f"{number(row['size_mb'], '.3f'):>8} {top1:>8} {onnx_top1:>12} {agreement:>7}  {versus}")
     for row in rows:
         if row["status"] == "failed":
             lines.append(f"FAILED {row['budget']}: {row['error']}")

@@ -27,7 +27,8 @@ from orchestrator.config.schema import (
     uniform_label,
 )
 from orchestrator.data.layout import DatasetIndex
-from orchestrator.distributed.evaluate import score_on_this_node
+from orchestrator.distributed.evaluate import score_on_this_node, scored_joint_model
+from orchestrator.distributed.onnx_models import log_trial_onnx
 from orchestrator.distributed.train import (
     example_input,
     log_dataset_inputs,
@@ -36,7 +37,6 @@ from orchestrator.distributed.train import (
 from orchestrator.errors import UserError
 from orchestrator.indicators import Indicators
 from orchestrator.plots import policy_bits_chart
-from orchestrator.quant.export import export_quantized
 from orchestrator.search.costs import CostTable
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.policy import Policy, uniform_baseline
@@ -154,7 +154,8 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
         if cfg.finetune.epochs == 0:
             metrics = {**_policy_metrics(policy), **_score_one_shot(inputs, spec.label, policy), "epoch": 0.0}
             tracker.log_metrics(run.run_id, metrics, step=0)
-            model = finetune_model(cfg.model, cfg.indicators.bits, inputs.fp_weights, bits, inputs.joint_weights)
+            model = scored_joint_model(cfg, inputs.dataset, inputs.joint_weights, bits,
+                                       cfg.finetune.bn_recalibration_batches)
         else:
             log_dataset_inputs(cfg, inputs.dataset, tracker, run.run_id, "finetune")
             weights = {"fp_weights": inputs.fp_weights, "joint_weights": inputs.joint_weights, "policy": bits,
@@ -169,26 +170,30 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
 
 def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model: torch.nn.Module,
                        policy: Policy, metrics: dict[str, float]) -> None:
-    """Checkpoint, integer export and bits chart as artifacts; the model as an MLflow model and a
-    version of the pipeline's registered model (once per trial run, also when a retry gets here)."""
+    """Checkpoint and bits chart as artifacts; the model (the one the trial's top-1 belongs to: fine-tuned,
+    or the joint model at the policy) as an MLflow model and a version of the pipeline's registered
+    model, then its ONNX export as a version of `<name>-<arch>-onnx` (each once per trial run, also when
+    a retry gets here)."""
     cfg, tracker = inputs.cfg, inputs.tracker
     document = policy.to_dict()
+    checkpoint_name = "finetuned.pt" if cfg.finetune.epochs else "joint-at-policy.pt"
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = save_checkpoint(Path(directory) / "finetuned.pt", model,
+        checkpoint = save_checkpoint(Path(directory) / checkpoint_name, model,
                                      meta={**fp_meta(cfg.model), "policy": document})
-        export = Path(directory) / "export.pt"
-        torch.save({**export_quantized(model), "policy": document}, export)
         chart = Path(directory) / "bits.png"
         policy_bits_chart([layer.name for layer in policy.layers], policy.weight_bits, policy.act_bits, chart,
                           title=f"{cfg.model.arch} {spec.label}")
-        for path, folder in ((checkpoint, "checkpoint"), (export, "checkpoint"), (chart, "plots")):
+        for path, folder in ((checkpoint, "checkpoint"), (chart, "plots")):
             tracker.client.log_artifact(run_id, str(path), folder)
     name = registered_model_name(cfg)
-    if model_versions_of_run(tracker, name, run_id):
-        return
-    uri = log_model(tracker, run_id, model, example_input(cfg), name="model", step=int(metrics.get("epoch", 0)),
-                    tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
+    epochs = int(metrics.get("epoch", 0))
     version_tags = {"budget": spec.label, "kind": spec.kind, "evaluation": evaluation_kind(cfg),
                     "top1": f"{metrics.get('val_top1', float('nan')):.4f}",
                     **{key: f"{value:.6g}" for key, value in _policy_metrics(policy).items()}}
-    register_model(tracker, name, uri, run_id, version_tags, aliases=[budget_alias(spec.label)])
+    aliases = [budget_alias(spec.label)]
+    if not model_versions_of_run(tracker, name, run_id):
+        uri = log_model(tracker, run_id, model, example_input(cfg), name="model", step=epochs,
+                        tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
+        register_model(tracker, name, uri, run_id, version_tags, aliases=aliases)
+    log_trial_onnx(cfg, inputs.dataset, tracker, run_id, model, example_input(cfg), name, version_tags, aliases,
+                   step=epochs)

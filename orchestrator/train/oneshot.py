@@ -69,7 +69,8 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def recalibrate_bn(model: nn.Module, batches: Batches) -> int:
     """Replace the running statistics of every BatchNorm by their exact average over `batches` (forward
     passes in train mode at the policy set, no weight changes); copies the policy does not use are reset
-    and stay unused. Returns the samples seen."""
+    and stay unused. A batch of one image is left out: BatchNorm cannot take statistics over it where
+    the feature map is 1x1. Returns the samples seen."""
     modules = _bn_modules(model)
     momenta = [bn.momentum for bn in modules]
     for bn in modules:
@@ -80,8 +81,9 @@ def recalibrate_bn(model: nn.Module, batches: Batches) -> int:
     seen = 0
     try:
         for images, _ in batches:
-            model(images)
-            seen += len(images)
+            if len(images) > 1:
+                model(images)
+                seen += len(images)
     finally:
         model.train(was_training)
         for bn, momentum in zip(modules, momenta):

@@ -1,0 +1,67 @@
+"""`limpq export`: a registered (or logged) PyTorch model as ONNX with per-layer QDQ at its own bits."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from orchestrator.fileio import writable_file
+
+
+def _batch(value: str) -> int | None:
+    if value == "dynamic":
+        return None
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected 'dynamic' or a positive integer, got {value!r}")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.distributed.onnx_models import (
+        MEGABYTE,
+        export_logged_model,
+        resolve_source,
+        tracking_uri_for_export,
+    )
+    from orchestrator.quant.onnx_export import MIN_OPSET, check_opset
+
+    out = writable_file(args.out, "--out")
+    opset = args.opset or MIN_OPSET
+    check_opset(opset)
+    tracking_uri = tracking_uri_for_export(args.tracking_uri)
+    source = resolve_source(tracking_uri, args.model_uri, args.run_id)
+    result = export_logged_model(tracking_uri, source, out, opset, args.batch)
+    export = result.export
+    size_mb = export.size_bytes / MEGABYTE
+    print(f"wrote {out} (opset {opset}, batch {args.batch or 'dynamic'}, input {list(source.input_shape)}) "
+          f"from {source.uri}")
+    for kind, label in (("weight", "weights"), ("act", "activations")):
+        counts = Counter(f"{q.bits}-bit as {q.onnx_type}" for q in export.quantized if q.kind == kind)
+        print(f"  quantized {label}: " + (", ".join(f"{n} x {what}" for what, n in sorted(counts.items())) or "none"))
+    policy = f"; the policy's size_mb {result.policy_size_mb:.3f} MB" if result.policy_size_mb is not None else ""
+    print(f"  size: {size_mb:.3f} MB; FP32 export of the same model {result.fp32_bytes / MEGABYTE:.3f} MB "
+          f"({result.fp32_bytes / export.size_bytes:.2f}x larger){policy}")
+    check = result.random_check
+    print(f"  ONNX Runtime vs PyTorch on {check.samples} random N(0, 1) inputs: largest logit difference "
+          f"{check.max_logit_diff:.3g}, same top-1 class on {round(check.agreement * check.samples)}/{check.samples}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write a registered model as ONNX (QDQ at its searched bits)",
+        description="Export a PyTorch model that the pipeline logged (a registered version, e.g. "
+                    "models:/<name>-<arch>@best-top1, or a run's newest logged PyTorch model) as ONNX in QDQ form: "
+                    "each quantized weight an INT4 (<= 4 bits) or INT8 initializer read by DequantizeLinear, each "
+                    "quantized activation QuantizeLinear -> DequantizeLinear at its own bits, the rest in float. "
+                    "Prints the file's size next to an FP32 export of the same model.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-uri", metavar="URI", help="an MLflow model URI, e.g. models:/demo-resnet18@best-top1")
+    source.add_argument("--run-id", metavar="RUN", help="an MLflow run id: its newest logged PyTorch model")
+    parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    parser.add_argument("--opset", type=int, metavar="N", help="ONNX opset: 21 (the first with INT4; default) to 23")
+    parser.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
+                        help="the batch dimension: dynamic (default) or a fixed size")
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="the MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.set_defaults(func=_export)

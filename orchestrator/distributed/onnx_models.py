@@ -1,0 +1,220 @@
+"""The ONNX side of the model registry: every finished sweep trial's model exported as ONNX QDQ
+(`orchestrator.quant.onnx_export`), checked in ONNX Runtime against the PyTorch model on the val
+split, logged with `mlflow.onnx.log_model` and registered as a version of `<name>-<arch>-onnx` with the
+PyTorch version's tags and aliases; and `limpq export` of a registered or logged PyTorch model.
+
+Layer 2 (MLflow). The trial hook runs in the trial's process, after the PyTorch model is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import mlflow
+import mlflow.onnx
+import mlflow.pytorch
+import onnx
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import get_model_info, infer_signature
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader
+
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.data.layout import DatasetIndex
+from orchestrator.data.local import split_dataset
+from orchestrator.data.transforms import transforms_for
+from orchestrator.errors import UserError
+from orchestrator.quant.onnx_check import (
+    MIN_AGREEMENT,
+    OnnxAgreement,
+    compare_with_torch,
+    cpu_session,
+)
+from orchestrator.quant.onnx_export import (
+    INPUT_NAME,
+    OnnxExport,
+    export_onnx,
+    float_copy,
+)
+from orchestrator.redact import redact
+from orchestrator.tracking.models import model_versions_of_run, register_model
+from orchestrator.tracking.runs import DEFAULT_TRACKING_URI, SQLITE_PREFIX, Tracker
+
+log = logging.getLogger("limpq")
+
+ONNX_MODEL_NAME = "onnx-model"  # the LoggedModel's name in a trial run, beside the PyTorch "model"
+ONNX_COLUMNS = ("onnx_top1", "onnx_agreement", "onnx_max_logit_diff")
+TAG_ONNX_CHECK = "limpq.onnx_check"
+MEGABYTE = 2**20  # the unit of the policies' size_mb
+
+
+def onnx_registered_name(pytorch_name: str) -> str:
+    """The registered model holding the ONNX exports of registered PyTorch model `pytorch_name`."""
+    return f"{pytorch_name}-onnx"
+
+
+def val_batches(cfg: PipelineConfig, dataset: DatasetIndex) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The config's val split in batches of `data.batch_size`, read in this process (as `limpq
+    evaluate` reads it)."""
+    _, eval_transform = transforms_for(cfg.data, cfg.model.input_size)
+    yield from DataLoader(split_dataset(dataset, "val", eval_transform, cfg.seed), batch_size=cfg.data.batch_size)
+
+
+def log_onnx_model(tracker: Tracker, run_id: str, path: Path, example: torch.Tensor, step: int,
+                   tags: Mapping[str, Any]) -> str:
+    """`mlflow.onnx.log_model` of the file at `path` into `run_id`, with a signature and input
+    example, run by ONNX Runtime on the CPU; returns the model URI."""
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    # the LoggedModel goes to the fluent active experiment: the run's (see tracking.models.log_model)
+    mlflow.set_experiment(experiment_id=tracker.experiment_id)
+    [logits] = cpu_session(path).run(None, {INPUT_NAME: example.numpy()})
+    info = mlflow.onnx.log_model(
+        onnx.load_model(path), name=ONNX_MODEL_NAME, run_id=run_id,
+        signature=infer_signature(example.numpy(), logits), input_example=example.numpy(), step=step,
+        tags=dict(tags), save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"])
+    return info.model_uri
+
+
+def log_trial_onnx(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str,
+                   model: torch.nn.Module, example: torch.Tensor, pytorch_name: str, version_tags: Mapping[str, Any],
+                   aliases: list[str], step: int) -> None:
+    """Export a finished trial's model, check it on the val split, log `onnx_top1`, `onnx_agreement`,
+    `onnx_max_logit_diff` and `onnx_size_mb` on the trial run, log the ONNX model and register it
+    with the PyTorch version's tags and aliases: once per trial run. A model that ONNX QDQ cannot
+    express, or an export below the agreement threshold, is not registered, and the run's
+    `limpq.onnx_check` tag says why."""
+    name = onnx_registered_name(pytorch_name)
+    if model_versions_of_run(tracker, name, run_id):
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            export = export_onnx(model, example, Path(directory) / "model.onnx")
+        except UserError as error:  # the trial's PyTorch results stand; the run says why there is no ONNX
+            tracker.set_tags(run_id, {TAG_ONNX_CHECK: f"not exported: {error}"})
+            log.warning("trial run %s: no ONNX model: %s", run_id, error)
+            return
+        agreement = compare_with_torch(model, export.path, val_batches(cfg, dataset))
+        tracker.log_metrics(run_id, {**agreement.metrics(), "onnx_size_mb": export.size_bytes / MEGABYTE}, step=step)
+        uri = log_onnx_model(tracker, run_id, export.path, example, step, tags={"format": "onnx-qdq"})
+    if not agreement.passed:
+        message = f"not registered: {agreement.summary()}, below {100 * MIN_AGREEMENT:.1f}%"
+        tracker.set_tags(run_id, {TAG_ONNX_CHECK: message})
+        log.warning("trial run %s: ONNX model %s", run_id, message)
+        return
+    tracker.set_tags(run_id, {TAG_ONNX_CHECK: agreement.summary()})
+    tags = {**version_tags, "onnx_agreement": f"{agreement.agreement:.4f}",
+            "onnx_max_logit_diff": f"{agreement.max_logit_diff:.3g}"}
+    register_model(tracker, name, uri, run_id, tags, aliases)
+
+
+def set_onnx_alias(tracker: Tracker, pytorch_name: str, run_id: str, alias: str) -> None:
+    """Point `alias` of the ONNX registered model at the version exported from `run_id` (the run
+    whose PyTorch version got that alias), when there is one."""
+    name = onnx_registered_name(pytorch_name)
+    versions = model_versions_of_run(tracker, name, run_id)
+    if versions:
+        tracker.client.set_registered_model_alias(name, alias, versions[0])
+    else:
+        log.warning("%s: run %s has no registered ONNX version; alias %s not moved", name, run_id, alias)
+
+
+def onnx_row(metrics: Mapping[str, float], finished: bool) -> dict[str, float | None]:
+    """The ONNX check's columns of a sweep summary row (empty for an unfinished trial)."""
+    return {column: metrics.get(column) if finished else None for column in ONNX_COLUMNS}
+
+
+# ------------------------------------------------------------------------------------ limpq export
+
+
+def tracking_uri_for_export(option: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow 3's default sqlite:///mlflow.db; a sqlite
+    database must exist (MLflow would create an empty one and then find nothing in it)."""
+    uri = option or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith(SQLITE_PREFIX):
+        database = Path(unquote(uri.removeprefix(SQLITE_PREFIX)))
+        if not database.is_file():
+            raise UserError(f"--tracking-uri: no MLflow database at {database}; give --tracking-uri or set "
+                            "MLFLOW_TRACKING_URI to the store the pipeline wrote")
+    return uri
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A logged PyTorch model to export: its URI, the run that logged it, its input shape (C, H, W)."""
+
+    uri: str
+    run_id: str
+    input_shape: tuple[int, ...]
+
+
+def _pytorch_model_of(tracking_uri: str, uri: str, what: str) -> SourceModel:
+    try:
+        info = get_model_info(uri)
+    except (MlflowException, OSError) as error:
+        raise UserError(f"{what}: not found in MLflow at {redact(tracking_uri)} "
+                        f"({str(error).splitlines()[0][:200]})") from None
+    if "pytorch" not in info.flavors:
+        flavors = ", ".join(flavor for flavor in info.flavors if flavor != "python_function")
+        raise UserError(f"{what}: holds a model of flavor {flavors or 'python_function'}, not pytorch; give the "
+                        "PyTorch model's URI, e.g. models:/<name>-<arch>@best-top1")
+    if info.signature is None or not info.signature.inputs.inputs:
+        raise UserError(f"{what}: the model has no input signature, so its input shape is unknown")
+    shape = tuple(info.signature.inputs.inputs[0].shape[1:])
+    return SourceModel(uri, info.run_id, shape)
+
+
+def resolve_source(tracking_uri: str, model_uri: str | None, run_id: str | None) -> SourceModel:
+    """The PyTorch model behind `--model-uri` or `--run-id` (its newest logged PyTorch model)."""
+    mlflow.set_tracking_uri(tracking_uri)  # get_model_info resolves models:/ URIs at the global store
+    if model_uri is not None:
+        return _pytorch_model_of(tracking_uri, model_uri, model_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"--run-id {run_id}: no such run in MLflow at {redact(tracking_uri)}") from None
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")  # newest first
+    if not logged:
+        raise UserError(f"--run-id {run_id}: run {run.info.run_name!r} has no logged model; give a sweep trial's "
+                        "run, or --model-uri models:/<name>-<arch>@<alias>")
+    for model in logged:
+        if "pytorch" in get_model_info(model.model_uri).flavors:
+            return _pytorch_model_of(tracking_uri, model.model_uri, f"--run-id {run_id}")
+    raise UserError(f"--run-id {run_id}: run {run.info.run_name!r} has no logged PyTorch model")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    export: OnnxExport
+    fp32_bytes: int
+    policy_size_mb: float | None
+    random_check: OnnxAgreement
+
+
+def export_logged_model(tracking_uri: str, source: SourceModel, out: Path, opset: int,
+                        batch: int | None) -> ExportResult:
+    """`limpq export`: the source model as ONNX QDQ at `out`, with the size of an FP32 export of the
+    same model and a check in ONNX Runtime on a few random images."""
+    mlflow.set_tracking_uri(tracking_uri)
+    # MLflow's PyTorch flavor is a pickle of the whole module (see Tracker.log_model): loading it runs
+    # code from the store, as mlflow.pytorch.load_model and `mlflow models serve` do
+    model = mlflow.pytorch.load_model(source.uri, map_location="cpu").eval()
+    example = torch.zeros(1, *source.input_shape)
+    export = export_onnx(model, example, out, opset=opset, batch=batch)
+    with tempfile.TemporaryDirectory() as directory:
+        fp32 = export_onnx(float_copy(model), example, Path(directory) / "fp32.onnx", opset=opset, batch=batch)
+        fp32_bytes = fp32.size_bytes
+    images = torch.randn(batch or 8, *source.input_shape, generator=torch.Generator().manual_seed(0))
+    random_check = compare_with_torch(model, out, [(images, torch.zeros(len(images), dtype=torch.long))])
+    size = MlflowClient(tracking_uri=tracking_uri).get_run(source.run_id).data.metrics.get("size_mb") \
+        if source.run_id else None
+    return ExportResult(export, fp32_bytes, size, random_check)

@@ -1,0 +1,311 @@
+"""ONNX QDQ export (SPEC 1.8): the integers a low-bit layer exports, `limpq export` of the smoke
+pipeline's best model checked in ONNX Runtime on the val split, the sweep's registered ONNX version
+through pyfunc and a real `mlflow models serve`, and the refusals (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import mlflow.pytorch
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import ray
+import torch
+from cluster import free_port
+from onnx import numpy_helper
+from pipelines import write_smoke_config
+from torch import nn
+
+from orchestrator.cli import main
+from orchestrator.config.loading import load_config
+from orchestrator.data.layout import index_dataset
+from orchestrator.distributed.onnx_models import val_batches
+from orchestrator.errors import UserError
+from orchestrator.quant.lsq import levels
+from orchestrator.quant.onnx_check import compare_with_torch
+from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
+from orchestrator.quant.surgery import quantize_model
+from orchestrator.tracking.runs import Tracker
+
+PYTORCH_NAME, ONNX_NAME = "smoke-resnet18", "smoke-resnet18-onnx"
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {initializer.name: initializer for initializer in model.graph.initializer}
+
+
+def test_a_2_and_a_3_bit_layer_export_only_their_own_levels(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 4))
+    quantize_model(model, policy={"3": (2, 2), "6": (3, 3)}, input_size=12)
+    model.train()
+    for _ in range(2):  # step sizes initialised, BN statistics moved
+        model(torch.randn(16, 3, 12, 12))
+    model.eval()
+    with torch.no_grad():
+        for layer in (model[3], model[6]):  # weights far outside their ranges: the export must saturate them
+            layer.weight.mul_(4)
+    out = tmp_path / "low.onnx"
+    export = export_onnx(model, torch.zeros(1, 3, 12, 12), out)
+
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
+    initializers = _initializers(proto)
+    for layer, bits in (("3", 2), ("6", 3)):
+        weight = initializers[f"{layer}.weight_quantized"]
+        assert weight.data_type == onnx.TensorProto.INT4
+        assert len(weight.raw_data) == (int(np.prod(weight.dims)) + 1) // 2  # packed two per byte
+        codes = numpy_helper.to_array(weight).astype(int)
+        qn, qp = levels(bits, signed=True)
+        assert codes.min() >= qn and codes.max() <= qp
+        assert {qn, qp} <= set(codes.ravel().tolist())  # saturated at the bit-width's own ends
+        step = model.get_submodule(layer).weight_quant.effective_step_size(bits)
+        expected = (model.get_submodule(layer).weight.detach() / step).clamp(qn, qp).round()
+        np.testing.assert_array_equal(codes, expected.numpy().astype(int))
+    assert initializers["0.weight_quantized"].data_type == onnx.TensorProto.INT8  # the fixed layers: 8 bits
+    assert initializers["11.weight_quantized"].data_type == onnx.TensorProto.INT8
+    assert not {"0.weight", "3.weight", "6.weight", "11.weight"} & set(initializers)  # no float copy kept
+
+    activations = {q.layer: q for q in export.quantized if q.kind == "act"}
+    assert (activations["3"].bits, activations["3"].onnx_type) == (2, "UINT4")
+    assert (activations["6"].bits, activations["6"].onnx_type) == (3, "UINT4")
+    assert (activations["11"].bits, activations["11"].onnx_type) == (8, "UINT8")
+    assert quantized_from_metadata(proto) == list(export.quantized)
+    # a 2- or 3-bit activation saturates at its own largest level, below UINT4's: a Min before QuantizeLinear
+    # (not a Clip, which ONNX Runtime's ClipQuantFusion cannot read with a 4-bit zero point)
+    bounds = [float(numpy_helper.to_array(initializers[node.input[1]])) for node in proto.graph.node
+              if node.op_type == "Min"]
+    for layer in ("3", "6"):
+        act = activations[layer]
+        assert any(np.isclose(bound, (2 ** act.bits - 1) * act.scale) for bound in bounds), layer
+    producers = {output: node for node in proto.graph.node for output in node.output}
+    assert not [node for node in proto.graph.node if node.op_type == "QuantizeLinear"
+                and producers.get(node.input[0]) is not None and producers[node.input[0]].op_type == "Clip"
+                and initializers[node.input[2]].data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)]
+
+    images = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 3
+    check = compare_with_torch(model, out, [(images, torch.zeros(64, dtype=torch.long))])
+    assert check.agreement >= 0.999 and check.max_logit_diff < 1e-4
+
+
+class _TwoReaders(nn.Module):
+    """One activation read by two low-bit layers (as a ResNet block's first conv and its downsample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 8, 3), nn.ReLU()
+        self.left, self.right = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.stem(x))
+        return self.head(self.left(x) + self.right(x))
+
+
+def test_one_activation_read_by_a_2_and_a_3_bit_layer_exports_both_clamps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _TwoReaders()
+    quantize_model(model, policy={"left": (3, 2), "right": (2, 3)}, input_size=10)
+    model(torch.randn(8, 3, 10, 10))
+    out = tmp_path / "two.onnx"
+    export_onnx(model.eval(), torch.zeros(1, 3, 10, 10), out)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    images = torch.randn(32, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    check = compare_with_torch(model, out, [(images, torch.zeros(32, dtype=torch.long))])
+    assert check.agreement == 1.0 and check.max_logit_diff < 1e-5
+
+
+def test_what_onnx_qdq_cannot_express_is_one_user_error_naming_the_layer_or_operator(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    quantize_model(model, policy={"2": (10, 4), "4": (4, 4)}, input_size=10)
+    with pytest.raises(UserError, match=r"^layer 2: 10-bit weights do not fit an 8-bit integer type"):
+        export_onnx(model, torch.zeros(1, 3, 10, 10), tmp_path / "wide.onnx")
+
+    class Histogram(nn.Module):  # an operator the ONNX translation does not cover
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.histc(x, bins=4).expand(x.shape[0], 4)
+
+    with pytest.raises(UserError, match=r"^the model cannot be exported to ONNX: torch\.ops\.aten\.histc\.default: "):
+        export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), Histogram()), torch.zeros(1, 3, 8, 8), tmp_path / "odd.onnx")
+    assert not (tmp_path / "wide.onnx").exists() and not (tmp_path / "odd.onnx").exists()
+
+
+def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: Path) -> None:
+    from orchestrator.config.schema import PipelineConfig
+    from orchestrator.distributed.onnx_models import TAG_ONNX_CHECK, log_trial_onnx
+
+    cfg = PipelineConfig.model_validate({"name": "wide", "data": {"path": str(tmp_path)},
+                                         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    tracker = Tracker.from_config(cfg)
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    quantize_model(model, policy={"2": (10, 4), "4": (4, 4)}, input_size=10)
+    log_trial_onnx(cfg, None, tracker, run_id, model, torch.zeros(1, 3, 10, 10), "wide-resnet18", {}, ["best-top1"], 0)
+    assert tracker.client.get_run(run_id).data.tags[TAG_ONNX_CHECK].startswith("not exported: layer 2: 10-bit weights")
+    assert not tracker.client.search_model_versions("name = 'wide-resnet18-onnx'")
+
+
+# --- the smoke pipeline, its registered models and `limpq export` ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke pipeline (jobs/configs/smoke.yaml) on the digits slice, kept small: an untrained FP
+    model (the export holds for any weights), one searched budget scored with the joint model (no
+    fine-tuning run). Returns its config file."""
+    from orchestrator.distributed.pipeline import run_pipeline
+    from orchestrator.preflight import preflight
+
+    config = write_smoke_config(digits_slice, tmp_path_factory.mktemp("export"), fp={"epochs": 0},
+                                search={"budgets": [{"target_wbits": 3, "target_abits": 3}]},
+                                finetune={"epochs": 0, "baselines": [], "bn_recalibration_batches": 1})
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # never join a `ray start` cluster
+    try:
+        run_pipeline(preflight(load_config(config)))
+    finally:
+        ray.shutdown()
+    return config
+
+
+def _tracking_uri(config: Path) -> str:
+    return load_config(config).with_absolute_paths().mlflow.tracking_uri
+
+
+def test_export_of_the_best_model_is_full_checked_int4_qdq_and_agrees_on_val(smoke: Path, tmp_path: Path,
+                                                                              capsys) -> None:
+    uri = _tracking_uri(smoke)
+    out = tmp_path / "best.onnx"
+    assert main(["export", "--model-uri", f"models:/{PYTORCH_NAME}@best-top1", "--out", str(out),
+                 "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (opset 21, batch dynamic, input [3, 16, 16])" in printed
+    assert "FP32 export of the same model" in printed and "the policy's size_mb" in printed
+
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
+    client = mlflow.MlflowClient(uri)
+    version = client.get_model_version_by_alias(PYTORCH_NAME, "best-top1")
+    policy = json.loads(Path(client.download_artifacts(version.run_id, "policy.json", str(tmp_path))).read_text())
+    initializers = _initializers(proto)
+    for layer in policy["layers"]:
+        weight = initializers[f"{layer['name']}.weight_quantized"]
+        assert weight.data_type == (onnx.TensorProto.INT4 if layer["wbits"] <= 4 else onnx.TensorProto.INT8)
+        codes = numpy_helper.to_array(weight).astype(int)
+        qn, qp = levels(layer["wbits"], signed=True)
+        assert qn <= codes.min() and codes.max() <= qp, layer["name"]
+    assert any(layer["wbits"] <= 4 for layer in policy["layers"])
+    for fixed in ("conv1", "fc"):  # one-shot: the joint model as scored, its fixed layers in float
+        assert f"{fixed}.weight" in initializers and f"{fixed}.weight_quantized" not in initializers
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/{PYTORCH_NAME}@best-top1")
+    cfg = load_config(smoke).with_absolute_paths()
+    check = compare_with_torch(model, out, val_batches(cfg, index_dataset(cfg.data)))
+    assert check.samples == 40
+    assert check.agreement >= 0.999, check.summary()
+
+
+def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_and_aliases(smoke: Path) -> None:
+    client = mlflow.MlflowClient(_tracking_uri(smoke))
+    pytorch, exported = (client.get_registered_model(name) for name in (PYTORCH_NAME, ONNX_NAME))
+    assert set(exported.aliases) == set(pytorch.aliases) == {"best-top1", "budget-w3a3"}
+    version = client.get_model_version_by_alias(ONNX_NAME, "best-top1")
+    pytorch_version = client.get_model_version_by_alias(PYTORCH_NAME, "best-top1")
+    assert version.run_id == pytorch_version.run_id
+    assert pytorch_version.tags.items() <= version.tags.items()
+    metrics = client.get_run(version.run_id).data.metrics
+    assert metrics["onnx_agreement"] >= 0.999 and metrics["onnx_max_logit_diff"] < 1e-3
+    assert 0 <= metrics["onnx_top1"] <= 1 and metrics["onnx_size_mb"] > 0
+    sweep = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
+    report = Path(client.download_artifacts(sweep.info.run_id, "report.txt", str(smoke.parent))).read_text()
+    assert "ONNX top-1 %" in report.splitlines()[0] and "100.00" in report.splitlines()[1]
+
+
+def test_registered_onnx_model_predicts_through_pyfunc_and_mlflow_models_serve(smoke: Path, tmp_path: Path) -> None:
+    uri = _tracking_uri(smoke)
+    mlflow.set_tracking_uri(uri)
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = mlflow.pytorch.load_model(f"models:/{PYTORCH_NAME}@best-top1").eval()(images).argmax(1).numpy()
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{ONNX_NAME}@best-top1")
+    assert isinstance(pyfunc.get_raw_model(), onnxruntime.InferenceSession)  # ONNX Runtime runs it
+    np.testing.assert_array_equal(pyfunc.predict(images.numpy())["logits"].argmax(1), expected)
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its uvicorn
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                   f"models:/{ONNX_NAME}@best-top1", "--env-manager", "local", "--host", "127.0.0.1",
+                                   "--port", str(port), "--workers", "1"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not answer"
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.numpy().tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: uvicorn and its worker go with it
+        server.wait(timeout=60)
+    np.testing.assert_array_equal(np.array(answer["predictions"]["logits"]).argmax(1), expected)
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("limpq: error: "), captured.err
+    return lines[0]
+
+
+def test_what_cannot_be_exported_is_one_line_and_exit_2(smoke: Path, tmp_path: Path, capsys) -> None:
+    uri = _tracking_uri(smoke)
+    out = str(tmp_path / "x.onnx")
+    base = ["export", "--tracking-uri", uri, "--out", out]
+    assert "models:/nope-resnet18@best-top1: not found in MLflow" in _one_line_error(
+        capsys, [*base, "--model-uri", "models:/nope-resnet18@best-top1"])
+    tracker = Tracker.from_config(load_config(smoke).with_absolute_paths())
+    runs = {run.data.tags["limpq.stage"]: run.info.run_id
+            for run in tracker.client.search_runs([tracker.experiment_id], "")}
+    assert f"--run-id {runs['sweep']}: run 'sweep' has no logged model" in _one_line_error(
+        capsys, [*base, "--run-id", runs["sweep"]])
+    assert "--run-id nope: no such run" in _one_line_error(capsys, [*base, "--run-id", "nope"])
+    assert "has no active bit-width (a joint indicator-training model" in _one_line_error(
+        capsys, [*base, "--run-id", runs["indicators"]])
+    assert "holds a model of flavor onnx, not pytorch" in _one_line_error(
+        capsys, [*base, "--model-uri", f"models:/{ONNX_NAME}@best-top1"])
+    model_uri = ["--model-uri", f"models:/{PYTORCH_NAME}@best-top1", "--tracking-uri", uri]
+    assert "cannot be written" in _one_line_error(capsys, ["export", *model_uri, "--out", "/proc/limpq.onnx"])
+    assert main(["export", *model_uri, "--out", str(tmp_path / "new/x.onnx")]) == 0  # its directory is made
+    assert (tmp_path / "new/x.onnx").is_file()
+    assert "is a directory" in _one_line_error(capsys, ["export", *model_uri, "--out", str(tmp_path)])
+    assert "--opset 20: limpq writes ONNX opset 21" in _one_line_error(
+        capsys, ["export", *model_uri, "--out", out, "--opset", "20"])
+    assert "no MLflow database at" in _one_line_error(
+        capsys, ["export", *model_uri[:2], "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--out", out])
+    assert not Path(out).exists()
