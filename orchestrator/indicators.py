@@ -120,7 +120,8 @@ def load_indicators(path: str | Path) -> Indicators:
     """Our JSON v1, the published dict JSON, or the published pickle (plain data only)."""
     path = readable_file(path, "indicators file")
     head = path.read_bytes()[:64].lstrip()
-    if path.suffix.lower() == ".json" or head.startswith((b"{", b"[", b"\xef\xbb\xbf")):
+    looks_pickled = head.startswith(b"\x80")  # the PROTO opcode; no JSON text starts with this byte
+    if not looks_pickled and (path.suffix.lower() == ".json" or head.startswith((b"{", b"[", b"\xef\xbb\xbf"))):
         try:
             raw = json.loads(path.read_text(encoding="utf-8-sig"))
         except (ValueError, UnicodeDecodeError) as error:

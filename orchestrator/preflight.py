@@ -293,9 +293,10 @@ def _check_budgets(cfg: PipelineConfig, costs: CostTable) -> None:
     solved with indicators that exclude no entry, on the model's cost table. Trained indicators can
     only exclude entries, so a budget refused here can never be met; one accepted here fails after
     training only if the indicators exclude every policy that meets it."""
-    if not cfg.search.budgets:
-        raise ConfigError("search.budgets: empty, so the sweep has no budget to search; add at least one, e.g. "
-                          "{target_wbits: 4, target_abits: 4} (`limpq indicators train` trains indicators alone)")
+    if not cfg.search.budgets and not cfg.finetune.baselines:
+        raise ConfigError("search.budgets: empty, and so is finetune.baselines: the sweep has nothing to run; add a "
+                          "budget, e.g. {target_wbits: 4, target_abits: 4} (`limpq indicators train` trains "
+                          "indicators alone)")
     bits = cfg.indicators.bits
     steps = {name: {b: 2.0 ** -b for b in bits} for name in costs.names}  # any indicators that grow as b falls
     searcher = Searcher(Indicators(cfg.model.arch, bits, costs.names, steps, steps), costs, cfg.search.wbits,

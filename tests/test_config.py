@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_config_validate_prints_ok_or_the_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text("data: {demo: true}\n")
+    good.write_text("data: {demo: true}\nsearch: {budgets: [{target_wbits: 4, target_abits: 4}]}\n")
     bad.write_text("data: {demo: true}\nray: {num_workers: 0}\n")
     assert main(["config", "validate", str(good)]) == 0
     assert "OK" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -232,10 +233,12 @@ def test_cluster_resources_rule(tmp_path: Path, digits_slice: Path, monkeypatch:
     with pytest.raises(ConfigError, match=r"ray.use_gpu: 2 workers x ray.gpus_per_worker 1 need 2 GPUs, but the cluster "
                                           r"offers at most 1"):
         check_cluster_resources(cfg, {"CPU": 8, "GPU": 1})
-    # Through preflight: a cluster (RAY_ADDRESS) without GPUs now and no autoscaler to add them.
-    monkeypatch.setenv("RAY_ADDRESS", "ray://unused:10001")
-    with pytest.raises(ConfigError, match="offers at most 0"):
-        preflight(cfg, cluster_resources={"CPU": 64})
+    # Through preflight: a cluster (RAY_ADDRESS; something listens there) without GPUs now and no
+    # autoscaler to add them.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{listener.getsockname()[1]}")
+        with pytest.raises(ConfigError, match="offers at most 0"):
+            preflight(cfg, cluster_resources={"CPU": 64})
 
 
 def test_console_script_prints_one_line(tmp_path: Path) -> None:

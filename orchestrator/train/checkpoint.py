@@ -71,13 +71,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise UserError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
         # torch's own message goes on to suggest weights_only=False, which would run the file's code
         refused = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(error))
-        what = f" ({refused.group(1)})" if refused else ""
-        raise UserError(f"{path}: refused to load: it holds Python objects{what}, not only tensors, and loading "
-                        "them could run code; save the model's state_dict (torch.save(model.state_dict(), ...))") from None
+        if refused is None:  # not a pickle of allowed types at all: garbage, truncated, another format
+            unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+            reason = unpickler.group(1).strip() if unpickler else _first_line(error)
+            raise UserError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
+        raise UserError(f"{path}: refused to load: it holds Python objects ({refused.group(1)}), not only tensors, "
+                        "and loading them could run code; save the model's state_dict "
+                        "(torch.save(model.state_dict(), ...))") from None
     except Exception as error:  # torch raises many types for corrupt files
         raise UserError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
