@@ -24,6 +24,7 @@ from orchestrator.data.convert import folder_to_parquet
 from orchestrator.data.demo import MANIFEST_NAME, write_digits_dataset
 from orchestrator.data.layout import demo_to_build, index_dataset
 from orchestrator.data.storage import check_storage_uri
+from orchestrator.seeds import derived_seed
 from orchestrator.data.transforms import (
     IMAGENET_MEAN,
     eval_resize_size,
@@ -116,6 +117,8 @@ def test_train_fraction_is_a_stable_subset(digits):
     assert len(val) == 359
     other_seed, _ = datasets_of(data_config(digits).model_copy(update={"seed": 1}), train_fraction=0.5)
     assert other_seed.keys != half.keys
+    # the batched membership hashes what the per-sample seed does: subsets chosen before it stay chosen
+    assert [key for key in full.keys if derived_seed(0, key) < 0.5 * 2**63] == half.keys
 
 
 def test_corrupt_images_are_skipped_and_counted(tiny):

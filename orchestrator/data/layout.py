@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +42,7 @@ from orchestrator.data.storage import (
 )
 from orchestrator.errors import UserError
 from orchestrator.redact import redact
-from orchestrator.seeds import derived_seed
+from orchestrator.seeds import derived_seeds
 
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared case-insensitively (ImageNet uses .JPEG)
@@ -102,8 +103,7 @@ class DatasetIndex:
         if key not in self._counts:
             listing = self.splits[split]
             if isinstance(listing, FolderSplit):
-                self._counts[key] = (len(listing.keys) if fraction >= 1 else
-                                     sum(in_fraction(name, fraction, seed) for name in listing.keys))
+                self._counts[key] = sum(in_fraction(listing.keys, fraction, seed))
             else:
                 self._counts[key] = int(listing.rows * fraction)
         return self._counts[key]
@@ -216,7 +216,8 @@ def is_image_file(name: str) -> bool:
 
 
 def _is_hidden(relative: str) -> bool:
-    return any(part.startswith(".") for part in relative.split("/"))
+    """A path with a component starting with a dot (one string search: this runs once per file)."""
+    return relative.startswith(".") or "/." in relative
 
 
 def list_classes(split_dir: Location) -> list[str]:
@@ -245,14 +246,13 @@ def list_folder_split(split_dir: Location, classes: list[str]) -> FolderSplit:
     labels: list[int] = []
     sizes: list[int] = []
     seen_classes: set[str] = set()
-    for info in split_dir.files(KEY):
-        relative = split_dir.relative(info.path)
+    for relative, size in split_dir.files(KEY):
         class_name, slash, _ = relative.partition("/")
         if not slash or not is_image_file(relative) or _is_hidden(relative):
             continue
         keys.append(relative)
         labels.append(class_index[class_name])
-        sizes.append(info.size)
+        sizes.append(size)
         seen_classes.add(class_name)
     if not keys:
         raise UserError(f"{KEY}: {split_dir} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
@@ -273,9 +273,8 @@ def list_parquet_split(split_dir: Location) -> ParquetSplit:
     """The split's `.parquet` files, sorted, with their row counts (from the footers) and the labels
     they hold (the label column, the only data read); a shard without the required columns is an error."""
     shards = []
-    for info in split_dir.files(KEY):
-        relative = split_dir.relative(info.path)
-        if not info.path.endswith(".parquet") or "/" in relative or _is_hidden(relative):
+    for relative, size in split_dir.files(KEY):
+        if not relative.endswith(".parquet") or "/" in relative or _is_hidden(relative):
             continue
         location = split_dir / relative
         parquet = _parquet_file(location)
@@ -283,7 +282,7 @@ def list_parquet_split(split_dir: Location) -> ParquetSplit:
         if missing:
             raise UserError(f"{KEY}: {location} is missing column(s) {', '.join(missing)}")
         labels = pc.unique(parquet.read(columns=["label"]).column("label")).to_pylist()
-        shards.append(ParquetShard(location, info.size, parquet.metadata.num_rows,
+        shards.append(ParquetShard(location, size, parquet.metadata.num_rows,
                                    frozenset(int(label) for label in labels if label is not None)))
     if not shards:
         raise UserError(f"{KEY}: {split_dir} holds no .parquet shards")
@@ -305,8 +304,10 @@ def content_key(encoded: bytes) -> str:
     return "sha1:" + hashlib.sha1(encoded).hexdigest()
 
 
-def in_fraction(key: str, fraction: float, seed: int) -> bool:
-    """Deterministic membership of a sample in a `fraction` subset (independent of order and format)."""
+def in_fraction(keys: Sequence[str], fraction: float, seed: int) -> list[bool]:
+    """Deterministic membership of each sample in a `fraction` subset (independent of order and
+    format): a uniform 63-bit number per (seed, key) below `fraction` of the range."""
     if fraction >= 1:
-        return True
-    return derived_seed(seed, key) < fraction * 2**63  # a uniform 63-bit number per (seed, key)
+        return [True] * len(keys)
+    threshold = fraction * 2**63
+    return [value < threshold for value in derived_seeds(seed, keys)]

@@ -67,8 +67,8 @@ def _read_source(source: Location | bytes) -> bytes | None:
 def _select(sources: list[Location | bytes], labels: list[int], keys: list[str], fraction: float, seed: int,
             transform: ImageTransform, classes: list[str] | None, where: Location) -> EncodedImageDataset:
     kept_sources, kept_labels, kept_keys, skipped = [], [], [], []
-    for source, label, key in zip(sources, labels, keys):
-        if not in_fraction(key, fraction, seed):
+    for source, label, key, kept in zip(sources, labels, keys, in_fraction(keys, fraction, seed)):
+        if not kept:
             continue
         encoded = _read_source(source)
         if encoded is None or not is_decodable(encoded):

@@ -12,6 +12,7 @@ echoed: messages show `redact(uri)`.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import uuid
@@ -79,13 +80,16 @@ class Location:
     def exists(self, key: str) -> bool:
         return self.info(key).type != pafs.FileType.NotFound
 
-    def files(self, key: str) -> list[pafs.FileInfo]:
-        """Every file below this directory (recursive), sorted by path."""
+    def files(self, key: str) -> list[tuple[str, int]]:
+        """Every file below this directory (recursive) as (path relative to it, '/'-separated; size in
+        bytes), sorted by path."""
+        if self.is_local:
+            return sorted(_local_files(self.path, key, self))
         try:
             infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=True))
         except OSError as error:
             raise storage_error(error, key, self) from None
-        return sorted((info for info in infos if info.type == pafs.FileType.File), key=lambda info: info.path)
+        return sorted((self.relative(info.path), info.size) for info in infos if info.type == pafs.FileType.File)
 
     def read_bytes(self) -> bytes:
         with self.filesystem.open_input_stream(self.path) as stream:
@@ -95,6 +99,25 @@ class Location:
         """`path` (a filesystem path below this location) relative to it, '/'-separated."""
         prefix = self.path.rstrip("/") + "/"
         return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def _local_files(root: str, key: str, location: Location) -> list[tuple[str, int]]:
+    """`Location.files` on a local disk with os.scandir: at ImageNet's 1.3 M files, pyarrow's
+    recursive FileInfo objects cost several times the listing itself."""
+    found: list[tuple[str, int]] = []
+    pending = [("", root)]
+    try:
+        while pending:
+            prefix, directory = pending.pop()
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        pending.append((f"{prefix}{entry.name}/", entry.path))
+                    elif entry.is_file():
+                        found.append((prefix + entry.name, entry.stat().st_size))
+    except OSError as error:
+        raise storage_error(error, key, location) from None
+    return found
 
 
 def locate(path_or_uri: str | Path, key: str = "path") -> Location:

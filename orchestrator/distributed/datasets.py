@@ -155,7 +155,7 @@ def _preprocess_rows(batch: dict[str, np.ndarray], *, fraction: float, **options
     images = [image if image is not None else b"" for image in batch["image"]]
     paths = batch["path"] if "path" in batch else [None] * len(images)
     keys = [path or content_key(image) for path, image in zip(paths, images)]
-    selected = [row for row, key in enumerate(keys) if in_fraction(key, fraction, options["seed"])]
+    selected = [row for row, kept in enumerate(in_fraction(keys, fraction, options["seed"])) if kept]
     yield from _decode_and_transform([images[row] for row in selected], [int(batch["label"][row]) for row in selected],
                                      [keys[row] for row in selected], **options)
 
@@ -179,7 +179,7 @@ def training_data(index: DatasetIndex, augments: tuple[ImageAugment, ImageAugmen
     directories read the same files."""
     check_dataset(index, num_classes)
     train = index.splits["train"]
-    if isinstance(train, FolderSplit) and not any(in_fraction(key, train_fraction, seed) for key in train.keys):
+    if isinstance(train, FolderSplit) and not any(in_fraction(train.keys, train_fraction, seed)):
         raise UserError(f"{train.location}: train_fraction {train_fraction} selects no image")
     return TrainingData(index, augments, input_size, seed, train_fraction, skip_counter)
 
@@ -208,7 +208,7 @@ def epoch_dataset(data: TrainingData, split: str, epoch: int = 0, rank: int = 0,
                    seed=data.seed, counter=data.counter.actor)
     fraction = data.train_fraction if training else 1.0
     if isinstance(listing, FolderSplit):
-        keys = [key for key in listing.keys if in_fraction(key, fraction, data.seed)]
+        keys = [key for key, kept in zip(listing.keys, in_fraction(listing.keys, fraction, data.seed)) if kept]
         paths = [(listing.location / key).path for key in _dealt(keys, data.seed, epoch, rank, world, training)]
         # One read task per IMAGES_PER_TASK files, and map_batches over whole blocks, so that Ray fuses
         # reading, decoding and transforming into one task: the encoded bytes never enter the object store.
