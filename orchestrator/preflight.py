@@ -35,6 +35,7 @@ def preflight(cfg: PipelineConfig, *, cluster_resources: dict[str, float] | None
     _check_recipes(cfg)
     _check_bits(cfg)
     _check_gpu(cfg)
+    _check_compile(cfg)
     if cluster_resources is not None:
         check_cluster_resources(cfg, cluster_resources)
     layer_names, searchable = _check_model(cfg)
@@ -103,6 +104,18 @@ def _check_gpu(cfg: PipelineConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("ray.use_gpu: true, but this machine has no CUDA device and no cluster is given "
                               "(ray.address or RAY_ADDRESS); set ray.use_gpu: false or run on a GPU cluster")
+
+
+def _check_compile(cfg: PipelineConfig) -> None:
+    """`ray.compile: on` needs inductor's code generator for the workers' device; checked here when
+    the workers run on this machine (a cluster's nodes are checked by the workers themselves)."""
+    if cfg.ray.compile != "on" or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    from orchestrator.train.compiled import compiler_missing
+
+    missing = compiler_missing("cuda" if cfg.ray.use_gpu else "cpu")
+    if missing:
+        raise ConfigError(f"ray.compile: on, but {missing}; install it or set ray.compile: auto or off")
 
 
 def check_cluster_resources(cfg: PipelineConfig, capacity: dict[str, float]) -> None:

@@ -38,6 +38,7 @@ from orchestrator.plots import indicator_heatmap
 from orchestrator.quant.policy import uniform_policy
 from orchestrator.tracking import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model, restore_rng, save_checkpoint
+from orchestrator.train.compiled import CompiledPass
 from orchestrator.train.progress import Progress
 from orchestrator.train.stages import (
     FP_FILE, INDICATORS_FILE, JOINT_FILE, finetune_model, fp_meta, fp_training, indicators_of, initial_fp_model,
@@ -104,6 +105,17 @@ def _validation(model, cfg: PipelineConfig, stage: str, criterion, device) -> di
     return metrics
 
 
+def _compile_metrics(compiled: CompiledPass | None) -> dict[str, float]:
+    """This worker's compilation cost so far (seconds, the same every epoch once compiled; counted in
+    the epoch's images_per_second) and how many passes ran compiled; nothing when eager."""
+    if compiled is None:
+        return {}
+    metrics = {"compiled_passes": float(compiled.calls)}
+    if compiled.compile_seconds is not None:
+        metrics["compile_seconds"] = compiled.compile_seconds
+    return metrics
+
+
 def _worker_model(cfg: PipelineConfig, stage: str, config: dict[str, Any]) -> torch.nn.Module:
     if stage == "fp":
         return initial_fp_model(cfg)
@@ -165,6 +177,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("%s: resuming at epoch %d from the last checkpoint", stage, start_epoch + 1)
 
     tracker: Tracker | None = config.get("tracker") if rank == 0 else None
+    if tracker is not None:
+        tracker.set_tags(config["run_id"], {"limpq.compile": training.compile.reason})
     monitor = _system_metrics(tracker, config.get("run_id"))
     shard = ray.train.get_dataset_shard("train")
     progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
@@ -192,6 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds = time.monotonic() - started
             metrics = _mean_across_workers(sums.means())
             metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]
+            metrics.update(_compile_metrics(training.compiled))
             metrics.update(_validation(model, cfg, stage, training.criterion, device))
             metrics["epoch"] = epoch + 1
             metrics.update(config.get("report_extra", {}))

@@ -18,7 +18,9 @@ Layer 1: plain torch.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -101,6 +103,7 @@ class CompiledPass:
         self._shape: torch.Size | None = None
         self.failed: str | None = None
         self.first_call_seconds: float | None = None  # compilation plus one pass
+        self._pass_seconds: deque[float] = deque(maxlen=64)  # the latest compiled passes after the first
         self.calls = 0
 
     def serves(self, images: torch.Tensor) -> bool:
@@ -128,5 +131,16 @@ class CompiledPass:
         if first:
             self._shape = images.shape
             self.first_call_seconds = time.perf_counter() - started
+        else:
+            self._pass_seconds.append(time.perf_counter() - started)
         self.calls += 1
         return logits, loss
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """Wall time the compilation cost: the first compiled pass less the median later one (the
+        whole first pass while there is no later one yet); None before the first."""
+        if self.first_call_seconds is None:
+            return None
+        steady = statistics.median(self._pass_seconds) if self._pass_seconds else 0.0
+        return max(0.0, self.first_call_seconds - steady)

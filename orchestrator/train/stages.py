@@ -26,7 +26,8 @@ from orchestrator.quant.surgery import quantize_model
 from orchestrator.seeds import derived_seed
 from orchestrator.train import recipe as recipes
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
-from orchestrator.train.steps import joint_step, plain_step
+from orchestrator.train.compiled import CompileDecision, CompiledPass, decide_compile
+from orchestrator.train.steps import forward_loss, joint_step, plain_step
 
 FP_FILE, JOINT_FILE, INDICATORS_FILE = "fp.pt", "joint.pt", "indicators.json"
 
@@ -104,16 +105,28 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     criterion: nn.Module
     step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+    compile: CompileDecision
+    compiled: CompiledPass | None = None
     policy_rng: random.Random | None = None
+
+
+def compiled_pass(cfg: PipelineConfig, model: nn.Module, criterion: nn.Module) -> tuple[CompileDecision, CompiledPass | None]:
+    """`ray.compile` decided for the device `model` is on, and the compiled pass when it compiles."""
+    decision = decide_compile(cfg.ray.compile, next(model.parameters()).device.type)
+    if not decision.enabled:
+        return decision, None
+    forward = functools.partial(forward_loss, model, criterion=criterion, bf16=cfg.ray.bf16)
+    return decision, CompiledPass(model, forward, fallback=cfg.ray.compile == "auto")
 
 
 def fp_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int, recipe: RecipeConfig | None = None) -> Training:
     recipe = recipe or cfg.fp
     optimizer = recipes.make_optimizer(model, recipe)
     criterion = recipes.make_criterion(recipe)
+    decision, compiled = compiled_pass(cfg, model, criterion)
     step = functools.partial(plain_step, model, criterion=criterion, optimizer=optimizer,
-                             grad_clip=recipe.grad_clip, bf16=cfg.ray.bf16)
-    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step)
+                             grad_clip=recipe.grad_clip, bf16=cfg.ray.bf16, compiled=compiled)
+    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, decision, compiled)
 
 
 def joint_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int) -> Training:
@@ -121,9 +134,11 @@ def joint_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int) -> Tra
     optimizer = recipes.make_optimizer(model, recipe)
     criterion = recipes.make_criterion(recipe)
     policy_rng = random.Random(cfg.seed)
+    decision, compiled = compiled_pass(cfg, model, criterion)
     step = functools.partial(joint_step, model, bits=recipe.bits, criterion=criterion, optimizer=optimizer,
-                             policy_rng=policy_rng, grad_clip=recipe.grad_clip, bf16=cfg.ray.bf16)
-    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, policy_rng)
+                             policy_rng=policy_rng, grad_clip=recipe.grad_clip, bf16=cfg.ray.bf16, compiled=compiled)
+    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, decision,
+                    compiled, policy_rng)
 
 
 def indicators_of(cfg: PipelineConfig, model: nn.Module, run_id: str | None = None) -> Indicators:
