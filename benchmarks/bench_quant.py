@@ -19,6 +19,7 @@ import time
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from orchestrator.modelinfo import build_model
 from orchestrator.quant.lsq import levels, lsq_fake_quant
@@ -84,7 +85,7 @@ def conv_cases(repeats: int, compile_too: bool) -> list[tuple[str, float, float,
         compiled = None
         if compile_too:
             quant(x)  # lazy init and sign detection stay eager (as in training)
-            plain_compiled_first, plain_compiled = timed(step(torch.compile(plain, dynamic=False)), repeats)
+            _, plain_compiled = timed(step(torch.compile(plain, dynamic=False)), repeats)
             quant_compiled_first, quant_compiled = timed(step(torch.compile(quant, dynamic=False)), repeats)
             compiled = (plain_compiled, quant_compiled, quant_compiled_first - quant_compiled)
         rows.append((
@@ -110,19 +111,24 @@ def joint_vs_fp(repeats: int, compile_too: bool) -> dict[str, float]:
     joint_opt = torch.optim.SGD(joint.parameters(), lr=0.01)
     rng = random.Random(0)
     passes = len(BITS) + 1
-    times = {"fp": median_seconds(lambda: [plain_step(fp, images, labels, criterion, fp_opt) for _ in range(passes)],
-                                  repeats),
-             "joint": median_seconds(lambda: joint_step(joint, images, labels, BITS, criterion, joint_opt, rng), repeats)}
+    def fp_steps(compiled: CompiledPass | None = None) -> None:
+        for _ in range(passes):
+            plain_step(fp, images, labels, criterion, fp_opt, compiled=compiled)
+
+    def one_joint_step(compiled: CompiledPass | None = None) -> None:
+        joint_step(joint, images, labels, BITS, criterion, joint_opt, rng, compiled=compiled)
+
+    times = {"fp": median_seconds(fp_steps, repeats), "joint": median_seconds(one_joint_step, repeats)}
     if compile_too:
         fp_pass = CompiledPass(fp, functools.partial(forward_loss, fp, criterion=criterion, bf16=False))
-        first, times["fp_compiled"] = timed(lambda: [plain_step(fp, images, labels, criterion, fp_opt, compiled=fp_pass)
-                                                     for _ in range(passes)], repeats)
+        first, times["fp_compiled"] = timed(lambda: fp_steps(fp_pass), repeats)
         times["fp_compile_s"] = first - times["fp_compiled"]
         joint_pass = CompiledPass(joint, functools.partial(forward_loss, joint, criterion=criterion, bf16=False))
-        first, times["joint_compiled"] = timed(
-            lambda: joint_step(joint, images, labels, BITS, criterion, joint_opt, rng, compiled=joint_pass), repeats)
+        graphs_before = counters["stats"]["unique_graphs"]
+        first, times["joint_compiled"] = timed(lambda: one_joint_step(joint_pass), repeats)
         times["joint_compile_s"] = first - times["joint_compiled"]
         times["joint_compiled_passes"] = joint_pass.calls
+        times["joint_graphs"] = counters["stats"]["unique_graphs"] - graphs_before  # compilations, recompiles too
     return times
 
 
@@ -137,15 +143,17 @@ def main() -> None:
     for name, plain, quant, _, compiled in rows:
         print(f"conv {name}: plain {plain * 1e3:.1f} ms, quantized (W4A4) {quant * 1e3:.1f} ms")
         if compiled:
-            print(f"conv {name} compiled: plain {compiled[0] * 1e3:.1f} ms, quantized (W4A4) {compiled[1] * 1e3:.1f} ms "
-                  f"(compile {compiled[2]:.1f} s)")
+            print(f"conv {name} compiled: plain {compiled[0] * 1e3:.1f} ms, quantized (W4A4) "
+                  f"{compiled[1] * 1e3:.1f} ms (compile {compiled[2]:.1f} s)")
     times = joint_vs_fp(args.repeats, compile_too)
     passes = len(BITS) + 1
-    print(f"resnet18 32x32 b64: {passes} FP steps {times['fp'] * 1e3:.0f} ms, one joint step {times['joint'] * 1e3:.0f} ms")
+    print(f"resnet18 32x32 b64: {passes} FP steps {times['fp'] * 1e3:.0f} ms, "
+          f"one joint step {times['joint'] * 1e3:.0f} ms")
     if compile_too:
         print(f"resnet18 32x32 b64 compiled: {passes} FP steps {times['fp_compiled'] * 1e3:.0f} ms (compile "
               f"{times['fp_compile_s']:.1f} s), one joint step {times['joint_compiled'] * 1e3:.0f} ms (compile "
-              f"{times['joint_compile_s']:.1f} s, {times['joint_compiled_passes']} compiled passes, one graph)")
+              f"{times['joint_compile_s']:.1f} s; {times['joint_compiled_passes']} compiled passes at random "
+              f"policies, {times['joint_graphs']} graph(s) compiled)")
     print("ratios:")
     for name, plain, quant, fused_ratio, compiled in rows:
         print(f"  (a) quantized/plain conv fwd+bwd {name}, eager: {quant / plain:.2f}x (goal <= 1.1x)")
@@ -153,7 +161,8 @@ def main() -> None:
             print(f"  (a) quantized/plain conv fwd+bwd {name}, compiled: {compiled[1] / compiled[0]:.2f}x "
                   f"(vs eager plain {compiled[1] / plain:.2f}x; goal <= 1.1x)")
         print(f"  (b) fused/composed fake-quant fwd+bwd {name}: {fused_ratio:.2f}x (goal <= 0.7x)")
-    print(f"  (c) joint step / {passes} FP steps, resnet18 32x32, eager: {times['joint'] / times['fp']:.2f}x (goal <= 1.2x)")
+    print(f"  (c) joint step / {passes} FP steps, resnet18 32x32, eager: {times['joint'] / times['fp']:.2f}x "
+          "(goal <= 1.2x)")
     if compile_too:
         print(f"  (c) joint step / {passes} FP steps, resnet18 32x32, compiled: "
               f"{times['joint_compiled'] / times['fp_compiled']:.2f}x (vs eager FP steps "

@@ -47,10 +47,11 @@ def compiler_missing(device_type: str) -> str | None:
         return None if has_triton() else "Triton is not installed (inductor's GPU code generator)"
     if device_type == "cpu":
         from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
 
         try:
             get_cpp_compiler()
-        except Exception as error:  # inductor raises its own InvalidCxxCompiler, or OSError
+        except (InvalidCxxCompiler, OSError) as error:
             return f"no C++ compiler for inductor's CPU code ({str(error).splitlines()[0]})"
         return None
     return f"inductor does not generate code for {device_type} devices"
@@ -122,7 +123,7 @@ class CompiledPass:
         try:
             logits, loss = self._compiled(images, labels)
             loss.backward()
-        except Exception as error:
+        except Exception as error:  # dynamo, AOTAutograd and inductor each raise their own kinds
             if not (first and self._fallback):
                 raise
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

@@ -110,7 +110,8 @@ class Training:
     policy_rng: random.Random | None = None
 
 
-def compiled_pass(cfg: PipelineConfig, model: nn.Module, criterion: nn.Module) -> tuple[CompileDecision, CompiledPass | None]:
+def compiled_pass(cfg: PipelineConfig, model: nn.Module,
+                  criterion: nn.Module) -> tuple[CompileDecision, CompiledPass | None]:
     """`ray.compile` decided for the device `model` is on, and the compiled pass when it compiles."""
     decision = decide_compile(cfg.ray.compile, next(model.parameters()).device.type)
     if not decision.enabled:
@@ -126,7 +127,8 @@ def fp_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int, recipe: R
     decision, compiled = compiled_pass(cfg, model, criterion)
     step = functools.partial(plain_step, model, criterion=criterion, optimizer=optimizer,
                              grad_clip=recipe.grad_clip, bf16=cfg.ray.bf16, compiled=compiled)
-    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, decision, compiled)
+    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, decision,
+                    compiled)
 
 
 def joint_training(cfg: PipelineConfig, model: nn.Module, per_epoch: int) -> Training:

@@ -88,7 +88,8 @@ def _drop_zero_gradients(model: nn.Module) -> None:
 
 def joint_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bits: Sequence[int],
                criterion: nn.Module, optimizer: torch.optim.Optimizer, policy_rng: random.Random,
-               grad_clip: float | None = 1.0, bf16: bool = False, compiled: CompiledPass | None = None) -> dict[str, float]:
+               grad_clip: float | None = 1.0, bf16: bool = False,
+               compiled: CompiledPass | None = None) -> dict[str, float]:
     """SPEC 1.3: one pass per uniform bit-width plus one random-policy pass, gradients accumulated,
     clipped by value, parameters with an all-zero gradient left out, then a single optimizer step.
     Metrics per pass: loss_w{b}, top1_w{b}, loss_random, top1_random. A NaN or infinite loss raises
