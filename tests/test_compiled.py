@@ -36,13 +36,20 @@ def fresh_compiler():
 
 def _tiny_net() -> nn.Module:
     """Searchable: a conv reading a ReLU, a conv reading a linear (signed) output, a hidden Linear;
-    fixed: the first conv and the classifier."""
-    return nn.Sequential(
+    fixed: the first conv and the classifier. BatchNorm's affine parameters are drawn at random: at
+    their init (weight 1, bias 0), a quantized conv's output that equals its channel mean exactly
+    (likely: quantized operands take few values) leaves BatchNorm with a rounding error for a value,
+    whose sign, and so the next ReLU's gradient, differs between any two summation orders."""
+    net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10),
     )
+    for bn in (net[1], net[4], net[6]):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    return net
 
 
 def _batch(size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,9 +76,12 @@ def lsq_fake_quant_traceable(x: torch.Tensor, step: torch.Tensor, bits: torch.Te
     qn = torch.where(signed, -half, torch.zeros_like(half))
     s = step.clamp(STEP_MIN, STEP_MAX)  # clamp's own gradient, as in LsqFakeQuant
     s = s.detach() + (s - s.detach()) * torch.rsqrt(x.numel() * qp)  # value s, gradient scaled by g
-    v = (x / s).clamp(qn, qp)  # gradient passes inside [Qn, Qp] (inclusive), as LsqFakeQuant's
-    v = v.detach().round() + (v - v.detach())  # value round(v), straight-through gradient
-    return v * s
+    v = x / s
+    # the straight-through mask written out, inclusive at Qn and Qp as LsqFakeQuant's: clamp's own
+    # backward, once decomposed into maximum/minimum, would pass half the gradient at a tie (x == 0 == Qn)
+    inside = (v.detach() >= qn) & (v.detach() <= qp)
+    codes = v.detach().clamp(qn, qp).round()
+    return (codes + (v - v.detach()) * inside) * s  # value codes * s; d/dx = inside, d/ds = codes - v * inside
 
 
 def _mean_across_workers(value: torch.Tensor) -> torch.Tensor:
