@@ -42,6 +42,7 @@ from orchestrator.search.costs import CostTable, cost_table
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.latency import load_latency_table
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
+from orchestrator.train.compiled import compiler_missing
 
 # Ray Data reads and decodes in tasks of 1 CPU each, beside the CPUs Train workers hold for the run.
 DATA_TASK_CPUS = 1
@@ -69,6 +70,7 @@ def preflight(cfg: PipelineConfig, *, sweep: bool = True,
     _check_recipes(cfg)
     _check_bits(cfg)
     _check_resources(cfg)
+    _check_compile(cfg)
     _check_services(cfg)
     if cluster_resources is not None:
         check_cluster_resources(cfg, cluster_resources)
@@ -183,6 +185,16 @@ def _check_services(cfg: PipelineConfig) -> None:
         except OSError as error:
             raise ConfigError(f"{key}: no Ray cluster answers at {address} ({error.strerror or error}); start it "
                               "(ray start --head, cluster/local-up.sh) or fix the address") from None
+
+
+def _check_compile(cfg: PipelineConfig) -> None:
+    """`ray.compile: on` needs inductor's code generator for the workers' device; checked here when
+    the workers run on this machine (a cluster's nodes are checked by the workers themselves)."""
+    if cfg.ray.compile != "on" or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    missing = compiler_missing("cuda" if cfg.ray.use_gpu else "cpu")
+    if missing:
+        raise ConfigError(f"ray.compile: on, but {missing}; install it or set ray.compile: auto or off")
 
 
 def check_cluster_resources(cfg: PipelineConfig, capacity: dict[str, float]) -> None:

@@ -99,6 +99,20 @@ def test_activation_init_formula_and_sign_detection() -> None:
     assert codes.min() == -4 and codes.max() == 3
 
 
+def test_low_precision_input_is_quantized_in_float32() -> None:
+    """Under bf16 autocast a quantizer receives bf16 activations: x / s, its rounding and code * s run
+    in float32 (in bf16, with 8 significant bits, code * s for codes above 128 is off by up to s / 2)."""
+    torch.manual_seed(0)
+    x = (torch.rand(4096) * 200).to(torch.bfloat16)
+    quantizer = LsqQuantizer([8], "act")
+    quantizer(x)
+    with torch.no_grad():
+        quantizer.step["8"].fill_(0.75)  # codes up to 255
+    out = quantizer(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, lsq_fake_quant(x.float(), quantizer.step["8"], 8, False), rtol=0, atol=0)
+
+
 def test_step_at_one_bit_leaves_other_step_sizes_unchanged() -> None:
     torch.manual_seed(0)
     conv = QConv2d.from_float(nn.Conv2d(4, 8, 3, padding=1), [5, 3], [5, 3])

@@ -195,6 +195,9 @@ class RayConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
     bf16: bool = Field(False, description="bf16 autocast on CUDA.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the training steps (inductor). auto: on CUDA; eager on CPU, where "
+        "compiling costs more time than it saves. on: wherever inductor has a code generator. off: eager.")
     storage_path: str = Field("runs/ray", description="Checkpoints and results: a local dir, shared path or s3:// URI.")
     max_failures: int = Field(2, ge=0)
     max_concurrent_trials: int | None = Field(None, ge=1)

@@ -61,6 +61,7 @@ from orchestrator.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from orchestrator.train.compiled import CompiledPass
 from orchestrator.train.progress import Progress
 from orchestrator.train.stages import (
     FP_FILE,
@@ -139,6 +140,17 @@ def _validation(model, cfg: PipelineConfig, stage: str, criterion, device, val: 
     return metrics
 
 
+def _compile_metrics(compiled: CompiledPass | None) -> dict[str, float]:
+    """This worker's compilation cost so far (seconds, the same every epoch once compiled; counted in
+    the epoch's images_per_second) and how many passes ran compiled; nothing when eager."""
+    if compiled is None:
+        return {}
+    metrics = {"compiled_passes": float(compiled.calls)}
+    if compiled.compile_seconds is not None:
+        metrics["compile_seconds"] = compiled.compile_seconds
+    return metrics
+
+
 def _worker_model(cfg: PipelineConfig, stage: str, config: dict[str, Any]) -> torch.nn.Module:
     if stage == "fp":
         return initial_fp_model(cfg.model, cfg.fp, cfg.seed)
@@ -186,8 +198,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             payload = load_checkpoint(Path(directory) / STATE_FILE)
         restore_model(model, payload["model"], f"checkpoint of run {cfg.name}")
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    training = (joint_training(model, cfg.indicators, per_epoch, cfg.seed, cfg.ray.bf16) if stage == "indicators"
-                else plain_training(model, recipe, per_epoch, cfg.ray.bf16))
+    training = (joint_training(model, cfg.indicators, per_epoch, cfg.seed, cfg.ray.bf16, cfg.ray.compile)
+                if stage == "indicators"
+                else plain_training(model, recipe, per_epoch, cfg.ray.bf16, cfg.ray.compile))
     start_epoch = 0
     if payload is not None:
         training.optimizer.load_state_dict(payload["optimizer"])
@@ -197,6 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("%s: resuming at epoch %d from the last checkpoint", stage, start_epoch + 1)
 
     tracker: Tracker | None = config.get("tracker") if rank == 0 else None
+    if tracker is not None:
+        tracker.set_tags(config["run_id"], {"limpq.compile": training.compile.reason})
     monitor = _system_metrics(tracker, config.get("run_id"))
     val = epoch_dataset(data, "val", rank=rank, world=world)  # the same in every epoch
     progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
@@ -224,6 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds = time.monotonic() - started
             metrics = _mean_across_workers(sums.means())
             metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]
+            metrics.update(_compile_metrics(training.compiled))
             metrics.update(_validation(model, cfg, stage, training.criterion, device, val))
             metrics["epoch"] = epoch + 1
             metrics.update(config.get("report_extra", {}))

@@ -59,6 +59,31 @@ def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool)
     return LsqFakeQuant.apply(x, step, qn, qp, 1.0 / math.sqrt(x.numel() * qp))
 
 
+def pick(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[index] for a 0-d index tensor, as a graph op: plain indexing would read the index as a
+    Python int (`.item()`), which a compiled graph cannot do without breaking."""
+    return values.index_select(0, index.reshape(1)).squeeze(0)
+
+
+def lsq_fake_quant_traceable(x: torch.Tensor, step: torch.Tensor, bits: torch.Tensor,
+                             signed: torch.Tensor) -> torch.Tensor:
+    """`lsq_fake_quant` for torch.compile: the same values and gradients from differentiable tensor
+    ops, with the bit-width and the sign as 0-d tensors. Nothing here is a Python number the compiler
+    would specialise on, so one graph serves every bit-width and every policy (no recompile when the
+    random pass changes bits), and inductor fuses the elementwise ops into the neighbouring kernels."""
+    half = torch.exp2(bits - 1)
+    qp = torch.where(signed, half - 1, 2 * half - 1)
+    qn = torch.where(signed, -half, torch.zeros_like(half))
+    s = step.clamp(STEP_MIN, STEP_MAX)  # clamp's own gradient, as in LsqFakeQuant
+    s = s.detach() + (s - s.detach()) * torch.rsqrt(x.numel() * qp)  # value s, gradient scaled by g
+    v = x / s
+    # the straight-through mask written out, inclusive at Qn and Qp as LsqFakeQuant's: clamp's own
+    # backward, once decomposed into maximum/minimum, would pass half the gradient at a tie (x == 0 == Qn)
+    inside = (v.detach() >= qn) & (v.detach() <= qp)
+    codes = v.detach().clamp(qn, qp).round()
+    return (codes + (v - v.detach()) * inside) * s  # value codes * s; d/dx = inside, d/ds = codes - v * inside
+
+
 def _mean_across_workers(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
@@ -87,7 +112,26 @@ class LsqQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros(len(self.bits), dtype=torch.bool))
         # -1 unknown, 0 unsigned, 1 signed; weights are always signed
         self.register_buffer("signed_state", torch.tensor(1 if kind == "weight" else -1, dtype=torch.int8))
-        self.active_bits: int | None = self.bits[0] if len(self.bits) == 1 else None
+        # the compiled forward reads the active bit-width from these tensors, not from Python numbers;
+        # not persistent: the checkpoint layout stays step.<b>, initialized, signed_state
+        self.register_buffer("candidate_bits", torch.tensor(self.bits, dtype=torch.float32), persistent=False)
+        self.register_buffer("active_index", torch.zeros((), dtype=torch.long), persistent=False)
+        self._active_bits: int | None = None
+        self._enabled = False  # active_bits is not None: the one Python value the compiled forward reads
+        self.active_bits = self.bits[0] if len(self.bits) == 1 else None
+
+    @property
+    def active_bits(self) -> int | None:
+        return self._active_bits
+
+    @active_bits.setter
+    def active_bits(self, bits: int | None) -> None:
+        if bits is not None and bits not in self.bits:
+            raise ValueError(f"bit-width {bits} is not a candidate of this quantizer {list(self.bits)}")
+        if bits is not None and bits != self._active_bits:
+            self.active_index.fill_(self.bits.index(bits))
+        self._active_bits = bits
+        self._enabled = bits is not None
 
     @property
     def signed(self) -> bool:
@@ -120,14 +164,34 @@ class LsqQuantizer(nn.Module):
         return float(self.step[str(bits)].detach().clamp(STEP_MIN, STEP_MAX))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bits = self.active_bits
-        if bits is None:
+        if not self._enabled:
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()  # under autocast: x / s and its rounding in float32, where the code levels are exact
+        if torch.compiler.is_compiling():
+            return self._traceable_forward(x)
+        bits = self._active_bits
         if self.signed_state.item() < 0:
             self._detect_sign(x)
         if not self.initialized[self.bits.index(bits)]:
             self._init_step(x.detach(), bits)
         return lsq_fake_quant(x, self.step[str(bits)], bits, self.signed)
+
+    def _traceable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward inside torch.compile. Lazy init and sign detection read tensors in Python, so
+        they stay eager: a compiled step runs only once every step size is initialised
+        (`is_initialized`); the step size and the levels are picked by tensor indexing. Stacking the
+        step sizes gives the inactive ones a zero gradient rather than none; the joint step leaves
+        all-zero gradients out of the optimizer step (SPEC 1.3 step 4), so the update is the same."""
+        if len(self.bits) == 1:
+            step = self.step[str(self.bits[0])]
+        else:
+            step = pick(torch.stack([self.step[str(b)] for b in self.bits]), self.active_index)
+        return lsq_fake_quant_traceable(x, step, pick(self.candidate_bits, self.active_index), self.signed_state > 0)
+
+    def is_initialized(self) -> torch.Tensor:
+        """A 0-d bool tensor: every step size initialised and the sign known."""
+        return self.initialized.all() & (self.signed_state >= 0)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, bits={list(self.bits)}, active={self.active_bits}"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from orchestrator.quant.lsq import LsqQuantizer
+from orchestrator.quant.lsq import LsqQuantizer, pick
 
 
 class _QuantLayer:
@@ -69,10 +69,50 @@ class SwitchableBatchNorm2d(nn.Module):
         super().__init__()
         self.bits = tuple(int(b) for b in bits)
         self.copies = nn.ModuleDict({str(b): copy.deepcopy(bn) for b in self.bits})
-        self.active_bits = self.bits[0]
+        # the compiled forward picks the copy by this tensor (not persistent: the state_dict keeps its layout)
+        self.register_buffer("active_index", torch.zeros((), dtype=torch.long), persistent=False)
+        self._active_bits = self.bits[0]
+
+    @property
+    def active_bits(self) -> int:
+        return self._active_bits
+
+    @active_bits.setter
+    def active_bits(self, bits: int) -> None:
+        if bits not in self.bits:
+            raise ValueError(f"bit-width {bits} is not a candidate of this BatchNorm {list(self.bits)}")
+        if bits != self._active_bits:
+            self.active_index.fill_(self.bits.index(bits))
+        self._active_bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.copies[str(self.active_bits)](x)
+        if torch.compiler.is_compiling() and self._indexable():
+            return self._indexed_forward(x)
+        return self.copies[str(self._active_bits)](x)
+
+    def _indexable(self) -> bool:
+        first = self.copies[str(self.bits[0])]
+        return first.affine and first.track_running_stats and first.momentum is not None
+
+    def _indexed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """BatchNorm with the active copy chosen by tensor indexing, so that one compiled graph serves
+        every policy: the copy's affine parameters are picked from a stack, its running statistics are
+        updated as BatchNorm2d does (F.batch_norm on the picked values), then written back to that copy
+        only. A copy not picked gets a zero gradient rather than none (see LsqQuantizer)."""
+        copies = [self.copies[str(b)] for b in self.bits]  # in the order of active_index
+        first, index = copies[0], self.active_index
+        weight = pick(torch.stack([bn.weight for bn in copies]), index)
+        bias = pick(torch.stack([bn.bias for bn in copies]), index)
+        running_mean = pick(torch.stack([bn.running_mean for bn in copies]), index)  # a copy: updated below
+        running_var = pick(torch.stack([bn.running_var for bn in copies]), index)
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, self.training, first.momentum, first.eps)
+        if self.training:
+            for position, bn in enumerate(copies):
+                picked = index == position
+                bn.running_mean.copy_(torch.where(picked, running_mean, bn.running_mean))
+                bn.running_var.copy_(torch.where(picked, running_var, bn.running_var))
+                bn.num_batches_tracked.add_(picked.long())
+        return out
 
     def extra_repr(self) -> str:
         return f"bits={list(self.bits)}, active={self.active_bits}"

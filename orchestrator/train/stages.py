@@ -30,7 +30,8 @@ from orchestrator.quant.surgery import quantize_model
 from orchestrator.seeds import derived_seed
 from orchestrator.train import recipe as recipes
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
-from orchestrator.train.steps import joint_step, plain_step
+from orchestrator.train.compiled import CompileDecision, CompiledPass, CompileMode, decide_compile
+from orchestrator.train.steps import forward_loss, joint_step, plain_step
 
 FP_FILE, JOINT_FILE, INDICATORS_FILE = "fp.pt", "joint.pt", "indicators.json"
 
@@ -118,22 +119,41 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     criterion: nn.Module
     step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+    compile: CompileDecision
+    compiled: CompiledPass | None = None
     policy_rng: random.Random | None = None
 
 
-def plain_training(model: nn.Module, recipe: RecipeConfig, per_epoch: int, bf16: bool) -> Training:
+def compiled_pass(model: nn.Module, criterion: nn.Module, compile_mode: CompileMode,
+                  bf16: bool) -> tuple[CompileDecision, CompiledPass | None]:
+    """`compile_mode` (`ray.compile`) decided for the device `model` is on, and the compiled pass
+    when it compiles."""
+    decision = decide_compile(compile_mode, next(model.parameters()).device.type)
+    if not decision.enabled:
+        return decision, None
+    forward = functools.partial(forward_loss, model, criterion=criterion, bf16=bf16)
+    return decision, CompiledPass(model, forward, fallback=compile_mode == "auto")
+
+
+def plain_training(model: nn.Module, recipe: RecipeConfig, per_epoch: int, bf16: bool,
+                   compile_mode: CompileMode = "off") -> Training:
     """FP training, or fine-tuning at a fixed policy."""
     optimizer = recipes.make_optimizer(model, recipe)
     criterion = recipes.make_criterion(recipe)
+    decision, compiled = compiled_pass(model, criterion, compile_mode, bf16)
     step = functools.partial(plain_step, model, criterion=criterion, optimizer=optimizer,
-                             grad_clip=recipe.grad_clip, bf16=bf16)
-    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step)
+                             grad_clip=recipe.grad_clip, bf16=bf16, compiled=compiled)
+    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, decision,
+                    compiled)
 
 
-def joint_training(model: nn.Module, recipe: IndicatorConfig, per_epoch: int, seed: int, bf16: bool) -> Training:
+def joint_training(model: nn.Module, recipe: IndicatorConfig, per_epoch: int, seed: int, bf16: bool,
+                   compile_mode: CompileMode = "off") -> Training:
     optimizer = recipes.make_optimizer(model, recipe)
     criterion = recipes.make_criterion(recipe)
     policy_rng = random.Random(seed)
+    decision, compiled = compiled_pass(model, criterion, compile_mode, bf16)
     step = functools.partial(joint_step, model, bits=recipe.bits, criterion=criterion, optimizer=optimizer,
-                             policy_rng=policy_rng, grad_clip=recipe.grad_clip, bf16=bf16)
-    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, policy_rng)
+                             policy_rng=policy_rng, grad_clip=recipe.grad_clip, bf16=bf16, compiled=compiled)
+    return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, decision,
+                    compiled, policy_rng)

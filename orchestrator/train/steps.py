@@ -18,6 +18,7 @@ from orchestrator.quant.policy import (
     set_policy,
     set_uniform_bits,
 )
+from orchestrator.train.compiled import CompiledPass
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -29,12 +30,22 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return int((logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
 
 
-def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
-                      bf16: bool) -> tuple[float, int]:
+def forward_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+                 bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss) of one training pass: what the eager pass runs and what `CompiledPass` compiles."""
     with _autocast(images.device, bf16):
         logits = model(images)
         loss = criterion(logits.float(), labels)
-    loss.backward()
+    return logits, loss
+
+
+def _forward_backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
+                      bf16: bool, compiled: CompiledPass | None) -> tuple[float, int]:
+    outputs = compiled.forward_backward(images, labels) if compiled is not None and compiled.serves(images) else None
+    if outputs is None:
+        outputs = forward_loss(model, images, labels, criterion, bf16)
+        outputs[1].backward()
+    logits, loss = outputs
     return float(loss.detach()), _topk_correct(logits.detach(), labels, 1)
 
 
@@ -45,10 +56,12 @@ def _finish_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: 
 
 
 def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer, grad_clip: float | None = None, bf16: bool = False) -> dict[str, float]:
-    """One step of ordinary training (FP stage, or fine-tuning at a fixed policy)."""
+               optimizer: torch.optim.Optimizer, grad_clip: float | None = None, bf16: bool = False,
+               compiled: CompiledPass | None = None) -> dict[str, float]:
+    """One step of ordinary training (FP stage, or fine-tuning at a fixed policy); `compiled`: the
+    model's compiled pass, used where it serves the batch."""
     optimizer.zero_grad(set_to_none=True)
-    loss, correct = _forward_backward(model, images, labels, criterion, bf16)
+    loss, correct = _forward_backward(model, images, labels, criterion, bf16, compiled)
     _finish_step(model, optimizer, grad_clip)
     return {"loss": loss, "top1": correct / len(labels)}
 
@@ -80,20 +93,22 @@ def _drop_zero_gradients(model: nn.Module) -> None:
 
 def joint_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bits: Sequence[int],
                criterion: nn.Module, optimizer: torch.optim.Optimizer, policy_rng: random.Random,
-               grad_clip: float | None = 1.0, bf16: bool = False) -> dict[str, float]:
+               grad_clip: float | None = 1.0, bf16: bool = False,
+               compiled: CompiledPass | None = None) -> dict[str, float]:
     """SPEC 1.3: one pass per uniform bit-width plus one random-policy pass, gradients accumulated,
     clipped by value, parameters with an all-zero gradient left out, then a single optimizer step.
     Metrics per pass: loss_w{b}, top1_w{b}, loss_random, top1_random. A NaN or infinite loss raises
-    `NanLossError` before any weight changes."""
+    `NanLossError` before any weight changes. `compiled`: the model's compiled pass, used by every
+    pass it serves (one graph for all bit-widths and policies)."""
     optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, float] = {}
     for b in bits:
         set_uniform_bits(model, b)
-        loss, correct = _forward_backward(model, images, labels, criterion, bf16)
+        loss, correct = _forward_backward(model, images, labels, criterion, bf16, compiled)
         _check_finite(loss, optimizer, f"W{b}A{b}")
         metrics[f"loss_w{b}"], metrics[f"top1_w{b}"] = loss, correct / len(labels)
     set_policy(model, random_policy(model, bits, policy_rng))
-    loss, correct = _forward_backward(model, images, labels, criterion, bf16)
+    loss, correct = _forward_backward(model, images, labels, criterion, bf16, compiled)
     _check_finite(loss, optimizer, "random-policy")
     metrics["loss_random"], metrics["top1_random"] = loss, correct / len(labels)
     if grad_clip is not None:
