@@ -17,9 +17,14 @@ import difflib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.config import PipelineConfig, RecipeConfig
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, UserError
+from orchestrator.model_import import error_summary, is_import_path
+
+if TYPE_CHECKING:
+    from orchestrator.search.costs import CostTable
 
 # Ray Data reads and decodes in tasks of 1 CPU each, beside the CPUs Train workers hold for the run.
 DATA_TASK_CPUS = 1
@@ -128,18 +133,26 @@ def check_cluster_resources(cfg: PipelineConfig, capacity: dict[str, float]) -> 
 # ------------------------------------------------------------------------------ model and files
 
 def _check_arch(arch: str) -> None:
+    """A torchvision name (a user's `module:callable` is checked by building it, in _check_model)."""
     from torchvision import models
 
+    if is_import_path(arch):
+        return
     known = models.list_models(module=models)
     if arch not in known:
         close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"e.g. {', '.join(known[:5])}, ... ({len(known)} in all)"
+        hint = f"did you mean {' or '.join(close)}?" if close else (
+            f"e.g. {', '.join(known[:5])}, ... ({len(known)} in all), or your own model as package.module:callable")
         raise ConfigError(f"model.arch: {arch!r} is not a torchvision classification model; {hint}")
 
 
 def _check_fp_source(cfg: PipelineConfig) -> None:
     if cfg.fp.source == "torchvision":
         from torchvision import models
+
+        if is_import_path(cfg.model.arch):
+            raise ConfigError(f"fp.source: torchvision weights need a torchvision model.arch, not {cfg.model.arch}; "
+                              "load your model's weights with fp.source: checkpoint")
 
         try:
             weights = models.get_weight(cfg.fp.weights)
@@ -153,29 +166,33 @@ def _check_fp_source(cfg: PipelineConfig) -> None:
         path = Path(cfg.fp.checkpoint)
         if not path.is_file():
             raise ConfigError(f"fp.checkpoint: file not found: {path}; give the path of a torch checkpoint")
-        from orchestrator.modelinfo import build_model
+        from orchestrator.modelinfo import build_configured_model
         from orchestrator.train.checkpoint import load_checkpoint, restore_model
 
         payload = load_checkpoint(path)  # weights_only: reads tensors, never runs code
         arch = payload["meta"].get("arch", cfg.model.arch)
         if arch != cfg.model.arch:
             raise ConfigError(f"fp.checkpoint: {path} holds a {arch}, but model.arch is {cfg.model.arch}")
-        restore_model(build_model(cfg.model.arch, cfg.model.num_classes), payload["model"], path)
+        restore_model(build_configured_model(cfg.model), payload["model"], path)
 
 
 def _check_model(cfg: PipelineConfig) -> tuple[set[str], list[str]]:
-    """Architecture, FP source, a forward pass at input_size and the fixed layers; returns every
+    """Architecture (a user's module imports, its callable returns an nn.Module), FP source, a forward
+    pass at input_size, the share of MACs that runs quantized and the fixed layers; returns every
     Conv2d/Linear name and the searchable ones in forward order."""
     from orchestrator.search.costs import cost_table
 
     _check_arch(cfg.model.arch)
     _check_fp_source(cfg)
     try:  # traced once per model and size, then read from the cost cache (as the search does)
-        costs = cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, None, cfg.model.num_classes)
-    except (RuntimeError, AssertionError, ValueError) as error:  # a model that cannot run at this size
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        costs = cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, None, cfg.model.num_classes,
+                           kwargs=cfg.model.kwargs)
+    except UserError:
+        raise
+    except Exception as error:  # the forward pass (a user's code too) fails at this size: one line
         raise ConfigError(f"model.input_size: {cfg.model.arch} does not run at {cfg.model.input_size}x"
-                          f"{cfg.model.input_size} ({reason}); choose a size it accepts") from None
+                          f"{cfg.model.input_size} ({error_summary(error)}); choose a size it accepts") from None
+    check_quantized_share(cfg, costs)
     names = [layer.name for layer in (*costs.searchable, *costs.fixed)]
     fixed = cfg.model.fixed_layers
     if fixed is None:
@@ -189,6 +206,25 @@ def _check_model(cfg: PipelineConfig) -> tuple[set[str], list[str]]:
     if not searchable:
         raise ConfigError("model.fixed_layers: every layer is fixed, nothing is left to search; fix fewer layers")
     return set(names), searchable
+
+
+def float_ops_text(costs: CostTable, count: int = 3) -> str:
+    """The largest float operations with their shares of all MACs, e.g. `blocks.0.attn (attention) 1.2%`."""
+    total = costs.total_macs or 1
+    ops = sorted(costs.float_ops, key=lambda op: -op.macs)
+    text = ", ".join(f"{op.name or '(model)'} ({op.kind}) {100 * op.macs / total:.1f}%" for op in ops[:count])
+    return text + (f" and {len(ops) - count} more" if len(ops) > count else "")
+
+
+def check_quantized_share(cfg: PipelineConfig, costs: CostTable) -> None:
+    """Refuse a model whose quantized layers cover less than `model.min_quantized_share` of its MACs:
+    its bit budgets would describe a small part of what it computes."""
+    share = costs.quantized_share
+    if share < cfg.model.min_quantized_share:
+        raise ConfigError(f"model.min_quantized_share: only {100 * share:.1f}% of {cfg.model.arch}'s MACs at "
+                          f"{cfg.model.input_size}x{cfg.model.input_size} run quantized, below "
+                          f"{100 * cfg.model.min_quantized_share:g}%; in float: {float_ops_text(costs)}; make those "
+                          "multiplies Conv2d/Linear module calls, or lower model.min_quantized_share")
 
 
 def _check_latency(cfg: PipelineConfig, layer_names: set[str], searchable: list[str]) -> None:

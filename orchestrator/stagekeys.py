@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import PipelineConfig
+from orchestrator.model_import import is_import_path, source_digest
 
 STAGES = ("fp", "indicators", "sweep")
 
@@ -50,6 +51,8 @@ def stage_keys(cfg: PipelineConfig) -> StageKeys:
     from orchestrator.data.layout import dataset_fingerprint
 
     settings = cfg.model_dump(mode="json")
+    if is_import_path(cfg.model.arch):  # a user's model: its code is an input like the data
+        settings["model"]["source_sha256"] = source_digest(cfg.model.arch)
     fp_settings = dict(settings["fp"])
     if cfg.fp.source == "checkpoint":
         fp_settings["checkpoint"] = file_digest(cfg.fp.checkpoint)

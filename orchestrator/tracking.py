@@ -355,16 +355,17 @@ class Tracker:
     def log_model(self, run_id: str, model: Any, example: Any, name: str = "model", step: int = 0,
                   tags: Mapping[str, Any] | None = None) -> str:
         """`mlflow.pytorch.log_model` into `run_id` (an MLflow 3 LoggedModel, linked to the run's metrics
-        at `step`) with a signature inferred from `example` (a CPU tensor batch) and this package as
-        code, so `mlflow.pytorch.load_model` works where limpq is not installed. Saved with MLflow's pickle
-        format: the LSQ quantizers (a custom autograd function, lazily initialised step sizes) do not go
-        through torch.export. Returns the model URI."""
+        at `step`) with a signature inferred from `example` (a CPU tensor batch) and this package (and a
+        user's own model module) as code, so `mlflow.pytorch.load_model` works where neither is installed.
+        Saved with MLflow's pickle format: the LSQ quantizers (a custom autograd function, lazily
+        initialised step sizes) do not go through torch.export. Returns the model URI."""
         import mlflow
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
         import orchestrator
+        from orchestrator.model_import import model_code_paths
 
         mlflow.set_tracking_uri(self.tracking_uri)
         # MLflow creates the LoggedModel in the fluent active experiment, not the run's: without this
@@ -376,7 +377,8 @@ class Tracker:
         signature = infer_signature(example.numpy(), output.numpy())
         info = _retrying_lock_errors(  # fluent calls take the same lock retries
             mlflow.pytorch.log_model, model, name=name, run_id=run_id, signature=signature,
-            input_example=example.numpy(), code_paths=[str(Path(orchestrator.__file__).parent)], step=step,
+            input_example=example.numpy(), code_paths=[str(Path(orchestrator.__file__).parent),
+                                                        *model_code_paths(model)], step=step,
             serialization_format="pickle",
             tags=dict(tags or {}), pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from orchestrator.console import setup_console
 from orchestrator.errors import PipelineFailed, Terminated, UserError
 
-COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate")
+COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate", "model")
 
 
 class _OneLineErrors(argparse.ArgumentParser):

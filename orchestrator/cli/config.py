@@ -14,7 +14,29 @@ def _validate(args: argparse.Namespace) -> int:
 
     keys = stage_keys(cfg)
     print(f"{args.file}: OK (stage keys fp {keys.fp}, indicators {keys.indicators}, sweep {keys.sweep})")
+    _print_quantized_share(cfg)
     return 0
+
+
+WARN_QUANTIZED_SHARE = 0.95
+
+
+def _print_quantized_share(cfg) -> None:
+    """How much of the model the bit budgets describe; below 95% a warning naming the float multiplies
+    (below model.min_quantized_share the preflight has already refused the config)."""
+    import sys
+
+    from orchestrator.preflight import float_ops_text
+    from orchestrator.search.policy import config_cost_table
+
+    costs = config_cost_table(cfg)
+    total = costs.total_macs or 1
+    print(f"quantized share: {100 * costs.quantized_share:.2f}% of {costs.total_macs / 1e9:.4g} G MACs at "
+          f"{cfg.model.input_size}x{cfg.model.input_size} (searchable {100 * costs.searchable_macs / total:.2f}%, "
+          f"fixed {100 * costs.fixed_macs / total:.2f}%, float {100 * costs.float_macs / total:.2f}%)")
+    if costs.quantized_share < WARN_QUANTIZED_SHARE:
+        print(f"warning: {100 * costs.float_macs / total:.1f}% of the MACs stay in float (counted at 32x32 bits in "
+              f"bitops_g_total, outside the search): {float_ops_text(costs)}", file=sys.stderr)
 
 
 def _reference(args: argparse.Namespace) -> int:

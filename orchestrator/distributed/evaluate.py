@@ -16,7 +16,7 @@ import torch
 
 from orchestrator.config import PipelineConfig
 from orchestrator.errors import UserError
-from orchestrator.modelinfo import build_model
+from orchestrator.modelinfo import build_configured_model
 from orchestrator.quant.policy import Policy
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 from orchestrator.train.stages import JOINT_FILE, device_for, joint_model
@@ -53,7 +53,7 @@ def policy_from_file(path: str | Path) -> Policy:
 
 def untrained_joint(cfg: PipelineConfig) -> torch.nn.Module:
     """The joint model's structure (its layer names and candidate bits), without weights."""
-    return joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
+    return joint_model(cfg, build_configured_model(cfg.model))
 
 
 def load_joint(cfg: PipelineConfig, state: dict) -> torch.nn.Module:

@@ -33,7 +33,7 @@ from orchestrator.data.ray_pipeline import SkipCounter, build_ray_datasets, data
 from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
 from orchestrator.errors import UserError
 from orchestrator.indicators import save_indicators
-from orchestrator.modelinfo import build_model
+from orchestrator.modelinfo import build_configured_model
 from orchestrator.plots import indicator_heatmap
 from orchestrator.quant.policy import uniform_policy
 from orchestrator.tracking import Tracker
@@ -110,7 +110,7 @@ def _worker_model(cfg: PipelineConfig, stage: str, config: dict[str, Any]) -> to
     fp_state = _resolve(config["fp_weights"])
     if stage == "finetune":
         return finetune_model(cfg, fp_state, config["policy"], _resolve(config.get("joint_weights")))
-    model = build_model(cfg.model.arch, cfg.model.num_classes)
+    model = build_configured_model(cfg.model)
     restore_model(model, fp_state, "FP weights")
     return joint_model(cfg, model)
 
@@ -347,7 +347,7 @@ def run_indicators_training(cfg: PipelineConfig, tracker: Tracker, run_id: str, 
     log_dataset_inputs(cfg, tracker, run_id, "indicators")
     inputs = {"fp_weights": ray.put(load_checkpoint(fp_path)["model"])}
     state, _ = train_on_ray(cfg, "indicators", tracker, run_id, train_name, inputs)
-    model = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
+    model = joint_model(cfg, build_configured_model(cfg.model))
     restore_model(model, state, "final joint checkpoint")
     joint = save_checkpoint(directory / JOINT_FILE, model, meta=fp_meta(cfg))
     indicators = indicators_of(cfg, model, run_id)

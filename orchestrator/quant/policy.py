@@ -43,10 +43,14 @@ def set_uniform_bits(model: nn.Module, bits: int) -> None:
 
 def random_policy(model: nn.Module, bits: Sequence[int], rng: random.Random) -> dict[str, tuple[int, int]]:
     """The random pass of SPEC 1.3 step 3: each searchable convolution draws one bit-width for both
-    weights and activations; a searchable Linear keeps the last uniform pass's bit-width (bits[-1])."""
+    weights and activations; a searchable Linear keeps the last uniform pass's bit-width (bits[-1]),
+    except a Linear applied per token (a transformer's projections and MLPs, ConvNeXt's pointwise
+    layers: 1x1 convolutions in all but name), which draws like a convolution. Without that, a
+    transformer's random pass would repeat the last uniform one."""
+    token_wise = layout_of(model).token_wise
     policy = {}
     for name, module in searchable_modules(model):
-        b = rng.choice(list(bits)) if isinstance(module, QConv2d) else bits[-1]
+        b = rng.choice(list(bits)) if isinstance(module, QConv2d) or name in token_wise else bits[-1]
         policy[name] = (b, b)
     return policy
 

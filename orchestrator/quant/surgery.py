@@ -1,7 +1,9 @@
 """Turn a torchvision classifier into its quantizable form (SPEC 1.2).
 
 Searchable layers become QConv2d/QLinear with one step size per candidate bit-width for weights and
-inputs; the BatchNorm that consumes a searchable layer's output becomes switchable. Fixed layers
+inputs; the BatchNorm that consumes a searchable layer's output becomes switchable. Modules that read a
+weight functionally are first made to call it as a layer (orchestrator.explicit_layers), so those
+weights are quantized too. Fixed layers
 (default: first conv and classifier) stay full precision in the joint (indicator-training) model, as in
 the reference; at a fixed policy (fine-tuning, deployment) they quantize at 8 bits: the first conv keeps
 a full-precision input, the classifier uses 8-bit activations.
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from orchestrator.errors import UserError
+from orchestrator.explicit_layers import make_weights_explicit
 from orchestrator.modelinfo import split_layers, trace_layers
 from orchestrator.quant.modules import QConv2d, QLinear, SwitchableBatchNorm2d
 
@@ -29,6 +32,9 @@ class QuantLayout:
     fixed: tuple[str, ...]
     bn_of: Mapping[str, str]  # searchable layer -> its switchable BatchNorm
     first_conv: str | None
+    # searchable Linear layers applied per token (more than one position at batch 1): 1x1 convolutions
+    # in all but name, which the joint step's random pass treats as convolutions
+    token_wise: frozenset[str] = frozenset()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -62,6 +68,7 @@ def quantize_model(
     """
     if (bits is None) == (policy is None):
         raise ValueError("give exactly one of bits= or policy=")
+    make_weights_explicit(model)
     traced = trace_layers(model, input_size)
     searchable, fixed = split_layers(traced, list(fixed_layers) if fixed_layers is not None else None)
     if policy is not None:
@@ -91,6 +98,7 @@ def quantize_model(
         fixed=tuple(layer.name for layer in fixed),
         bn_of=bn_of,
         first_conv=first_conv,
+        token_wise=frozenset(layer.name for layer in searchable if layer.kind == "linear" and layer.tokens > 1),
     )
     model.limpq_layout = layout
     if policy is not None:

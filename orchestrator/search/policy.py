@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 POLICY_FORMAT = "limpq-policy/v1"
 GIGA = 1e9
 MEGABYTE_BITS = 8 * 1024 * 1024  # "MB" as the published search script reports model sizes
-TOTAL_KEYS = ("bitops_g", "bitops_g_with_fixed", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
-              "latency_ms")
+TOTAL_KEYS = ("bitops_g", "bitops_g_with_fixed", "bitops_g_total", "size_mb", "compression_ratio", "avg_wbits",
+              "avg_abits", "latency_ms")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class LayerBits:
 class PolicyTotals:
     bitops_g: float  # searchable layers only, as the BitOps constraint counts them
     bitops_g_with_fixed: float  # plus the fixed layers at 8-bit weights and activations
+    bitops_g_total: float | None  # plus the multiplies left in float at 32 x 32 bits: every MAC (None: older file)
     size_mb: float  # all conv/linear weights, fixed layers at 8 bits
     compression_ratio: float  # FP32 size / size
     avg_wbits: float
@@ -50,6 +51,7 @@ def policy_totals(costs: CostTable, wbits: list[int], abits: list[int],
     return PolicyTotals(
         bitops_g=bitops / GIGA,
         bitops_g_with_fixed=(bitops + costs.fixed_bitops) / GIGA,
+        bitops_g_total=(bitops + costs.fixed_bitops + costs.float_bitops) / GIGA,
         size_mb=weight_bits / MEGABYTE_BITS,
         compression_ratio=costs.fp32_bits / weight_bits,
         avg_wbits=sum(wbits) / len(wbits),
@@ -192,7 +194,7 @@ def export_nncf(policy: Policy, path: str | Path) -> None:
 def config_cost_table(cfg: PipelineConfig) -> CostTable:
     """The cost table a pipeline config asks for (cached on disk)."""
     return cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, cfg.model.fixed_layers,
-                      cfg.model.num_classes)
+                      cfg.model.num_classes, kwargs=cfg.model.kwargs)
 
 
 def policy_for_budget(cfg: PipelineConfig, indicators: Indicators, budget: Budget) -> dict[str, Any]:

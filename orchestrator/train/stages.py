@@ -20,7 +20,7 @@ from torch import nn
 from orchestrator.config import PipelineConfig, RecipeConfig
 from orchestrator.errors import UserError
 from orchestrator.indicators import Indicators
-from orchestrator.modelinfo import build_model
+from orchestrator.modelinfo import build_configured_model
 from orchestrator.quant.policy import Policy, extract_indicators, load_step_sizes
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.seeds import derived_seed
@@ -53,7 +53,7 @@ def load_fp_model(cfg: PipelineConfig, path: str | Path) -> nn.Module:
     arch = payload["meta"].get("arch", cfg.model.arch)
     if arch != cfg.model.arch:
         raise UserError(f"{path}: checkpoint holds a {arch}, the config asks for model.arch {cfg.model.arch}")
-    model = build_model(cfg.model.arch, cfg.model.num_classes)
+    model = build_configured_model(cfg.model)
     restore_model(model, payload["model"], path)
     return model
 
@@ -61,11 +61,11 @@ def load_fp_model(cfg: PipelineConfig, path: str | Path) -> nn.Module:
 def initial_fp_model(cfg: PipelineConfig) -> nn.Module:
     """Starting point of the FP stage: torchvision weights, a user checkpoint, or a fresh init to train."""
     if cfg.fp.source == "torchvision":
-        return build_model(cfg.model.arch, cfg.model.num_classes, cfg.fp.weights)
+        return build_configured_model(cfg.model, cfg.fp.weights)
     if cfg.fp.source == "checkpoint":
         return load_fp_model(cfg, cfg.fp.checkpoint)
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model.arch, cfg.model.num_classes)
+    return build_configured_model(cfg.model)
 
 
 def seed_epoch(seed: int, stage: str, rank: int, epoch: int) -> None:
@@ -86,11 +86,11 @@ def joint_model(cfg: PipelineConfig, fp_model: nn.Module) -> nn.Module:
 def finetune_model(cfg: PipelineConfig, fp_state: dict, policy: Policy, joint_state: dict | None = None) -> nn.Module:
     """The FP model quantized at a fixed per-layer policy (SPEC 1.6); with `joint_state`, its step sizes
     and BatchNorms start from the joint-trained values at the chosen bits."""
-    model = build_model(cfg.model.arch, cfg.model.num_classes)
+    model = build_configured_model(cfg.model)
     restore_model(model, fp_state, "FP weights")
     quantize_model(model, policy=policy, input_size=cfg.model.input_size, fixed_layers=cfg.model.fixed_layers)
     if joint_state is not None:
-        joint = joint_model(cfg, build_model(cfg.model.arch, cfg.model.num_classes))
+        joint = joint_model(cfg, build_configured_model(cfg.model))
         restore_model(joint, joint_state, "joint checkpoint")
         load_step_sizes(model, joint, policy)
     return model
