@@ -14,6 +14,10 @@ counted as a layer nor quantized. Two such modules exist among torchvision's cla
 them with the originals). A module it cannot express this way (an nn.MultiheadAttention with separate
 key/value dimensions, bias_k/bias_v or add_zero_attn) stays as it is, and the trace lists its
 projections as float operations by their weight names.
+
+Their products of two activations (q @ k^T, attn @ v) can run quantized: when the surgery has attached
+an `operand_quant` (orchestrator.quant.modules.OperandQuant) to the module, q, k, the attention weights
+and v pass through its quantizers, at the activation bits of the layer `attention_ties` names.
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ class ExplicitMultiheadAttention(nn.Module):
         self.in_proj.bias = attention.in_proj_bias
         self.out_proj = attention.out_proj
         self._register_load_state_dict_pre_hook(_rename_packed_keys)
+
+    # nn.TransformerEncoderLayer reads these before it checks the flag above
+    @property
+    def in_proj_weight(self) -> Tensor:
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        return self.in_proj.bias
 
     @staticmethod
     def can_replace(attention: nn.MultiheadAttention) -> bool:
@@ -106,15 +119,14 @@ class ExplicitMultiheadAttention(nn.Module):
             padding = padding.reshape(batch * heads, 1, source)
             attn_mask = padding if attn_mask is None else attn_mask + padding
         dropout_p = self.dropout if self.training else 0.0
+        operand_quant = getattr(self, "operand_quant", None)
         weights = None
-        if need_weights:
-            scores = q * math.sqrt(1.0 / head_dim) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                scores = scores + attn_mask
-            weights = F.softmax(scores, dim=-1)
-            if dropout_p > 0.0:
-                weights = F.dropout(weights, p=dropout_p)
-            out = torch.bmm(weights, v).transpose(0, 1).reshape(target * batch, embed)
+        if need_weights or operand_quant is not None:
+            if is_causal and attn_mask is None:
+                attn_mask = torch.full((target, source), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+            weights, out = _attention_products(q * math.sqrt(1.0 / head_dim), k, v, attn_mask, dropout_p,
+                                               operand_quant)
+            out = out.transpose(0, 1).reshape(target * batch, embed)
             weights = weights.view(batch, heads, target, source)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
@@ -136,11 +148,38 @@ class ExplicitMultiheadAttention(nn.Module):
         return out, weights
 
 
+def _attention_products(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                        operand_quant: nn.Module | None) -> tuple[Tensor, Tensor]:
+    """softmax(q @ k^T + mask) @ v written out (q already scaled): (attention weights, output). With
+    `operand_quant`, both products take quantized operands."""
+    if operand_quant is not None:
+        q, k = operand_quant.q(q), operand_quant.k(k)
+    scores = q @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = F.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    if operand_quant is not None:
+        return weights, operand_quant.probs(weights) @ operand_quant.v(v)
+    return weights, weights @ v
+
+
 def _rename_packed_keys(state_dict: dict, prefix: str, *args) -> None:
     """nn.MultiheadAttention's packed projection keys -> this module's `in_proj.` keys."""
     for old, new in (("in_proj_weight", "in_proj.weight"), ("in_proj_bias", "in_proj.bias")):
         if prefix + old in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
+def explicit_state_dict(model: nn.Module, state_dict: dict) -> dict:
+    """`state_dict` with the keys of every nn.MultiheadAttention that `model` holds in explicit form
+    renamed to that form (weights saved from the original module, e.g. a user's own checkpoint)."""
+    renamed = dict(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, ExplicitMultiheadAttention):
+            _rename_packed_keys(renamed, f"{name}." if name else "")
+    return renamed
 
 
 def _explicit_window_attention(module: ShiftedWindowAttention, x: Tensor, relative_position_bias: Tensor,
@@ -168,11 +207,16 @@ def _explicit_window_attention(module: ShiftedWindowAttention, x: Tensor, relati
         qkv = qkv - F.pad(module.qkv.bias[channels:2 * channels], (channels, channels))
     qkv = qkv.reshape(x.size(0), x.size(1), 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
+    operand_quant = getattr(module, "operand_quant", None)
     if logit_scale is not None:  # V2: cosine attention
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     else:
-        attn = (q * (channels // heads) ** -0.5).matmul(k.transpose(-2, -1))
+        q = q * (channels // heads) ** -0.5
+    if operand_quant is not None:
+        q, k, v = operand_quant.q(q), operand_quant.k(k), operand_quant.v(v)
+    attn = q.matmul(k.transpose(-2, -1))
+    if logit_scale is not None:
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
     attn = attn + relative_position_bias
     if sum(shift) > 0:
         mask = x.new_zeros((pad_h, pad_w))
@@ -190,6 +234,8 @@ def _explicit_window_attention(module: ShiftedWindowAttention, x: Tensor, relati
         attn = attn.view(x.size(0) // num_windows, num_windows, heads, x.size(1), x.size(1))
         attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, x.size(1), x.size(1))
     attn = F.dropout(F.softmax(attn, dim=-1), p=module.attention_dropout, training=module.training)
+    if operand_quant is not None:
+        attn = operand_quant.probs(attn)
     x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), channels)
     x = F.dropout(module.proj(x), p=module.dropout, training=module.training)
     x = x.view(batch, pad_h // window[0], pad_w // window[1], window[0], window[1], channels)
@@ -215,6 +261,19 @@ class ExplicitShiftedWindowAttentionV2(ShiftedWindowAttentionV2):
 
 _WINDOW_CLASSES = {ShiftedWindowAttention: ExplicitShiftedWindowAttention,
                    ShiftedWindowAttentionV2: ExplicitShiftedWindowAttentionV2}
+
+
+def attention_ties(model: nn.Module) -> dict[str, str]:
+    """Explicit attention module -> the layer whose activation bits its products (q @ k^T, attn @ v)
+    take when quantized: the output projection, which reads what those products compute."""
+    ties = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, ExplicitMultiheadAttention):
+            ties[name] = prefix + "out_proj"
+        elif isinstance(module, (ExplicitShiftedWindowAttention, ExplicitShiftedWindowAttentionV2)):
+            ties[name] = prefix + "proj"
+    return ties
 
 
 def make_weights_explicit(model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count, shape_wrapper
 
 from orchestrator.errors import UserError
-from orchestrator.explicit_layers import make_weights_explicit
+from orchestrator.explicit_layers import attention_ties, make_weights_explicit
 from orchestrator.model_import import build_user_model, is_import_path
 
 # Defaults for torchvision builders whose train-mode forward is not one logits tensor: their auxiliary
@@ -58,15 +58,18 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class FloatOp:
-    """Multiply-accumulates outside any Conv2d/Linear module call, summed per (name, kind): they run in
-    float. `kind` "weight": a weight multiplied without its layer module (named by the weight);
-    "attention": scaled_dot_product_attention (q @ k^T and attn @ v); "matmul": other products of two
-    activations (both named by the module that computed them)."""
+    """Multiply-accumulates outside any Conv2d/Linear module call, summed per (name, kind). `kind`
+    "weight": a weight multiplied without its layer module (named by the weight); "attention":
+    scaled_dot_product_attention (q @ k^T and attn @ v); "matmul": other products of two activations
+    (both named by the module that computed them). They run in float, except the products of an
+    explicit attention module (orchestrator.explicit_layers), which the quantized model computes with
+    both operands at the activation bits of the layer `quantized_with` names."""
 
     name: str
     kind: str
     macs: int
     params: int  # the weight's elements for kind "weight", else 0
+    quantized_with: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,12 +161,13 @@ class _MultiplyRecorder(TorchDispatchMode):
     formula for), the MACs of every op outside a Conv2d/Linear module call, attributed to the weight it
     multiplies or to the innermost module running."""
 
-    def __init__(self, weight_of_storage: dict[int, tuple[str, int]]) -> None:
+    def __init__(self, weight_of_storage: dict[int, tuple[str, int]], ties: dict[str, str]) -> None:
         super().__init__()
         self.weight_of_storage = weight_of_storage
+        self.ties = ties
         self.module_stack: list[str] = []
         self.inside_layer = 0
-        self.ops: dict[tuple[str, str], list[int]] = {}  # (name, kind) -> [macs, params]
+        self.ops: dict[tuple[str, str], list] = {}  # (name, kind) -> [macs, params, quantized_with]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -185,11 +189,12 @@ class _MultiplyRecorder(TorchDispatchMode):
         weight = next((self.weight_of_storage[key] for key in (_storage_key(t) for t in operands)
                        if key in self.weight_of_storage), None)
         if weight is not None:
-            key, params = (weight[0], "weight"), weight[1]
+            key, params, tie = (weight[0], "weight"), weight[1], None
         else:
-            kind = "attention" if packet in _ATTENTION_OPS else "matmul"
-            key, params = (self.module_stack[-1] if self.module_stack else "", kind), 0
-        entry = self.ops.setdefault(key, [0, params])
+            module = self.module_stack[-1] if self.module_stack else ""
+            key, params = (module, "attention" if packet in _ATTENTION_OPS else "matmul"), 0
+            tie = self.ties.get(module)
+        entry = self.ops.setdefault(key, [0, params, tie])
         entry[0] += macs
 
 
@@ -209,7 +214,8 @@ def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
     records are those of the training forward."""
     records: dict[str, dict] = {}
     order: list[str] = []
-    producer_of: dict[int, str] = {}
+    # id(output) -> (output, layer): holding the output keeps its id from being reused by a later tensor
+    producer_of: dict[int, tuple[torch.Tensor, str]] = {}
     bn_of: dict[str, str] = {}
     handles = []
     weight_of_storage = {
@@ -217,12 +223,13 @@ def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
         for name, param in model.named_parameters() if param.numel() > 0
     }
     weight_of_storage.pop(0, None)
-    recorder = _MultiplyRecorder(weight_of_storage)
+    ties = {name.removeprefix("module."): layer.removeprefix("module.") for name, layer in attention_ties(model).items()}
+    recorder = _MultiplyRecorder(weight_of_storage, ties)
 
     def layer_hook(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             recorder.inside_layer -= 1
-            producer_of[id(output)] = name
+            producer_of[id(output)] = (output, name)
             x = inputs[0]
             if isinstance(module, nn.Conv2d):
                 out_hw = tuple(output.shape[-2:])
@@ -258,8 +265,8 @@ def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
 
     def bn_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            source = producer_of.get(id(inputs[0]))
-            if source is not None and source not in bn_of:
+            output, source = producer_of.get(id(inputs[0]), (None, None))
+            if output is inputs[0] and source not in bn_of:
                 bn_of[source] = name
 
         return hook
@@ -296,8 +303,8 @@ def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
         for handle in handles:
             handle.remove()
     layers = tuple(LayerInfo(name=name, bn_name=bn_of.get(name), **records[name]) for name in order)
-    float_ops = tuple(FloatOp(name, kind, macs, params) for (name, kind), (macs, params) in recorder.ops.items()
-                      if macs > 0)
+    float_ops = tuple(FloatOp(name, kind, macs, params, tie) for (name, kind), (macs, params, tie)
+                      in recorder.ops.items() if macs > 0)
     return ModelTrace(layers, float_ops)
 
 

@@ -1,5 +1,7 @@
 """`limpq model info`: every layer and every other multiply of one forward pass, with its MACs, weights
-and whether it is searched, fixed (8-bit) or left in float; the totals the search and budgets use."""
+and whether it is searched, fixed (8-bit) or left in float; the totals the search and budgets use.
+`limpq model check`: one step of every pipeline stage in-process on a random batch
+(orchestrator.modelcheck)."""
 
 from __future__ import annotations
 
@@ -39,10 +41,13 @@ def model_info(arch: str, input_size: int, num_classes: int = 1000, kwargs: dict
     costs = costs_from_layers(list(trace.layers), "exact", fixed_layers, arch, input_size, num_classes,
                               trace.float_ops)
     fixed = {layer.name for layer in costs.fixed}
+    status = {layer.name: "fixed" if layer.name in fixed else "searchable" for layer in trace.layers}
     rows = [{"name": layer.name, "kind": layer.kind, "macs": layer.macs, "params": layer.weight_numel,
-             "status": "fixed" if layer.name in fixed else "searchable"} for layer in trace.layers]
-    rows += [{"name": op.name, "kind": op.kind, "macs": op.macs, "params": op.params, "status": "float"}
-             for op in trace.float_ops]
+             "status": status[layer.name], "quantized_with": None} for layer in trace.layers]
+    # an attention's products run at its output projection's activation bits: that layer's status
+    rows += [{"name": op.name, "kind": op.kind, "macs": op.macs, "params": op.params,
+              "status": status.get(op.quantized_with, "float"),
+              "quantized_with": op.quantized_with if op.quantized_with in status else None} for op in trace.float_ops]
     totals = {"total_macs": costs.total_macs, "searchable_macs": costs.searchable_macs,
               "fixed_macs": costs.fixed_macs, "float_macs": costs.float_macs,
               "quantized_share": costs.quantized_share,
@@ -59,8 +64,9 @@ def _print_table(info: dict) -> None:
     width = max([len(row["name"] or "(model)") for row in rows] + [5])
     print(f"{'layer':<{width}}  {'kind':<9}  {'MACs (M)':>10}  {'share':>6}  {'params (K)':>10}  status")
     for row in rows:
+        tie = f" (both operands at {row['quantized_with']}'s activation bits)" if row["quantized_with"] else ""
         print(f"{row['name'] or '(model)':<{width}}  {row['kind']:<9}  {row['macs'] / 1e6:>10.3f}  "
-              f"{100 * row['macs'] / total:>5.2f}%  {row['params'] / 1e3:>10.1f}  {row['status']}")
+              f"{100 * row['macs'] / total:>5.2f}%  {row['params'] / 1e3:>10.1f}  {row['status']}{tie}")
     print(f"{info['model']} at {info['input_size']}x{info['input_size']}, batch 1: "
           f"total_macs {totals['total_macs']:,} | searchable_macs {totals['searchable_macs']:,} | "
           f"fixed_macs {totals['fixed_macs']:,} | float_macs {totals['float_macs']:,}")
@@ -83,6 +89,26 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from orchestrator.modelcheck import check_model_stages, stage_check_config
+
+    cfg = stage_check_config(args.arch, args.input_size, args.num_classes, _model_kwargs(args.model_kwargs),
+                             tuple(args.bits))
+    check = check_model_stages(cfg)
+    if args.json:
+        json.dump(check.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for stage in check.passed:
+            print(f"{stage:<14} ok    {check.seconds[stage]:7.1f} s")
+        if check.ok:
+            print(f"{args.arch} at {args.input_size}x{args.input_size}: every stage ran (quantized share "
+                  f"{100 * check.quantized_share:.2f}%, {check.searchable_layers} searchable layers)")
+        else:
+            print(f"{check.failed:<14} FAILED {check.error}")
+    return 0 if check.ok else 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("model", help="what a model computes: layers, MACs, quantized share")
     commands = group.add_subparsers(dest="model_command", required=True)
@@ -100,3 +126,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="also count the forward with torch.utils.flop_counter (FLOPs / 2)")
     info.add_argument("--json", action="store_true", help="print the JSON document and nothing else")
     info.set_defaults(func=_info)
+
+    check = commands.add_parser(
+        "check", help="one step of every stage in-process on a random batch: trace, joint training, search, "
+                      "fine-tuning (exit 1 naming the stage that fails)")
+    check.add_argument("--arch", required=True,
+                       help="torchvision model name, or your own model as package.module:callable")
+    check.add_argument("--input-size", type=int, required=True, metavar="N", help="square input resolution")
+    check.add_argument("--num-classes", type=int, default=10, metavar="K", help="classifier outputs (10)")
+    check.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model (as model.kwargs)")
+    check.add_argument("--bits", type=int, nargs="+", default=[4, 2], metavar="B",
+                       help="candidate bit-widths of the joint step (4 2)")
+    check.add_argument("--json", action="store_true", help="print the result as JSON and nothing else")
+    check.set_defaults(func=_check)

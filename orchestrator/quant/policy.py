@@ -21,7 +21,8 @@ def searchable_modules(model: nn.Module) -> list[tuple[str, QConv2d | QLinear]]:
 
 
 def set_policy(model: nn.Module, policy: Policy) -> None:
-    """Set each searchable layer to its (wbits, abits); its switchable BN follows the weight bits."""
+    """Set each searchable layer to its (wbits, abits); its switchable BN follows the weight bits, the
+    products of an attention tied to it (SPEC 1.5) its activation bits."""
     inner = unwrap(model)
     layout = layout_of(inner)
     for name in layout.searchable:
@@ -31,6 +32,8 @@ def set_policy(model: nn.Module, policy: Policy) -> None:
             bn = inner.get_submodule(layout.bn_of[name])
             assert isinstance(bn, SwitchableBatchNorm2d)
             bn.active_bits = wbits
+    for attention, layer in layout.operand_quant_of.items():
+        inner.get_submodule(attention).operand_quant.set_bits(policy[layer][1])
 
 
 def uniform_policy(model: nn.Module, bits: int) -> dict[str, tuple[int, int]]:
@@ -71,7 +74,8 @@ def extract_indicators(model: nn.Module, arch: str, provenance: dict[str, Any] |
 
 def load_step_sizes(model: nn.Module, source: nn.Module, policy: Policy) -> None:
     """Start a fine-tuning model's quantizers from a joint-trained one: for each searchable layer the
-    step sizes at its chosen bits and the matching BatchNorm copy (the one of its weight bits). Fixed
+    step sizes at its chosen bits and the matching BatchNorm copy (the one of its weight bits), and an
+    attention's operand quantizers at its tied layer's activation bits. Fixed
     layers are full precision in the joint model, so their 8-bit step sizes initialise on the first
     fine-tuning batch. Weights stay as they are."""
     target_inner, source_inner = unwrap(model), unwrap(source)
@@ -86,6 +90,12 @@ def load_step_sizes(model: nn.Module, source: nn.Module, policy: Policy) -> None
         if bn_name is not None:
             joint_bn = source_inner.get_submodule(bn_name)
             target_inner.get_submodule(bn_name).load_state_dict(joint_bn.copies[str(wbits)].state_dict())
+    for attention, layer in target_layout.operand_quant_of.items():
+        if attention in source_layout.operand_quant_of:
+            targets = target_inner.get_submodule(attention).operand_quant.quantizers()
+            sources = source_inner.get_submodule(attention).operand_quant.quantizers()
+            for target, joint in zip(targets, sources):
+                _copy_step(target, joint, policy[layer][1])
 
 
 def _copy_step(target, source, bits: int) -> None:

@@ -7,7 +7,9 @@ accounting and fixed-layer set; one trace writes the files of every accounting. 
 re-trace. A user's model (`module:callable`) is traced on every use: its code may change under the
 same name.
 
-Besides the layers, a table lists the multiplies that stay in float (`float_ops`: attention matmuls,
+Besides the layers' own MACs, a layer holds the MACs of the activation x activation products that run
+at its activation bits (`act_macs`: an attention's q @ k^T and attn @ v, tied to its output projection),
+and the table lists the multiplies that stay in float (`float_ops`: other products of activations,
 weights read outside a layer), so its totals cover every MAC of the forward pass (SPEC 1.5).
 """
 
@@ -40,6 +42,11 @@ class LayerCost:
     kind: str  # "conv" or "linear"; for a float op "weight", "attention" or "matmul" (modelinfo.FloatOp)
     macs: int
     params: int
+    act_macs: int = 0  # products of two activations quantized at this layer's activation bits (SPEC 1.5)
+
+    def bitops(self, wbits: int, abits: int) -> int:
+        """SPEC 1.5: MACs x weight bits x activation bits, and both operands of `act_macs` at `abits`."""
+        return self.macs * wbits * abits + self.act_macs * abits * abits
 
 
 @dataclass(frozen=True)
@@ -70,15 +77,15 @@ class CostTable:
 
     @property
     def fixed_bitops(self) -> int:
-        return FIXED_LAYER_BITS * FIXED_LAYER_BITS * self.fixed_macs
+        return sum(la.bitops(FIXED_LAYER_BITS, FIXED_LAYER_BITS) for la in self.fixed)
 
     @property
     def searchable_macs(self) -> int:
-        return sum(la.macs for la in self.searchable)
+        return sum(la.macs + la.act_macs for la in self.searchable)
 
     @property
     def fixed_macs(self) -> int:
-        return sum(la.macs for la in self.fixed)
+        return sum(la.macs + la.act_macs for la in self.fixed)
 
     @property
     def float_macs(self) -> int:
@@ -153,10 +160,15 @@ def costs_from_layers(
     macs_of = official_macs if accounting == "limpq-official" else (lambda layer: layer.macs)
     searchable, fixed = split_layers(layers, fixed_layers)
 
-    def costs(group: list[LayerInfo]) -> tuple[LayerCost, ...]:
-        return tuple(LayerCost(la.name, la.kind, int(macs_of(la)), int(la.weight_numel)) for la in group)
+    layer_names = {layer.name for layer in layers}
+    tied = [op for op in float_ops if op.quantized_with in layer_names]
+    act_macs = {name: sum(op.macs for op in tied if op.quantized_with == name) for name in {op.quantized_with for op in tied}}
 
-    floats = tuple(LayerCost(op.name, op.kind, int(op.macs), int(op.params)) for op in float_ops)
+    def costs(group: list[LayerInfo]) -> tuple[LayerCost, ...]:
+        return tuple(LayerCost(la.name, la.kind, int(macs_of(la)), int(la.weight_numel), act_macs.get(la.name, 0))
+                     for la in group)
+
+    floats = tuple(LayerCost(op.name, op.kind, int(op.macs), int(op.params)) for op in float_ops if op not in tied)
     return CostTable(model, input_size, num_classes, accounting, costs(searchable), costs(fixed), floats)
 
 

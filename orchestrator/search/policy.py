@@ -46,7 +46,7 @@ class PolicyTotals:
 def policy_totals(costs: CostTable, wbits: list[int], abits: list[int],
                   latency: list[float] | None = None) -> PolicyTotals:
     """Totals of a policy given as per-layer bits in the cost table's searchable order."""
-    bitops = sum(layer.macs * w * a for layer, w, a in zip(costs.searchable, wbits, abits))
+    bitops = sum(layer.bitops(w, a) for layer, w, a in zip(costs.searchable, wbits, abits))
     weight_bits = costs.fixed_weight_bits + sum(layer.params * w for layer, w in zip(costs.searchable, wbits))
     return PolicyTotals(
         bitops_g=bitops / GIGA,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
+from orchestrator.explicit_layers import explicit_state_dict
 from orchestrator.quant.surgery import unwrap
 
 FORMAT = "limpq-checkpoint/v1"
@@ -91,9 +92,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load weights strictly; a mismatch names the file and the keys or shapes that differ."""
+    """Load weights strictly; a mismatch names the file and the keys or shapes that differ. Weights of an
+    nn.MultiheadAttention saved before it was made explicit (a user's own checkpoint) load as well."""
     target = unwrap(model)
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    state_dict = explicit_state_dict(target, {key.removeprefix("module."): value for key, value in state_dict.items()})
     own = target.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
