@@ -118,22 +118,24 @@ def _stage(row: dict, stage: str) -> str:
     return "FAILED" if row.get("failed") == stage else "-"
 
 
+def _cell(value, text: str) -> str:
+    return "-" if value is None else text
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | input | params (M) | MACs (G) | flop_counter (G) | gap | quantized | joint step | search "
              "| fine-tune step | time (s) | supported |",
              "|---|---:|---:|---:|---:|---:|---:|:---:|:---:|:---:|---:|---|"]
     for row in rows:
-        macs = row.get("total_macs")
-        reference = row.get("flop_counter_macs")
-        share = row.get("quantized_share")
-        lines.append(
-            f"| {row['model']} | {row.get('input_size', '-')} | "
-            f"{row['params'] / 1e6:.1f} | " if "params" in row else f"| {row['model']} | - | - | ")
-        lines[-1] += (f"{macs / 1e9:.3f} | " if macs else "- | ") + (f"{reference / 1e9:.3f} | " if reference else "- | ")
-        lines[-1] += (f"{100 * row['gap']:+.2f}% | " if "gap" in row else "- | ")
-        lines[-1] += (f"{100 * share:.2f}% | " if share is not None else "- | ")
-        lines[-1] += " | ".join(_stage(row, stage) for stage in ("joint_step", "search", "finetune_step"))
-        lines[-1] += f" | {row.get('seconds_total', 0):.0f} | " + ("yes" if supported(row) else f"no: {reason(row)}") + " |"
+        params, macs, reference = row.get("params"), row.get("total_macs"), row.get("flop_counter_macs")
+        gap, share = row.get("gap"), row.get("quantized_share")
+        cells = [row["model"], _cell(row.get("input_size"), str(row.get("input_size"))),
+                 _cell(params, f"{(params or 0) / 1e6:.1f}"), _cell(macs, f"{(macs or 0) / 1e9:.3f}"),
+                 _cell(reference, f"{(reference or 0) / 1e9:.3f}"), _cell(gap, f"{100 * (gap or 0):+.2f}%"),
+                 _cell(share, f"{100 * (share or 0):.2f}%"),
+                 *(_stage(row, stage) for stage in ("joint_step", "search", "finetune_step")),
+                 f"{row.get('seconds_total', 0):.0f}", "yes" if supported(row) else f"no: {reason(row)}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

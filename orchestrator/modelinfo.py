@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, sdpa_flop_count, shape_wrapper
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count, shape_wrapper
 
 from orchestrator.errors import UserError
 from orchestrator.explicit_layers import attention_ties, make_weights_explicit
@@ -289,17 +289,9 @@ def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
             handles.append(module.register_forward_hook(layer_hook(clean)))
         elif isinstance(module, nn.BatchNorm2d):
             handles.append(module.register_forward_pre_hook(bn_hook(clean)))
-    was_training = model.training
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        device = next(model.parameters()).device
-        with recorder:
-            model(torch.zeros(1, 3, input_size, input_size, device=device))
+        _forward_at_batch_one(model, input_size, recorder)
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     layers = tuple(LayerInfo(name=name, bn_name=bn_of.get(name), **records[name]) for name in order)
@@ -334,23 +326,27 @@ def split_layers(layers: list[LayerInfo], fixed_names: list[str] | None = None) 
     return [la for la in layers if la.name not in fixed], [la for la in layers if la.name in fixed]
 
 
-@torch.no_grad()
-def flop_counter_macs(model: nn.Module, input_size: int) -> int:
-    """An independent count of the same forward: torch.utils.flop_counter.FlopCounterMode's FLOPs / 2
-    (eval mode, batch 1, attention fast paths off, its attention formula also for the CPU kernel)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def _forward_at_batch_one(model: nn.Module, input_size: int, mode: TorchDispatchMode) -> None:
+    """One eval-mode forward of a zero image batch of 1 under `mode`, torch's fused attention fast paths
+    off (they bypass the modules); the model's mode and the fast-path setting are restored after."""
     was_training = model.training
     fast_path = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         device = next(model.parameters()).device
-        counter = FlopCounterMode(display=False, custom_mapping={
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
-        with counter:
+        with mode:
             model(torch.zeros(1, 3, input_size, input_size, device=device))
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
         model.train(was_training)
+
+
+@torch.no_grad()
+def flop_counter_macs(model: nn.Module, input_size: int) -> int:
+    """An independent count of the same forward: torch.utils.flop_counter.FlopCounterMode's FLOPs / 2
+    (eval mode, batch 1, attention fast paths off, its attention formula also for the CPU kernel)."""
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+    _forward_at_batch_one(model, input_size, counter)
     return counter.get_total_flops() // 2

@@ -51,6 +51,9 @@ def stage_keys(cfg: PipelineConfig) -> StageKeys:
     from orchestrator.data.layout import dataset_fingerprint
 
     settings = cfg.model_dump(mode="json")
+    del settings["model"]["min_quantized_share"]  # a check before the run, not an input of any stage
+    if not cfg.model.kwargs:
+        del settings["model"]["kwargs"]  # so configs without it keep their keys (and finished stages)
     if is_import_path(cfg.model.arch):  # a user's model: its code is an input like the data
         settings["model"]["source_sha256"] = source_digest(cfg.model.arch)
     fp_settings = dict(settings["fp"])

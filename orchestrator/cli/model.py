@@ -109,17 +109,22 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if check.ok else 1
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, num_classes: int) -> None:
+    parser.add_argument("--arch", required=True,
+                        help="torchvision model name, or your own model as package.module:callable")
+    parser.add_argument("--input-size", type=int, required=True, metavar="N", help="square input resolution")
+    parser.add_argument("--num-classes", type=int, default=num_classes, metavar="K",
+                        help=f"classifier outputs ({num_classes})")
+    parser.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model (as model.kwargs)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("model", help="what a model computes: layers, MACs, quantized share")
     commands = group.add_subparsers(dest="model_command", required=True)
     info = commands.add_parser(
         "info", help="every layer and multiply of one forward pass (batch 1): kind, MACs, weights, "
                      "searchable/fixed/float, and the totals")
-    info.add_argument("--arch", required=True,
-                      help="torchvision model name, or your own model as package.module:callable")
-    info.add_argument("--input-size", type=int, required=True, metavar="N", help="square input resolution")
-    info.add_argument("--num-classes", type=int, default=1000, metavar="K", help="classifier outputs (1000)")
-    info.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model (as model.kwargs)")
+    _add_model_arguments(info, num_classes=1000)
     info.add_argument("--fixed-layers", nargs="+", metavar="NAME",
                       help="layers kept out of the search (default: first conv and the classifier)")
     info.add_argument("--cross-check", action="store_true",
@@ -130,11 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = commands.add_parser(
         "check", help="one step of every stage in-process on a random batch: trace, joint training, search, "
                       "fine-tuning (exit 1 naming the stage that fails)")
-    check.add_argument("--arch", required=True,
-                       help="torchvision model name, or your own model as package.module:callable")
-    check.add_argument("--input-size", type=int, required=True, metavar="N", help="square input resolution")
-    check.add_argument("--num-classes", type=int, default=10, metavar="K", help="classifier outputs (10)")
-    check.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model (as model.kwargs)")
+    _add_model_arguments(check, num_classes=10)
     check.add_argument("--bits", type=int, nargs="+", default=[4, 2], metavar="B",
                        help="candidate bit-widths of the joint step (4 2)")
     check.add_argument("--json", action="store_true", help="print the result as JSON and nothing else")
