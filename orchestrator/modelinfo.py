@@ -47,10 +47,10 @@ class LayerInfo:
     output_hw: tuple[int, int]
     weight_numel: int
     # exact, summed over the module's calls: Cin * Cout * kh * kw / groups * Hout * Wout for a conv,
-    # tokens * in * out for a Linear (tokens: the input's positions at batch 1; 1 on a pooled vector)
+    # tokens * in * out for a Linear
     macs: int
     bn_name: str | None  # the BatchNorm that directly consumes this layer's output, if any
-    tokens: int = 1
+    tokens: int = 1  # a Linear's input positions at batch 1 in its first call (1 on a pooled vector)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,7 +241,6 @@ def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
                 macs = tokens * module.in_features * module.out_features
             if name in records:
                 records[name]["macs"] += macs
-                records[name]["tokens"] += tokens
                 return
             if isinstance(module, nn.Conv2d):
                 records[name] = dict(

@@ -27,6 +27,7 @@ from orchestrator.explicit_layers import ExplicitMultiheadAttention, make_weight
 from orchestrator.model_import import model_code_paths, source_digest
 from orchestrator.modelcheck import STAGES, check_model_stages, stage_check_config
 from orchestrator.modelinfo import build_model, flop_counter_macs, trace_model
+from orchestrator.quant.export import export_quantized
 from orchestrator.quant.modules import QConv2d, QLinear
 from orchestrator.quant.policy import random_policy, searchable_modules, set_uniform_bits
 from orchestrator.quant.surgery import layout_of, quantize_model
@@ -337,6 +338,23 @@ def test_transformer_quantizers_are_on_the_forward_path(arch: str, size: int, kw
     _quantizers_on_forward_path(model, size)
 
 
+def test_fine_tuning_model_runs_attention_products_at_the_tied_layers_bits(in_user_dir: Path) -> None:
+    """At a fixed policy the attention's operands take its output projection's activation bits, and
+    the integer export records them."""
+    fp = build_model("limpq_test_usernet:build", 10)
+    joint = copy.deepcopy(fp)
+    quantize_model(joint, bits=[4, 3, 2], input_size=16)
+    policy = {name: (4, 4) for name in layout_of(joint).searchable}
+    policy["attention.out_proj"] = (4, 2)
+    tuned = copy.deepcopy(fp)
+    quantize_model(tuned, policy=policy, input_size=16)
+    assert [q.bits for q in tuned.attention.operand_quant.quantizers()] == [(2,)] * 4
+    tuned.eval()(torch.randn(2, 3, 16, 16))
+    export = export_quantized(tuned)
+    assert export["products"]["attention"]["abits"] == 2 and export["products"]["attention"]["probs_signed"] is False
+    assert not [key for key in export["float"] if "operand_quant" in key]
+
+
 def test_random_pass_draws_for_token_wise_linears_only(in_user_dir: Path) -> None:
     """A Linear over tokens is a 1x1 convolution and draws; a Linear on a pooled vector (the
     squeeze-excite) keeps the last uniform pass's bits, as the classifier does in CNNs."""
@@ -437,6 +455,7 @@ def test_user_model_source_is_part_of_its_identity(in_user_dir: Path) -> None:
 
 # -- the whole pipeline from the user's directory -------------------------------------------------
 
+@pytest.mark.timeout(2400)
 def test_user_model_runs_the_pipeline_from_its_directory(user_dir: Path, digits_slice: Path, tmp_path: Path) -> None:
     """`limpq run` started where `limpq_test_usernet.py` lives (not on PYTHONPATH): FP training and joint
     training in Ray Train workers, one-shot scoring in Ray Tune trials; the logged model loads elsewhere."""

@@ -8,16 +8,18 @@ import torch
 from torch import nn
 
 from orchestrator.quant.lsq import levels
-from orchestrator.quant.modules import QConv2d, QLinear
+from orchestrator.quant.modules import OperandQuant, QConv2d, QLinear
 from orchestrator.quant.surgery import layout_of, unwrap
 
 
 @torch.no_grad()
 def export_quantized(model: nn.Module) -> dict[str, Any]:
-    """{"layers": {name: {...}}, "float": {...}} where each quantized layer holds `weight_codes`
-    (int8 for bits <= 8), `weight_step`, `wbits`, and its input quantizer's `abits`, `act_step`,
-    `act_signed` (None for a full-precision input). Dequantized weight = codes * step. Everything
-    else (BatchNorm, biases) is kept in float under "float"."""
+    """{"layers": {name: {...}}, "products": {...}, "float": {...}} where each quantized layer holds
+    `weight_codes` (int8 for bits <= 8), `weight_step`, `wbits`, and its input quantizer's `abits`,
+    `act_step`, `act_signed` (None for a full-precision input). Dequantized weight = codes * step.
+    "products" holds, per attention module whose products of two activations run quantized, the `abits`
+    and the step size and sign of each operand (q, k, probs, v). Everything else (BatchNorm, biases) is
+    kept in float under "float"."""
     inner = unwrap(model)
     layout = layout_of(inner)
     layers: dict[str, Any] = {}
@@ -37,7 +39,15 @@ def export_quantized(model: nn.Module) -> dict[str, Any]:
         else:
             entry.update(abits=None, act_step=None, act_signed=None)
         layers[name] = entry
+    products: dict[str, Any] = {}
+    for name, module in inner.named_modules():
+        if isinstance(module, OperandQuant):
+            bits = module.q.active_bits
+            products[name.removesuffix(".operand_quant")] = {
+                "abits": bits, **{f"{operand}_step": quantizer.effective_step_size(bits)
+                                  for operand, quantizer in zip(module.OPERANDS, module.quantizers())},
+                **{f"{operand}_signed": quantizer.signed for operand, quantizer in zip(module.OPERANDS, module.quantizers())}}
     quantized = {f"{name}.weight" for name in layers}
     floats = {key: value for key, value in inner.state_dict().items()
-              if key not in quantized and ".weight_quant." not in key and ".act_quant." not in key}
-    return {"format": "limpq-export/v1", "layers": layers, "float": floats}
+              if key not in quantized and not any(part in key for part in (".weight_quant.", ".act_quant.", "operand_quant."))}
+    return {"format": "limpq-export/v1", "layers": layers, "products": products, "float": floats}
