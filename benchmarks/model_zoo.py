@@ -123,9 +123,9 @@ def _cell(value, text: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | input | params (M) | MACs (G) | flop_counter (G) | gap | quantized | joint step | search "
-             "| fine-tune step | time (s) | supported |",
-             "|---|---:|---:|---:|---:|---:|---:|:---:|:---:|:---:|---:|---|"]
+    header = ("| model | input | params (M) | MACs (G) | flop_counter (G) | gap | quantized | joint step | search "
+              "| fine-tune step | time (s) | supported |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|:---:|:---:|:---:|---:|---|"]
     for row in rows:
         params, macs, reference = row.get("params"), row.get("total_macs"), row.get("flop_counter_macs")
         gap, share = row.get("gap"), row.get("quantized_share")

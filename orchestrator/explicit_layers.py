@@ -230,7 +230,7 @@ def _explicit_window_attention(module: ShiftedWindowAttention, x: Tensor, relati
         mask = mask.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
         mask = mask.permute(0, 2, 1, 3).reshape(num_windows, window[0] * window[1])
         mask = mask.unsqueeze(1) - mask.unsqueeze(2)
-        mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+        mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
         attn = attn.view(x.size(0) // num_windows, num_windows, heads, x.size(1), x.size(1))
         attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, x.size(1), x.size(1))
     attn = F.dropout(F.softmax(attn, dim=-1), p=module.attention_dropout, training=module.training)

@@ -26,7 +26,12 @@ from orchestrator.model_import import error_summary
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.policy import config_cost_table
 from orchestrator.train.stages import (
-    finetune_model, fp_training, indicators_of, initial_fp_model, joint_model, joint_training,
+    finetune_model,
+    fp_training,
+    indicators_of,
+    initial_fp_model,
+    joint_model,
+    joint_training,
 )
 
 STAGES = ("trace", "joint_step", "search", "finetune_step")

@@ -6,12 +6,12 @@ stage in-process."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -192,7 +192,7 @@ def test_explicit_attention_of_torchvision_models_computes_the_same(arch: str, s
 
 def test_user_model_accounting_names_every_multiply(in_user_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["model", "info", "--arch", "limpq_test_usernet:build", "--input-size", "16", "--num-classes", "10",
-                 "--json"]) == 0
+                 "--json", "--cross-check"]) == 0
     info = json.loads(capsys.readouterr().out)
     rows = {row["name"]: row for row in info["layers"]}
     width, tokens = 16, 8 * 8
@@ -209,6 +209,7 @@ def test_user_model_accounting_names_every_multiply(in_user_dir: Path, capsys: p
     totals = info["totals"]
     assert totals["total_macs"] == totals["searchable_macs"] + totals["fixed_macs"] + totals["float_macs"]
     assert totals["total_macs"] == flop_counter_macs(_raw_user_model(), 16)  # the user's own module, unswapped
+    assert totals["flop_counter_macs"] == totals["total_macs"]  # --cross-check: the swapped model, as it runs
     assert totals["float_macs"] == 0 and totals["quantized_share"] == 1.0
     # the search's BitOps count the attention products at the tied layer's activation bits
     costs = cost_table("limpq_test_usernet:build", 16, num_classes=10)
@@ -273,37 +274,46 @@ def _quantizers_on_forward_path(model: nn.Module, size: int) -> None:
                 inputs = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(1))
                 output = module(inputs)
             for quantizer in (module.weight_quant, module.act_quant):
-                assert _changes(quantizer, lambda: module(inputs), output), f"{name} {quantizer.kind} quantizer"
-        for name, tie in layout_of(model).operand_quant_of.items():  # the attention products' operands
-            attention, projection = model.get_submodule(name), model.get_submodule(tie)
-            arguments: list = []
-            products: list[torch.Tensor] = []  # what the products compute: the projection's input
+                assert _changes(quantizer, functools.partial(module, inputs), output), f"{name} {quantizer.kind}"
+        for name, tie in layout_of(model).operand_quant_of.items():
+            _operand_quantizers_on_forward_path(model, images, name, tie)
 
-            def record_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                arguments.append((args, kwargs))
 
-            handles = [attention.register_forward_pre_hook(record_call, with_kwargs=True),
-                       projection.register_forward_pre_hook(lambda module, inputs: products.append(inputs[0]))]
-            model(images)
-            handles[0].remove()
-            args, kwargs = arguments[0]
+def _operand_quantizers_on_forward_path(model: nn.Module, images: torch.Tensor, name: str, tie: str) -> None:
+    """The attention products' operands: changing the step size of q, k, the attention weights or v
+    changes what the products compute (the tied projection's input)."""
+    attention, projection = model.get_submodule(name), model.get_submodule(tie)
+    arguments: list = []
+    products: list[torch.Tensor] = []
 
-            def recompute() -> torch.Tensor:
-                attention(*args, **kwargs)
-                return products[-1]
+    def record_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        arguments.append((args, kwargs))
 
-            operands = attention.operand_quant
-            reference = recompute()
-            for operand in ("probs", "v"):
-                assert _changes(getattr(operands, operand), recompute, reference), f"{name} {operand}"
-            # a random model's attention weights are all near 1 / tokens and round to one 4-bit level, which
-            # no change of q or k alters: those two are checked with the weights' own quantizer passing through
-            operands.probs.active_bits = None
-            reference = recompute()
-            for operand in ("q", "k"):
-                assert _changes(getattr(operands, operand), recompute, reference), f"{name} {operand}"
-            operands.probs.active_bits = 4
-            handles[1].remove()
+    def record_products(module: nn.Module, inputs: tuple) -> None:
+        products.append(inputs[0])
+
+    handles = [attention.register_forward_pre_hook(record_call, with_kwargs=True),
+               projection.register_forward_pre_hook(record_products)]
+    model(images)
+    handles[0].remove()
+    args, kwargs = arguments[0]
+
+    def recompute() -> torch.Tensor:
+        attention(*args, **kwargs)
+        return products[-1]
+
+    operands = attention.operand_quant
+    reference = recompute()
+    for operand in ("probs", "v"):
+        assert _changes(getattr(operands, operand), recompute, reference), f"{name} {operand}"
+    # a random model's attention weights are all near 1 / tokens and round to one 4-bit level, which no
+    # change of q or k alters: those two are checked with the weights' own quantizer passing through
+    operands.probs.active_bits = None
+    reference = recompute()
+    for operand in ("q", "k"):
+        assert _changes(getattr(operands, operand), recompute, reference), f"{name} {operand}"
+    operands.probs.active_bits = 4
+    handles[1].remove()
 
 
 def _changes(quantizer, compute, reference: torch.Tensor) -> bool:
@@ -333,7 +343,7 @@ def test_transformer_quantizers_are_on_the_forward_path(arch: str, size: int, kw
     quantize_model(model, bits=[4, 2], input_size=size)
     searchable = [module for _, module in searchable_modules(model)]
     projections = [name for name in layout_of(model).searchable if name.endswith(("in_proj", "out_proj", "qkv", "proj"))]
-    assert len(projections) == (24 if arch.startswith("vit") else 24)  # 12 blocks x 2
+    assert len(projections) == 24  # 12 blocks (vit_b_16, swin_t) x 2
     assert all(isinstance(module, (QConv2d, QLinear)) for module in searchable)
     _quantizers_on_forward_path(model, size)
 
@@ -388,13 +398,13 @@ def _config(directory: Path, arch: str, data: Path, **model) -> Path:
 
 BAD_MODELS = [
     ("limpq_no_such_module:build", "model.arch: no module named 'limpq_no_such_module' (looked in "),
-    ("limpq_test_broken_import:build", "model.arch: importing limpq_test_broken_import failed: ModuleNotFoundError: "
-                                       "No module named 'limpq_no_such_dependency' (at limpq_test_broken_import.py:1)"),
+    ("limpq_test_broken_import:build", ("model.arch: importing limpq_test_broken_import failed: ModuleNotFoundError: "
+                                        "No module named 'limpq_no_such_dependency' (at limpq_test_broken_import.py:1)")),
     ("limpq_test_usernet:missing", "model.arch: limpq_test_usernet has no attribute 'missing'"),
-    ("limpq_test_usernet:not_a_module", "model.arch: limpq_test_usernet:not_a_module returned a dict, not a "
-                                        "torch.nn.Module"),
-    ("limpq_test_usernet:fails_at_16", "model.input_size: limpq_test_usernet:fails_at_16 does not run at 16x16 "
-                                       "(RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ("limpq_test_usernet:not_a_module", ("model.arch: limpq_test_usernet:not_a_module returned a dict, not a "
+                                         "torch.nn.Module")),
+    ("limpq_test_usernet:fails_at_16", ("model.input_size: limpq_test_usernet:fails_at_16 does not run at 16x16 "
+                                        "(RuntimeError: mat1 and mat2 shapes cannot be multiplied")),
     ("limpq_test_usernet:build", "model.arch: limpq_test_usernet:build(num_classes=10, depth=3) raised TypeError: "),
 ]
 
@@ -451,6 +461,16 @@ def test_user_model_source_is_part_of_its_identity(in_user_dir: Path) -> None:
     assert digest and digest == source_digest("limpq_test_usernet:build_encoder")  # one file, one digest
     model = build_model("limpq_test_usernet:build", 10)
     assert model_code_paths(model) == [str(in_user_dir / "limpq_test_usernet.py")]
+
+
+def test_model_check_runs_every_stage_or_names_the_one_that_fails(in_user_dir: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "check", "--arch", "limpq_test_usernet:build", "--input-size", "16", "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)
+    assert check["passed"] == list(STAGES) and check["failed"] is None and check["quantized_share"] == 1.0
+    assert main(["model", "check", "--arch", "limpq_test_usernet:fails_at_16", "--input-size", "16"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("trace          FAILED RuntimeError: mat1 and mat2 shapes cannot be multiplied")
 
 
 # -- the whole pipeline from the user's directory -------------------------------------------------
