@@ -10,7 +10,8 @@ import json
 import sys
 
 
-def _model_kwargs(text: str | None) -> dict:
+def model_kwargs(text: str | None) -> dict:
+    """`--model-kwargs` JSON as a dict."""
     from orchestrator.errors import UserError
 
     if not text:
@@ -79,7 +80,7 @@ def _print_table(info: dict) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    info = model_info(args.arch, args.input_size, args.num_classes, _model_kwargs(args.model_kwargs),
+    info = model_info(args.arch, args.input_size, args.num_classes, model_kwargs(args.model_kwargs),
                       args.fixed_layers, args.cross_check)
     if args.json:
         json.dump(info, sys.stdout, indent=1)
@@ -92,7 +93,7 @@ def _info(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from orchestrator.modelcheck import check_model_stages, stage_check_config
 
-    cfg = stage_check_config(args.arch, args.input_size, args.num_classes, _model_kwargs(args.model_kwargs),
+    cfg = stage_check_config(args.arch, args.input_size, args.num_classes, model_kwargs(args.model_kwargs),
                              tuple(args.bits))
     check = check_model_stages(cfg)
     if args.json:

@@ -90,6 +90,7 @@ def _print_table(policy, costs) -> None:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from orchestrator.cli.model import model_kwargs
     from orchestrator.errors import UserError
     from orchestrator.indicators import load_indicators
     from orchestrator.search.costs import cost_table
@@ -109,7 +110,8 @@ def _search(args: argparse.Namespace) -> int:
     model = args.model or indicators.model
     if not model:
         raise UserError(f"--model: {args.indicators} does not name its model; give --model (a torchvision name)")
-    costs = cost_table(model, args.input_size, args.cost_model, args.fixed_layers, args.num_classes)
+    costs = cost_table(model, args.input_size, args.cost_model, args.fixed_layers, args.num_classes,
+                       kwargs=model_kwargs(args.model_kwargs))
     bits = args.bits or indicators.bits
     searcher = Searcher(indicators, costs, args.wbits or bits, args.abits or bits, args.alpha, args.latency_table,
                         indicators_source=args.indicators)
@@ -174,6 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                         "indicators name)")
     parser.add_argument("--input-size", type=int, default=224, metavar="N", help="input resolution for MACs (224)")
     parser.add_argument("--num-classes", type=int, default=1000, metavar="N", help="classifier outputs (1000)")
+    parser.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model (as model.kwargs)")
     parser.add_argument("--bits", type=int, nargs="+", metavar="B",
                         help="candidate bit-widths for weights and activations (default: the indicators' bits)")
     parser.add_argument("--wbits", type=int, nargs="+", metavar="B", help="weight candidates (refines --bits)")
