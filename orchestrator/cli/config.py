@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -24,8 +25,6 @@ WARN_QUANTIZED_SHARE = 0.95
 def _print_quantized_share(cfg) -> None:
     """How much of the model the bit budgets describe; below 95% a warning naming the float multiplies
     (below model.min_quantized_share the preflight has already refused the config)."""
-    import sys
-
     from orchestrator.preflight import float_ops_text
     from orchestrator.search.policy import config_cost_table
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 Accounting = Literal["exact", "limpq-official"]
 ACCOUNTINGS: tuple[str, ...] = ("exact", "limpq-official")
-COST_TABLE_FORMAT = "limpq-costs/v2"  # v2: Linear MACs over tokens, float_ops
+COST_TABLE_FORMAT = "limpq-costs/v2"  # v2: Linear MACs over tokens, act_macs, float_ops
 FIXED_LAYER_BITS = 8  # SPEC 1.2: fixed layers run at 8-bit weights (and 8-bit activations for BitOps reports)
 FLOAT_BITS = 32  # multiplies left in float count 32 x 32 BitOps per MAC
 
