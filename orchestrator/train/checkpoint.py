@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
+from orchestrator.explicit_layers import explicit_state_dict
 from orchestrator.fileio import readable_file, replaced_on_success
 from orchestrator.quant.surgery import unwrap
 
@@ -95,9 +96,10 @@ def _first_line(error: Exception) -> str:
 
 
 def restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load weights strictly; a mismatch names the file and the keys or shapes that differ."""
+    """Load weights strictly; a mismatch names the file and the keys or shapes that differ. Weights of an
+    nn.MultiheadAttention saved before it was made explicit (a user's own checkpoint) load as well."""
     target = unwrap(model)
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    state_dict = explicit_state_dict(target, {key.removeprefix("module."): value for key, value in state_dict.items()})
     own = target.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
