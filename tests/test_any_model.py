@@ -94,10 +94,11 @@ def mostly_float(num_classes):
         def __init__(self):
             super().__init__()
             self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.mixer = nn.Conv2d(8, 8, 1)
             self.head = nn.Linear(8, num_classes)
 
         def forward(self, x):
-            t = self.stem(x).flatten(2)
+            t = self.mixer(self.stem(x)).flatten(2)
             gram = t.transpose(1, 2) @ t
             return self.head((gram @ t.transpose(1, 2)).mean(1))
     return Gram()
@@ -105,6 +106,11 @@ def mostly_float(num_classes):
 
 def not_a_module(num_classes):
     return {"num_classes": num_classes}
+
+
+def stem_and_head(num_classes):
+    """Only the layers SPEC 1.2 fixes by default: nothing to search."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 
 
 def fails_at_16(num_classes):
@@ -397,6 +403,8 @@ BAD_MODELS = [
                                          "torch.nn.Module")),
     ("limpq_test_usernet:fails_at_16", ("model.input_size: limpq_test_usernet:fails_at_16 does not run at 16x16 "
                                         "(RuntimeError: mat1 and mat2 shapes cannot be multiplied")),
+    ("limpq_test_usernet:stem_and_head", ("model.fixed_layers: limpq_test_usernet:stem_and_head's only Conv2d/Linear "
+                                          "layers are the first convolution and the classifier (0, 3)")),
     ("limpq_test_usernet:build", "model.arch: limpq_test_usernet:build(num_classes=10, depth=3) raised TypeError: "),
 ]
 

@@ -9,11 +9,13 @@ import argparse
 import json
 import sys
 
+from orchestrator.errors import UserError
+from orchestrator.model_import import error_summary
+from orchestrator.search.costs import costs_from_layers
+
 
 def model_kwargs(text: str | None) -> dict:
     """`--model-kwargs` JSON as a dict."""
-    from orchestrator.errors import UserError
-
     if not text:
         return {}
     try:
@@ -28,10 +30,8 @@ def model_kwargs(text: str | None) -> dict:
 def model_info(arch: str, input_size: int, num_classes: int = 1000, kwargs: dict | None = None,
                fixed_layers: list[str] | None = None, cross_check: bool = False) -> dict:
     """The `limpq model info --json` document of a model at `input_size` (batch 1)."""
-    from orchestrator.errors import UserError
-    from orchestrator.model_import import error_summary
+    # torch and torchvision only for this command: every other CLI command starts without them
     from orchestrator.modelinfo import build_model, flop_counter_macs, trace_model
-    from orchestrator.search.costs import costs_from_layers
 
     model = build_model(arch, num_classes, kwargs=kwargs)
     try:
