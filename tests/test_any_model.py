@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from pipelines import REPO, tiny_raw, write_config
 from torchvision import models
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
 
 from orchestrator.cli import main
 from orchestrator.config.loading import load_config
@@ -370,6 +372,40 @@ def test_fine_tuning_model_runs_attention_products_at_the_tied_layers_bits(in_us
     assert set(operands) == {"q", "k", "probs", "v"} and {q.bits for q in operands.values()} == {2}
     assert not operands["probs"].signed and operands["probs"].onnx_type == "UINT4"  # softmax output
     agreement = compare_with_torch(tuned, export.path, [(images, torch.zeros(8, dtype=torch.long))])
+    assert agreement.agreement == 1.0 and agreement.max_logit_diff < 1e-3, agreement.summary()
+
+
+TINY_TRANSFORMERS = {  # torchvision's own ViT and swin classes, small enough to export in seconds
+    "vit": (lambda: VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                      mlp_dim=32, num_classes=10), 16),
+    "swin": (lambda: SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                     window_size=[2, 2], num_classes=10), 32),
+}
+
+
+@pytest.mark.parametrize("kind", list(TINY_TRANSFORMERS))
+def test_torchvision_attention_products_export_to_onnx_and_agree(kind: str, tmp_path: Path) -> None:
+    """A ViT (nn.MultiheadAttention made explicit) and a swin (its window attention) at a fixed policy:
+    every attention's q, k, probs and v are QDQ pairs at the output projection's activation bits, and
+    ONNX Runtime computes what PyTorch does."""
+    build, size = TINY_TRANSFORMERS[kind]
+    torch.manual_seed(0)
+    model = make_weights_explicit(build())
+    for parameter in model.parameters():  # torchvision starts a ViT's head at zero: logits would all be 0
+        if parameter.dim() > 1 and not parameter.any():
+            nn.init.normal_(parameter, std=0.02)
+    joint = copy.deepcopy(model)
+    quantize_model(joint, bits=[4, 2], input_size=size)
+    policy = {name: (4, 3) for name in layout_of(joint).searchable}
+    quantize_model(model, policy=policy, input_size=size)
+    images = torch.randn(4, 3, size, size)
+    export = export_onnx(model, images, tmp_path / f"{kind}.onnx")
+    attentions = {q.layer for q in export.quantized if q.operand}
+    assert attentions and attentions == set(layout_of(model).operand_quant_of)
+    assert {(q.operand, q.bits) for q in export.quantized if q.operand} == {(o, 3) for o in ("q", "k", "probs", "v")}
+    with torch.no_grad():
+        assert model.eval()(images).std() > 0
+    agreement = compare_with_torch(model, export.path, [(images, torch.zeros(4, dtype=torch.long))])
     assert agreement.agreement == 1.0 and agreement.max_logit_diff < 1e-3, agreement.summary()
 
 
