@@ -26,7 +26,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from orchestrator.cli import main
 from orchestrator.config.loading import load_config
 from orchestrator.explicit_layers import ExplicitMultiheadAttention, make_weights_explicit
-from orchestrator.model_import import model_code_paths, source_digest
+from orchestrator.model_import import load_factory, model_code_paths, source_digest
 from orchestrator.modelcheck import STAGES, check_model_stages, stage_check_config
 from orchestrator.modelinfo import build_model, flop_counter_macs, trace_model
 from orchestrator.quant.modules import QConv2d, QLinear
@@ -139,10 +139,9 @@ def in_user_dir(user_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _raw_user_model(name: str = "build", **kwargs) -> nn.Module:
     """The user's own model as their code builds it (no swap), for independent references."""
-    import limpq_test_usernet
-
+    factory = load_factory(f"limpq_test_usernet:{name}")  # imported from the working directory, as limpq does
     torch.manual_seed(0)
-    return getattr(limpq_test_usernet, name)(10, **kwargs)
+    return factory(10, **kwargs)
 
 
 # -- the explicit forms compute what torch and torchvision compute ----------------------------------

@@ -3,8 +3,8 @@ onnx and onnxscript, no Ray, no MLflow.
 
 Driven by the quantizers, not by layer classes: every `LsqQuantizer` of the model (a layer's
 `weight_quant` and `act_quant`, an attention's operand quantizers, or any other module that quantizes a
-tensor through one) is swapped for a stand-in that computes the same thing as one custom op, and the exporter (torch.onnx, dynamo)
-translates that op into
+tensor through one) is swapped for a stand-in that computes the same thing as one custom op, and the
+exporter (torch.onnx, dynamo) translates that op into
 
     clamp to [Qn * s, Qp * s] -> QuantizeLinear(scale=s, zero_point=0) -> DequantizeLinear
 
@@ -145,14 +145,14 @@ def _stand_ins(model: nn.Module) -> dict[str, tuple[_QuantDequant, QuantizedTens
         layer, bits, operand = _layer_of(name), module.active_bits, None
         if layer in operand_quants:  # <attention>.operand_quant.<operand>
             layer, operand = _layer_of(layer), name.rpartition(".")[2]
-        quantizer = f"{module.kind} quantizer" if operand is None else f"{operand} operand quantizer"
+        of_operand = "" if operand is None else f" ({operand} of its attention products)"
         if bits is None:
-            raise UserError(f"layer {layer}: its {quantizer} has no active bit-width (a joint "
-                            f"indicator-training model holds step sizes for bits {list(module.bits)}); export a "
+            raise UserError(f"layer {layer}: its {module.kind} quantizer{of_operand} has no active bit-width (a "
+                            f"joint indicator-training model holds step sizes for bits {list(module.bits)}); export a "
                             "model quantized at one policy, e.g. a sweep trial's")
         if bits > MAX_BITS:
-            raise UserError(f"layer {layer}: {bits}-bit {module.kind}s ({quantizer}) do not fit an 8-bit integer type, the widest "
-                            "that ONNX QuantizeLinear/DequantizeLinear runtimes execute")
+            raise UserError(f"layer {layer}: {bits}-bit {module.kind}s{of_operand} do not fit an 8-bit integer type, "
+                            "the widest that ONNX QuantizeLinear/DequantizeLinear runtimes execute")
         qn, qp = levels(bits, module.signed)
         step = module.effective_step_size(bits)
         stand_ins[name] = (_QuantDequant(step, qn, qp), QuantizedTensor(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -112,4 +113,8 @@ def restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
                 shown = ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
                 parts.append(f"{label}: {shown}")
         raise UserError(f"{source}: checkpoint does not match the model ({'; '.join(parts)})")
-    target.load_state_dict(state_dict)
+    # The keys match the model's own, so its own module versions apply; some modules' loaders need them
+    # (mnasnet refuses a state dict without) and a renamed or transferred dict has lost the saved ones.
+    loadable = OrderedDict(state_dict)
+    loadable._metadata = own._metadata
+    target.load_state_dict(loadable)
