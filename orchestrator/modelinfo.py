@@ -1,18 +1,35 @@
-"""Build torchvision classifiers by name and trace their Conv2d/Linear layers in forward order.
+"""Build models (torchvision classifiers by name, or a user's `module:callable`) and trace what one
+forward pass multiplies: the Conv2d/Linear layers in forward order, and every other multiply-accumulate.
 
 Both the quantization surgery and the search cost model read the same trace, so the searchable
-layer list (names, order, fixed layers) is defined once.
+layer list (names, order, fixed layers) is defined once. MACs follow SPEC 1.5 ("MACs in general"):
+what one forward pass at batch 1 multiplies, from the shapes each layer sees.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count, shape_wrapper
 from torchvision import models
 
+from orchestrator.config.schema import ModelConfig
 from orchestrator.errors import UserError
+from orchestrator.explicit_layers import attention_ties, make_weights_explicit
+from orchestrator.model_import import build_user_model, is_import_path
+
+# Defaults for torchvision builders whose train-mode forward is not one logits tensor: their auxiliary
+# classifiers are a training aid of their own recipe, not something the LIMPQ stages can train.
+TORCHVISION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
 
 
 @dataclass(frozen=True)
@@ -31,30 +48,85 @@ class LayerInfo:
     input_hw: tuple[int, int]
     output_hw: tuple[int, int]
     weight_numel: int
-    macs: int  # exact: Cin * Cout * kh * kw / groups * Hout * Wout (Linear: in * out)
+    # exact, summed over the module's calls: Cin * Cout * kh * kw / groups * Hout * Wout for a conv,
+    # tokens * in * out for a Linear
+    macs: int
     bn_name: str | None  # the BatchNorm that directly consumes this layer's output, if any
+    tokens: int = 1  # a Linear's input positions at batch 1 in its first call (1 on a pooled vector)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def build_model(arch: str, num_classes: int = 1000, weights: str | None = None) -> nn.Module:
-    """A torchvision classification model by name; `weights` (a torchvision weights name) downloads."""
+@dataclass(frozen=True)
+class FloatOp:
+    """Multiply-accumulates outside any Conv2d/Linear module call, summed per (name, kind). `kind`
+    "weight": a weight multiplied without its layer module (named by the weight); "attention":
+    scaled_dot_product_attention (q @ k^T and attn @ v); "matmul": other products of two activations
+    (both named by the module that computed them). They run in float, except the products of an
+    explicit attention module (orchestrator.explicit_layers), which the quantized model computes with
+    both operands at the activation bits of the layer `quantized_with` names."""
+
+    name: str
+    kind: str
+    macs: int
+    params: int  # the weight's elements for kind "weight", else 0
+    quantized_with: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelTrace:
+    layers: tuple[LayerInfo, ...]
+    float_ops: tuple[FloatOp, ...]
+
+    @property
+    def total_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers) + sum(op.macs for op in self.float_ops)
+
+
+def build_model(arch: str, num_classes: int = 1000, weights: str | None = None,
+                kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """A torchvision classification model by name (`weights`: a torchvision weights name, downloads) or
+    a user's `module:callable`, called with `num_classes=` and `kwargs`; then every weight the model
+    reads functionally is made a layer module (orchestrator.explicit_layers)."""
+    kwargs = dict(kwargs or {})
+    if is_import_path(arch):
+        if weights:
+            raise UserError(f"fp.weights: torchvision weights need a torchvision model.arch, not {arch}; "
+                            "load your weights with fp.source: checkpoint")
+        return make_weights_explicit(build_user_model(arch, num_classes, kwargs))
     try:
         builder = models.get_model_builder(arch)
     except ValueError:
         known = ", ".join(sorted(models.list_models(module=models)))
         raise UserError(f"model.arch: unknown torchvision model {arch!r}; known: {known}") from None
+    kwargs = {**TORCHVISION_DEFAULTS.get(arch, {}), **kwargs}
     if weights:
         try:
             weight_enum = models.get_weight(weights)
         except (ValueError, AttributeError, KeyError):
             raise UserError(f"fp.weights: unknown torchvision weights name {weights!r}") from None
-        model = builder(weights=weight_enum)
+        model = _call_builder(builder, arch, weights=weight_enum, **kwargs)
         if num_classes != len(weight_enum.meta["categories"]):
             replace_classifier(model, num_classes)
-        return model
-    return builder(weights=None, num_classes=num_classes)
+        return make_weights_explicit(model)
+    return make_weights_explicit(_call_builder(builder, arch, weights=None, num_classes=num_classes, **kwargs))
+
+
+def _call_builder(builder, arch: str, **arguments) -> nn.Module:
+    try:
+        return builder(**arguments)
+    except (TypeError, ValueError) as error:  # e.g. a model.kwargs key the builder does not take
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"model.kwargs: torchvision's {arch} refuses them ({reason})") from None
+
+
+def build_configured_model(model: ModelConfig, weights: str | None = None) -> nn.Module:
+    """`build_model` of a config's `model` section (arch, num_classes, kwargs)."""
+    return build_model(model.arch, model.num_classes, weights, model.kwargs)
 
 
 def replace_classifier(model: nn.Module, num_classes: int) -> None:
@@ -68,72 +140,168 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-@torch.no_grad()
-def trace_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
-    """Run one eval-mode forward at `input_size` and list every Conv2d/Linear in execution order.
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
 
-    A module called more than once is listed at its first call. Names are the module names without a
-    DDP `module.` prefix.
-    """
+
+# torch's flop formulas (torch.utils.flop_counter), plus its attention formula for the CPU attention
+# kernel, for which torch registers none (FlopCounterMode counts 0 for attention on CPU)
+_ATTENTION_OPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                  torch.ops.aten._scaled_dot_product_efficient_attention,
+                  torch.ops.aten._scaled_dot_product_flash_attention,
+                  torch.ops.aten._scaled_dot_product_cudnn_attention}
+_FORMULAS = {**flop_registry,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_cpu_sdpa_flops)}
+# the operands that are multiplied (addmm/baddbmm add their first argument)
+_ADDS_FIRST = {torch.ops.aten.addmm, torch.ops.aten.baddbmm}
+
+
+class _MultiplyRecorder(TorchDispatchMode):
+    """Counts, as torch.utils.flop_counter does (same formulas, same decomposition of the ops it has no
+    formula for), the MACs of every op outside a Conv2d/Linear module call, attributed to the weight it
+    multiplies or to the innermost module running."""
+
+    def __init__(self, weight_of_storage: dict[int, tuple[str, int]], ties: dict[str, str]) -> None:
+        super().__init__()
+        self.weight_of_storage = weight_of_storage
+        self.ties = ties
+        self.module_stack: list[str] = []
+        self.inside_layer = 0
+        self.ops: dict[tuple[str, str], list] = {}  # (name, kind) -> [macs, params, quantized_with]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if packet not in _FORMULAS and func is not torch.ops.prim.device.default:
+            with self:
+                result = func.decompose(*args, **kwargs)
+                if result is not NotImplemented:
+                    return result
+        out = func(*args, **kwargs)
+        if packet in _FORMULAS and not self.inside_layer:
+            self._record(packet, out, args, kwargs)
+        return out
+
+    def _record(self, packet, out, args, kwargs) -> None:
+        macs = int(_FORMULAS[packet](*args, **kwargs, out_val=out)) // 2
+        operands = [a for a in tree_flatten(args[1:] if packet in _ADDS_FIRST else args)[0]
+                    if isinstance(a, torch.Tensor)]
+        weight = next((self.weight_of_storage[key] for key in (_storage_key(t) for t in operands)
+                       if key in self.weight_of_storage), None)
+        if weight is not None:
+            key, params, tie = (weight[0], "weight"), weight[1], None
+        else:
+            module = self.module_stack[-1] if self.module_stack else ""
+            key, params = (module, "attention" if packet in _ATTENTION_OPS else "matmul"), 0
+            tie = self.ties.get(module)
+        entry = self.ops.setdefault(key, [0, params, tie])
+        entry[0] += macs
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage
+        return 0
+
+
+@torch.no_grad()
+def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
+    """Run one eval-mode forward at batch 1 and `input_size` and record every Conv2d/Linear module call
+    in execution order (a module called more than once is listed at its first call, its MACs summed
+    over the calls) and every other multiply (FloatOp). Names are module names without a DDP
+    `module.` prefix. torch's fused attention fast paths are off during the trace, so the ops it
+    records are those of the training forward."""
     records: dict[str, dict] = {}
     order: list[str] = []
-    producer_of: dict[int, str] = {}
+    # id(output) -> (output, layer): holding the output keeps its id from being reused by a later tensor
+    producer_of: dict[int, tuple[torch.Tensor, str]] = {}
     bn_of: dict[str, str] = {}
     handles = []
+    weight_of_storage = {
+        _storage_key(param): (name.removeprefix("module."), param.numel())
+        for name, param in model.named_parameters() if param.numel() > 0
+    }
+    weight_of_storage.pop(0, None)
+    ties = {name.removeprefix("module."): layer.removeprefix("module.") for name, layer in attention_ties(model).items()}
+    recorder = _MultiplyRecorder(weight_of_storage, ties)
 
     def layer_hook(name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            producer_of[id(output)] = name
-            if name in records:
-                return
+            recorder.inside_layer -= 1
+            producer_of[id(output)] = (output, name)
             x = inputs[0]
             if isinstance(module, nn.Conv2d):
-                in_hw, out_hw = tuple(x.shape[-2:]), tuple(output.shape[-2:])
+                out_hw = tuple(output.shape[-2:])
                 kh, kw = _pair(module.kernel_size)
                 macs = module.in_channels * module.out_channels * kh * kw // module.groups * out_hw[0] * out_hw[1]
+                tokens = 1
+            else:
+                tokens = x.numel() // module.in_features
+                macs = tokens * module.in_features * module.out_features
+            if name in records:
+                records[name]["macs"] += macs
+                return
+            if isinstance(module, nn.Conv2d):
                 records[name] = dict(
                     kind="conv", in_channels=module.in_channels, out_channels=module.out_channels,
                     kernel_size=(kh, kw), stride=_pair(module.stride), padding=_pair(module.padding),
-                    dilation=_pair(module.dilation), groups=module.groups, input_hw=in_hw, output_hw=out_hw,
-                    weight_numel=module.weight.numel(), macs=macs,
+                    dilation=_pair(module.dilation), groups=module.groups, input_hw=tuple(x.shape[-2:]),
+                    output_hw=out_hw, weight_numel=module.weight.numel(), macs=macs, tokens=tokens,
                 )
             else:
                 records[name] = dict(
                     kind="linear", in_channels=module.in_features, out_channels=module.out_features,
                     kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                    input_hw=(1, 1), output_hw=(1, 1), weight_numel=module.weight.numel(),
-                    macs=module.in_features * module.out_features,
+                    input_hw=(1, 1), output_hw=(1, 1), weight_numel=module.weight.numel(), macs=macs, tokens=tokens,
                 )
             order.append(name)
 
         return hook
 
+    def enter_layer(module: nn.Module, inputs: tuple) -> None:
+        recorder.inside_layer += 1
+
     def bn_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            source = producer_of.get(id(inputs[0]))
-            if source is not None and source not in bn_of:
+            output, source = producer_of.get(id(inputs[0]), (None, None))
+            if output is inputs[0] and source not in bn_of:
                 bn_of[source] = name
 
         return hook
 
+    def push(name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            recorder.module_stack.append(name)
+
+        return hook
+
+    def pop(module: nn.Module, inputs: tuple, output: Any) -> None:
+        recorder.module_stack.pop()
+
     for name, module in model.named_modules():
         clean = name.removeprefix("module.")
+        handles.append(module.register_forward_pre_hook(push(clean)))
+        handles.append(module.register_forward_hook(pop, always_call=True))
         if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_pre_hook(enter_layer))
             handles.append(module.register_forward_hook(layer_hook(clean)))
         elif isinstance(module, nn.BatchNorm2d):
             handles.append(module.register_forward_pre_hook(bn_hook(clean)))
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, 3, input_size, input_size, device=device))
+        _forward_at_batch_one(model, input_size, recorder)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
-    return [LayerInfo(name=name, bn_name=bn_of.get(name), **records[name]) for name in order]
+    layers = tuple(LayerInfo(name=name, bn_name=bn_of.get(name), **records[name]) for name in order)
+    float_ops = tuple(FloatOp(name, kind, macs, params, tie) for (name, kind), (macs, params, tie)
+                      in recorder.ops.items() if macs > 0)
+    return ModelTrace(layers, float_ops)
 
 
+def trace_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
+    """The Conv2d/Linear layers of `trace_model`, in forward order."""
+    return list(trace_model(model, input_size).layers)
 def default_fixed_layers(layers: list[LayerInfo]) -> list[str]:
     """SPEC 1.2: the first convolution and the final classifier are not searched."""
     fixed = []
@@ -155,3 +323,29 @@ def split_layers(layers: list[LayerInfo], fixed_names: list[str] | None = None) 
         raise UserError(f"model.fixed_layers: not layers of the model: {', '.join(unknown)}")
     fixed = set(fixed_names)
     return [la for la in layers if la.name not in fixed], [la for la in layers if la.name in fixed]
+
+
+def _forward_at_batch_one(model: nn.Module, input_size: int, mode: TorchDispatchMode) -> None:
+    """One eval-mode forward of a zero image batch of 1 under `mode`, torch's fused attention fast paths
+    off (they bypass the modules); the model's mode and the fast-path setting are restored after."""
+    was_training = model.training
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        device = next(model.parameters()).device
+        with mode:
+            model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def flop_counter_macs(model: nn.Module, input_size: int) -> int:
+    """An independent count of the same forward: torch.utils.flop_counter.FlopCounterMode's FLOPs / 2
+    (eval mode, batch 1, attention fast paths off, its attention formula also for the CPU kernel)."""
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+    _forward_at_batch_one(model, input_size, counter)
+    return counter.get_total_flops() // 2

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torchvision import models
 
-from orchestrator.config.schema import PipelineConfig, RecipeConfig
+from orchestrator.config.schema import ModelConfig, PipelineConfig, RecipeConfig
 from orchestrator.data.layout import (
     DatasetIndex,
     check_dataset,
@@ -36,9 +36,10 @@ from orchestrator.data.storage import check_storage_uri
 from orchestrator.errors import ConfigError, InfeasibleError, UserError
 from orchestrator.fileio import readable_file
 from orchestrator.indicators import Indicators
-from orchestrator.modelinfo import build_model
+from orchestrator.model_import import error_summary, is_import_path
+from orchestrator.modelinfo import build_configured_model
 from orchestrator.redact import redact
-from orchestrator.search.costs import CostTable, cost_table
+from orchestrator.search.costs import CostTable, cost_table, float_ops_text
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.latency import load_latency_table
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
@@ -220,15 +221,22 @@ def check_cluster_resources(cfg: PipelineConfig, capacity: dict[str, float]) -> 
 # ------------------------------------------------------------------------------ model and files
 
 def _check_arch(arch: str) -> None:
+    """A torchvision name (a user's `module:callable` is checked by building it, in _check_model)."""
+    if is_import_path(arch):
+        return
     known = models.list_models(module=models)
     if arch not in known:
         close = difflib.get_close_matches(arch, known, n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}?" if close else f"e.g. {', '.join(known[:5])}, ... ({len(known)} in all)"
+        hint = f"did you mean {' or '.join(close)}?" if close else (
+            f"e.g. {', '.join(known[:5])}, ... ({len(known)} in all), or your own model as package.module:callable")
         raise ConfigError(f"model.arch: {arch!r} is not a torchvision classification model; {hint}")
 
 
 def _check_fp_source(cfg: PipelineConfig) -> None:
     if cfg.fp.source == "torchvision":
+        if is_import_path(cfg.model.arch):
+            raise ConfigError(f"fp.source: torchvision weights need a torchvision model.arch, not {cfg.model.arch}; "
+                              "load your model's weights with fp.source: checkpoint")
         try:
             weights = models.get_weight(cfg.fp.weights)
         except (ValueError, AttributeError, KeyError):
@@ -246,22 +254,31 @@ def _check_fp_source(cfg: PipelineConfig) -> None:
         arch = payload["meta"].get("arch", cfg.model.arch)
         if arch != cfg.model.arch:
             raise ConfigError(f"fp.checkpoint: {path} holds a {arch}, but model.arch is {cfg.model.arch}")
-        restore_model(build_model(cfg.model.arch, cfg.model.num_classes), payload["model"], path)
+        restore_model(build_configured_model(cfg.model), payload["model"], path)
 
 
 def _check_model(cfg: PipelineConfig) -> CostTable:
-    """Architecture, FP source, a forward pass at input_size and the fixed layers; returns the cost
+    """Architecture (a user's module imports, its callable returns an nn.Module), FP source, a forward
+    pass at input_size, the share of MACs that runs quantized and the fixed layers; returns the cost
     table of the configured model."""
     _check_arch(cfg.model.arch)
     _check_fp_source(cfg)
     try:  # traced once per model and size, then read from the cost cache (as the search does)
-        default = cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, None, cfg.model.num_classes)
-    except (RuntimeError, AssertionError, ValueError) as error:  # a model that cannot run at this size
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        default = cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, None, cfg.model.num_classes,
+                             kwargs=cfg.model.kwargs)
+    except UserError:
+        raise
+    except Exception as error:  # the forward pass (a user's code too) fails at this size: one line
         raise ConfigError(f"model.input_size: {cfg.model.arch} does not run at {cfg.model.input_size}x"
-                          f"{cfg.model.input_size} ({reason}); choose a size it accepts") from None
+                          f"{cfg.model.input_size} ({error_summary(error)}); choose a size it accepts") from None
+    _check_quantized_share(cfg.model, default)
     fixed = cfg.model.fixed_layers
     if fixed is None:
+        if not default.searchable:  # a small user model: its only layers are SPEC 1.2's fixed ones
+            raise ConfigError(f"model.fixed_layers: {cfg.model.arch}'s only Conv2d/Linear layers are the first "
+                              f"convolution and the classifier ({', '.join(la.name for la in default.fixed)}), "
+                              "fixed by default, so nothing is left to search; give model.fixed_layers (e.g. []) "
+                              "to search them")
         return default
     names = [layer.name for layer in (*default.searchable, *default.fixed)]
     for name in fixed:
@@ -271,7 +288,19 @@ def _check_model(cfg: PipelineConfig) -> CostTable:
             raise ConfigError(f"model.fixed_layers: {name!r} is not a Conv2d/Linear of {cfg.model.arch}; {hint}")
     if all(name in set(fixed) for name in names):
         raise ConfigError("model.fixed_layers: every layer is fixed, nothing is left to search; fix fewer layers")
-    return cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, fixed, cfg.model.num_classes)
+    return cost_table(cfg.model.arch, cfg.model.input_size, cfg.search.cost_model, fixed, cfg.model.num_classes,
+                      kwargs=cfg.model.kwargs)
+
+
+def _check_quantized_share(model: ModelConfig, costs: CostTable) -> None:
+    """Refuse a model whose quantized layers cover less than `model.min_quantized_share` of its MACs:
+    its bit budgets would describe a small part of what it computes."""
+    share = costs.quantized_share
+    if share < model.min_quantized_share:
+        raise ConfigError(f"model.min_quantized_share: only {100 * share:.1f}% of {model.arch}'s MACs at "
+                          f"{model.input_size}x{model.input_size} run quantized, below "
+                          f"{100 * model.min_quantized_share:g}%; in float: {float_ops_text(costs)}; make those "
+                          "multiplies Conv2d/Linear module calls, or lower model.min_quantized_share")
 
 
 def _check_latency(cfg: PipelineConfig, costs: CostTable) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.schema import PipelineConfig
+from orchestrator.model_import import is_import_path, source_digest
 
 
 def file_digest(path: str | Path) -> str:
@@ -50,6 +51,11 @@ def stage_keys(cfg: PipelineConfig, dataset_fingerprint: dict) -> StageKeys:
     """The key of every stage of `cfg` on the dataset with `dataset_fingerprint`
     (`DatasetIndex.fingerprint`); hashes the input files."""
     settings = cfg.model_dump(mode="json")
+    del settings["model"]["min_quantized_share"]  # a check before the run, not an input of any stage
+    if not cfg.model.kwargs:
+        del settings["model"]["kwargs"]  # so configs without it keep their keys (and finished stages)
+    if is_import_path(cfg.model.arch):  # a user's model: its code is an input like the data
+        settings["model"]["source_sha256"] = source_digest(cfg.model.arch)
     fp_settings = dict(settings["fp"])
     if cfg.fp.source == "checkpoint":
         fp_settings["checkpoint"] = file_digest(cfg.fp.checkpoint)

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 LAYER_ONE = ("orchestrator.quant", "orchestrator.search", "orchestrator.train", "orchestrator.data",
              "orchestrator.config", "orchestrator.modelinfo", "orchestrator.indicators", "orchestrator.plots",
              "orchestrator.preflight", "orchestrator.stagekeys", "orchestrator.errors", "orchestrator.fileio",
-             "orchestrator.seeds", "orchestrator.redact", "orchestrator.console")
+             "orchestrator.seeds", "orchestrator.redact", "orchestrator.console", "orchestrator.explicit_layers",
+             "orchestrator.model_import", "orchestrator.modelcheck")
 ORCHESTRATION = ("ray", "mlflow")
 
 

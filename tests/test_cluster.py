@@ -400,3 +400,31 @@ def test_limpq_submit_follows_the_job_and_returns_its_status(local_cluster: Clus
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert message in failed.stdout.splitlines()
     assert "FAILED" in failed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(JOB_TIMEOUT_S + 300)
+def test_a_users_own_model_travels_with_the_job(local_cluster: Cluster, tmp_path: Path) -> None:
+    """`model.arch: package:callable` with the package in the job's `py_modules`: the driver's preflight,
+    the Ray Train workers and the Tune trials all import it on the cluster."""
+    from test_any_model import USER_MODULE
+
+    package = tmp_path / "limpq_cluster_usernet"
+    package.mkdir()
+    (package / "__init__.py").write_text(USER_MODULE)
+    runtime_env = yaml.safe_load((REPO / "cluster/runtime_env.yaml").read_text())
+    runtime_env["py_modules"] = [str(package)]
+    (tmp_path / "runtime_env.yaml").write_text(yaml.safe_dump(runtime_env))
+    raw = yaml.safe_load((REPO / SMOKE_CONFIG).read_text())
+    raw["model"].update(arch="limpq_cluster_usernet:build", input_size=16)
+    raw["name"] = f"usernet-{uuid.uuid4().hex[:6]}"
+    raw["finetune"].update(epochs=0, baselines=[])
+    raw["search"]["budgets"] = raw["search"]["budgets"][:1]
+    config = tmp_path / "usernet.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    job_id = f"limpq-test-{uuid.uuid4().hex[:8]}"
+    submit = local_cluster.run(f"ray job submit --submission-id {job_id} --runtime-env {tmp_path / 'runtime_env.yaml'} "
+                               f"-- python jobs/pipeline.py --config {config}")
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+    assert local_cluster.job_api(f"/api/jobs/{job_id}")["status"] == "SUCCEEDED"
+    assert "limpq_cluster_usernet.build" in submit.stdout  # the registered model's name in the final report

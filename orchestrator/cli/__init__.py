@@ -15,7 +15,8 @@ from collections.abc import Callable
 from orchestrator.console import setup_console
 from orchestrator.errors import PipelineFailed, Terminated, user_error_in
 
-COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate", "export")
+COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate", "export",
+                   "model")
 
 
 class _OneLineErrors(argparse.ArgumentParser):

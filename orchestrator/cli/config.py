@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from orchestrator.cli.pipeline import add_config_arguments, load_config_from_args
 from orchestrator.config.reference import (
@@ -10,6 +11,8 @@ from orchestrator.config.reference import (
     render_reference,
     update_markdown,
 )
+from orchestrator.config.schema import ModelConfig
+from orchestrator.search.costs import CostTable, float_ops_text
 from orchestrator.stagekeys import stage_keys
 
 
@@ -19,10 +22,26 @@ def _validate(args: argparse.Namespace) -> int:
     if checked.dataset is None:
         print(f"{args.file}: OK (the digits demo is built at {checked.config.data.path} when the run starts; stage "
               "keys follow from its files)")
-        return 0
-    keys = stage_keys(checked.config, checked.dataset.fingerprint)
-    print(f"{args.file}: OK (stage keys fp {keys.fp}, indicators {keys.indicators}, sweep {keys.sweep})")
+    else:
+        keys = stage_keys(checked.config, checked.dataset.fingerprint)
+        print(f"{args.file}: OK (stage keys fp {keys.fp}, indicators {keys.indicators}, sweep {keys.sweep})")
+    _print_quantized_share(checked.config.model, checked.costs)
     return 0
+
+
+WARN_QUANTIZED_SHARE = 0.95
+
+
+def _print_quantized_share(model: ModelConfig, costs: CostTable) -> None:
+    """How much of the model the bit budgets describe; below 95% a warning naming the float multiplies
+    (below model.min_quantized_share the preflight has already refused the config)."""
+    total = costs.total_macs or 1
+    print(f"quantized share: {100 * costs.quantized_share:.2f}% of {costs.total_macs / 1e9:.4g} G MACs at "
+          f"{model.input_size}x{model.input_size} (searchable {100 * costs.searchable_macs / total:.2f}%, "
+          f"fixed {100 * costs.fixed_macs / total:.2f}%, float {100 * costs.float_macs / total:.2f}%)")
+    if costs.quantized_share < WARN_QUANTIZED_SHARE:
+        print(f"warning: {100 * costs.float_macs / total:.1f}% of the MACs stay in float (counted at 32x32 bits in "
+              f"bitops_g_total, outside the search): {float_ops_text(costs)}", file=sys.stderr)
 
 
 def _reference(args: argparse.Namespace) -> int:

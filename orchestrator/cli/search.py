@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from orchestrator.cli.model import model_kwargs
 from orchestrator.config.schema import Budget
 from orchestrator.errors import UserError
 from orchestrator.fileio import writable_directory, writable_file
@@ -39,7 +40,8 @@ sweeps (each point is solved in-process; --out-dir gets one policy per point and
 Several sweep axes give every combination; fixed budget flags (e.g. --compression-ratio 12.2) apply to
 every point unless that constraint is swept. An infeasible point is a row of sweep.csv with its reason.
 
-BitOps budgets count searchable layers only (SPEC 1.5); reports add the fixed layers at 8x8 bits.
+BitOps budgets count searchable layers only (SPEC 1.5); reports add the fixed layers at 8x8 bits, and
+bitops_g_total also the multiplies left in float (attention matmuls) at 32x32 bits.
 MB are 2^20 bytes, as in the published search script.
 """
 
@@ -108,6 +110,9 @@ def _print_table(policy, costs) -> None:
           f"size {totals.size_mb:.3f} MB | compression {totals.compression_ratio:.3f}x vs FP32 | "
           f"avg bits W {totals.avg_wbits:.2f} A {totals.avg_abits:.2f}"
           + (f" | latency {totals.latency_ms:.3f} ms" if totals.latency_ms is not None else ""))
+    if costs.float_ops:
+        print(f"{100 * costs.float_macs / costs.total_macs:.2f}% of the MACs stay in float (attention matmuls, weights "
+              f"read outside a layer): BitOps {totals.bitops_g_total:.3f} G with them at 32x32 bits")
     print(f"objective {policy.objective:.6f} | solved in {policy.solve_seconds * 1e3:.1f} ms ({policy.solver})")
 
 
@@ -135,7 +140,8 @@ def _search(args: argparse.Namespace) -> int:
     model = args.model or indicators.model
     if not model:
         raise UserError(f"--model: {args.indicators} does not name its model; give --model (a torchvision name)")
-    costs = cost_table(model, args.input_size, args.cost_model, args.fixed_layers, args.num_classes)
+    costs = cost_table(model, args.input_size, args.cost_model, args.fixed_layers, args.num_classes,
+                       kwargs=model_kwargs(args.model_kwargs))
     bits = args.bits or indicators.bits
     searcher = Searcher(indicators, costs, args.wbits or bits, args.abits or bits, args.alpha, args.latency_table,
                         indicators_source=args.indicators)
@@ -192,9 +198,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--indicators", required=True, metavar="PATH",
                         help="indicators: our JSON, the published dict JSON, or the published pickle")
-    parser.add_argument("--model", help="torchvision model name (default: the one the indicators name)")
+    parser.add_argument("--model", help="torchvision model name or package.module:callable (default: the one the "
+                                        "indicators name)")
     parser.add_argument("--input-size", type=_at_least(8), default=224, metavar="N", help="input resolution for MACs (224)")
     parser.add_argument("--num-classes", type=_at_least(2), default=1000, metavar="N", help="classifier outputs (1000)")
+    parser.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model (as model.kwargs)")
     parser.add_argument("--bits", type=int, nargs="+", metavar="B",
                         help="candidate bit-widths for weights and activations (default: the indicators' bits)")
     parser.add_argument("--wbits", type=int, nargs="+", metavar="B", help="weight candidates (refines --bits)")

@@ -59,12 +59,19 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    arch: str = "resnet18"
+    arch: str = Field("resnet18", description="A torchvision classification model name, or your own model as "
+                      "`package.module:callable` (imported with the working directory on sys.path).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the model builder "
+                                   "or callable, besides num_classes (e.g. {image_size: 64} for a ViT).")
     num_classes: int = Field(1000, ge=2)
     input_size: int = Field(224, ge=8, description="Square input resolution for training crops and cost accounting.")
     fixed_layers: list[str] | None = Field(
         None, description="Names of layers kept out of the search; default: first conv and the classifier."
     )
+    min_quantized_share: float = Field(
+        0.9, ge=0, le=1, description="Least share of the model's MACs that must run quantized (searchable and "
+        "fixed layers); below it the config is refused, below 0.95 `limpq config validate` warns and names "
+        "the float operations.")
 
 
 class DataConfig(_Section):

@@ -85,7 +85,7 @@ def trial_specs(cfg: PipelineConfig) -> list[TrialSpec]:
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:
-    return f"{cfg.name}-{cfg.model.arch}"
+    return f"{cfg.name}-{cfg.model.arch.replace(':', '.')}"  # MLflow refuses ':' (a user's module:callable)
 
 
 def evaluation_kind(cfg: PipelineConfig) -> str:

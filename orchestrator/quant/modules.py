@@ -1,4 +1,4 @@
-"""Quantized Conv2d / Linear and switchable BatchNorm."""
+"""Quantized Conv2d / Linear, switchable BatchNorm, and the operand quantizers of attention products."""
 
 from __future__ import annotations
 
@@ -116,3 +116,25 @@ class SwitchableBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={list(self.bits)}, active={self.active_bits}"
+
+
+class OperandQuant(nn.Module):
+    """Input quantizers of the products between two activations inside an attention module (SPEC 1.5:
+    q @ k^T and attn @ v take both operands at one layer's activation bits): `q`, `k`, `probs`
+    (the attention weights) and `v`, each an LSQ activation quantizer with a step size per candidate
+    bit-width. The surgery attaches one to each explicit attention module as `operand_quant` and ties
+    its bits to a layer's activation bits (QuantLayout.operand_quant_of)."""
+
+    OPERANDS = ("q", "k", "probs", "v")
+
+    def __init__(self, bits: Sequence[int]) -> None:
+        super().__init__()
+        for operand in self.OPERANDS:
+            self.add_module(operand, LsqQuantizer(bits, "act"))
+
+    def quantizers(self) -> list[LsqQuantizer]:
+        return [getattr(self, operand) for operand in self.OPERANDS]
+
+    def set_bits(self, bits: int | None) -> None:
+        for quantizer in self.quantizers():
+            quantizer.active_bits = bits

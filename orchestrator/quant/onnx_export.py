@@ -2,9 +2,9 @@
 onnx and onnxscript, no Ray, no MLflow.
 
 Driven by the quantizers, not by layer classes: every `LsqQuantizer` of the model (a layer's
-`weight_quant` and `act_quant`, or any other module that quantizes a tensor through one) is swapped
-for a stand-in that computes the same thing as one custom op, and the exporter (torch.onnx, dynamo)
-translates that op into
+`weight_quant` and `act_quant`, an attention's operand quantizers, or any other module that quantizes a
+tensor through one) is swapped for a stand-in that computes the same thing as one custom op, and the
+exporter (torch.onnx, dynamo) translates that op into
 
     clamp to [Qn * s, Qp * s] -> QuantizeLinear(scale=s, zero_point=0) -> DequantizeLinear
 
@@ -45,6 +45,7 @@ from torch import nn
 from orchestrator.errors import UserError
 from orchestrator.fileio import replaced_on_success
 from orchestrator.quant.lsq import LsqQuantizer, levels
+from orchestrator.quant.modules import OperandQuant
 
 MIN_OPSET = 21  # the first opset with INT4/UINT4
 MAX_OPSET = 23  # the newest opset this exporter has been checked with (torch.onnx, ONNX Runtime)
@@ -106,7 +107,9 @@ class _QuantDequant(nn.Module):
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """One quantizer as exported: the module holding it, weight or activation, bits and ONNX type."""
+    """One quantizer as exported: the module holding it, weight or activation, bits and ONNX type. An
+    attention's operand quantizer (the products q @ k^T and attn @ v at its tied layer's activation bits,
+    SPEC 1.5) names the attention module as `layer` and its operand: q, k, probs or v."""
 
     layer: str
     kind: str  # "weight" or "act"
@@ -114,6 +117,7 @@ class QuantizedTensor:
     signed: bool
     onnx_type: str  # INT4, UINT4, INT8 or UINT8
     scale: float
+    operand: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,22 +138,26 @@ def _stand_ins(model: nn.Module) -> dict[str, tuple[_QuantDequant, QuantizedTens
     """An export stand-in for every LsqQuantizer of `model`; UserError (one line, naming the layer)
     for one that ONNX QDQ cannot express."""
     stand_ins = {}
+    operand_quants = {name for name, module in model.named_modules() if isinstance(module, OperandQuant)}
     for name, module in model.named_modules():
         if not isinstance(module, LsqQuantizer):
             continue
-        layer, bits = _layer_of(name), module.active_bits
+        layer, bits, operand = _layer_of(name), module.active_bits, None
+        if layer in operand_quants:  # <attention>.operand_quant.<operand>
+            layer, operand = _layer_of(layer), name.rpartition(".")[2]
+        of_operand = "" if operand is None else f" ({operand} of its attention products)"
         if bits is None:
-            raise UserError(f"layer {layer}: its {module.kind} quantizer has no active bit-width (a joint "
-                            f"indicator-training model holds step sizes for bits {list(module.bits)}); export a "
+            raise UserError(f"layer {layer}: its {module.kind} quantizer{of_operand} has no active bit-width (a "
+                            f"joint indicator-training model holds step sizes for bits {list(module.bits)}); export a "
                             "model quantized at one policy, e.g. a sweep trial's")
         if bits > MAX_BITS:
-            raise UserError(f"layer {layer}: {bits}-bit {module.kind}s do not fit an 8-bit integer type, the widest "
-                            "that ONNX QuantizeLinear/DequantizeLinear runtimes execute")
+            raise UserError(f"layer {layer}: {bits}-bit {module.kind}s{of_operand} do not fit an 8-bit integer type, "
+                            "the widest that ONNX QuantizeLinear/DequantizeLinear runtimes execute")
         qn, qp = levels(bits, module.signed)
         step = module.effective_step_size(bits)
         stand_ins[name] = (_QuantDequant(step, qn, qp), QuantizedTensor(
             layer=layer, kind=module.kind, bits=bits, signed=module.signed,
-            onnx_type=onnx.TensorProto.DataType.Name(_container(qn, qp)[0]), scale=step))
+            onnx_type=onnx.TensorProto.DataType.Name(_container(qn, qp)[0]), scale=step, operand=operand))
     return stand_ins
 
 

@@ -23,7 +23,8 @@ def searchable_modules(model: nn.Module) -> list[tuple[str, QConv2d | QLinear]]:
 
 
 def set_policy(model: nn.Module, policy: BitAssignment) -> None:
-    """Set each searchable layer to its (wbits, abits); its switchable BN follows the weight bits."""
+    """Set each searchable layer to its (wbits, abits); its switchable BN follows the weight bits, the
+    products of an attention tied to it (SPEC 1.5) its activation bits."""
     inner = unwrap(model)
     layout = layout_of(inner)
     for name in layout.searchable:
@@ -33,6 +34,8 @@ def set_policy(model: nn.Module, policy: BitAssignment) -> None:
             bn = inner.get_submodule(layout.bn_of[name])
             assert isinstance(bn, SwitchableBatchNorm2d)
             bn.active_bits = wbits
+    for attention, layer in layout.operand_quant_of.items():
+        inner.get_submodule(attention).operand_quant.set_bits(policy[layer][1])
 
 
 def uniform_policy(model: nn.Module, bits: int) -> dict[str, tuple[int, int]]:
@@ -45,10 +48,14 @@ def set_uniform_bits(model: nn.Module, bits: int) -> None:
 
 def random_policy(model: nn.Module, bits: Sequence[int], rng: random.Random) -> dict[str, tuple[int, int]]:
     """The random pass of SPEC 1.3 step 3: each searchable convolution draws one bit-width for both
-    weights and activations; a searchable Linear keeps the last uniform pass's bit-width (bits[-1])."""
+    weights and activations; a searchable Linear keeps the last uniform pass's bit-width (bits[-1]),
+    except a Linear applied per token (a transformer's projections and MLPs, ConvNeXt's pointwise
+    layers: 1x1 convolutions in all but name), which draws like a convolution. Without that, a
+    transformer's random pass would repeat the last uniform one."""
+    token_wise = layout_of(model).token_wise
     policy = {}
     for name, module in searchable_modules(model):
-        b = rng.choice(list(bits)) if isinstance(module, QConv2d) else bits[-1]
+        b = rng.choice(list(bits)) if isinstance(module, QConv2d) or name in token_wise else bits[-1]
         policy[name] = (b, b)
     return policy
 
@@ -69,7 +76,8 @@ def extract_indicators(model: nn.Module, arch: str, provenance: dict[str, Any] |
 
 def load_step_sizes(model: nn.Module, source: nn.Module, policy: BitAssignment) -> None:
     """Start a fine-tuning model's quantizers from a joint-trained one: for each searchable layer the
-    step sizes at its chosen bits and the matching BatchNorm copy (the one of its weight bits). Fixed
+    step sizes at its chosen bits and the matching BatchNorm copy (the one of its weight bits), and an
+    attention's operand quantizers at its tied layer's activation bits. Fixed
     layers are full precision in the joint model, so their 8-bit step sizes initialise on the first
     fine-tuning batch. Weights stay as they are."""
     target_inner, source_inner = unwrap(model), unwrap(source)
@@ -84,6 +92,12 @@ def load_step_sizes(model: nn.Module, source: nn.Module, policy: BitAssignment) 
         if bn_name is not None:
             joint_bn = source_inner.get_submodule(bn_name)
             target_inner.get_submodule(bn_name).load_state_dict(joint_bn.copies[str(wbits)].state_dict())
+    for attention, layer in target_layout.operand_quant_of.items():
+        if attention in source_layout.operand_quant_of:
+            targets = target_inner.get_submodule(attention).operand_quant.quantizers()
+            sources = source_inner.get_submodule(attention).operand_quant.quantizers()
+            for target, joint in zip(targets, sources):
+                _copy_step(target, joint, policy[layer][1])
 
 
 def _copy_step(target, source, bits: int) -> None:

@@ -2,8 +2,15 @@
 
 Tracing needs torch and a model build (seconds); a search needs only the numbers. A cached table is plain
 JSON, so loading it imports neither torch nor torchvision. The cache lives in $LIMPQ_CACHE_DIR/costs
-(default ~/.cache/limpq/costs): one file per model, input size, class count, accounting and fixed-layer
-set; one trace writes the files of every accounting. Delete the folder to re-trace.
+(default ~/.cache/limpq/costs): one file per torchvision model, input size, class count, model kwargs,
+accounting and fixed-layer set; one trace writes the files of every accounting. Delete the folder to
+re-trace. A user's model (`module:callable`) is traced on every use: its code may change under the
+same name.
+
+Besides the layers' own MACs, a layer holds the MACs of the activation x activation products that run
+at its activation bits (`act_macs`: an attention's q @ k^T and attn @ v, tied to its output projection),
+and the table lists the multiplies that stay in float (`float_ops`: other products of activations,
+weights read outside a layer), so its totals cover every MAC of the forward pass (SPEC 1.5).
 """
 
 from __future__ import annotations
@@ -11,33 +18,42 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator.errors import UserError
 from orchestrator.fileio import write_json_atomic
+from orchestrator.model_import import is_import_path
 
 if TYPE_CHECKING:
-    from orchestrator.modelinfo import LayerInfo
+    from orchestrator.modelinfo import FloatOp, LayerInfo
 
 Accounting = Literal["exact", "limpq-official"]
 ACCOUNTINGS: tuple[str, ...] = ("exact", "limpq-official")
-COST_TABLE_FORMAT = "limpq-costs/v1"
+COST_TABLE_FORMAT = "limpq-costs/v2"  # v2: Linear MACs over tokens, act_macs, float_ops
 FIXED_LAYER_BITS = 8  # SPEC 1.2: fixed layers run at 8-bit weights (and 8-bit activations for BitOps reports)
+FLOAT_BITS = 32  # multiplies left in float count 32 x 32 BitOps per MAC
 
 
 @dataclass(frozen=True)
 class LayerCost:
     name: str
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv" or "linear"; for a float op "weight", "attention" or "matmul" (modelinfo.FloatOp)
     macs: int
     params: int
+    act_macs: int = 0  # products of two activations quantized at this layer's activation bits (SPEC 1.5)
+
+    def bitops(self, wbits: int, abits: int) -> int:
+        """SPEC 1.5: MACs x weight bits x activation bits, and both operands of `act_macs` at `abits`."""
+        return self.macs * wbits * abits + self.act_macs * abits * abits
 
 
 @dataclass(frozen=True)
 class CostTable:
-    """What the ILP needs to know about a model: searchable and fixed layers in forward order."""
+    """What the ILP needs to know about a model: searchable and fixed layers in forward order, and the
+    multiplies that stay in float (reported, never searched)."""
 
     model: str
     input_size: int
@@ -45,6 +61,7 @@ class CostTable:
     accounting: str
     searchable: tuple[LayerCost, ...]
     fixed: tuple[LayerCost, ...]
+    float_ops: tuple[LayerCost, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -61,7 +78,34 @@ class CostTable:
 
     @property
     def fixed_bitops(self) -> int:
-        return FIXED_LAYER_BITS * FIXED_LAYER_BITS * sum(la.macs for la in self.fixed)
+        return sum(la.bitops(FIXED_LAYER_BITS, FIXED_LAYER_BITS) for la in self.fixed)
+
+    @property
+    def searchable_macs(self) -> int:
+        return sum(la.macs + la.act_macs for la in self.searchable)
+
+    @property
+    def fixed_macs(self) -> int:
+        return sum(la.macs + la.act_macs for la in self.fixed)
+
+    @property
+    def float_macs(self) -> int:
+        return sum(op.macs for op in self.float_ops)
+
+    @property
+    def total_macs(self) -> int:
+        """Every multiply-accumulate of one forward pass at batch 1."""
+        return self.searchable_macs + self.fixed_macs + self.float_macs
+
+    @property
+    def quantized_share(self) -> float:
+        """The fraction of all MACs that run quantized (searchable and fixed layers)."""
+        total = self.total_macs
+        return (self.searchable_macs + self.fixed_macs) / total if total else 1.0
+
+    @property
+    def float_bitops(self) -> int:
+        return FLOAT_BITS * FLOAT_BITS * self.float_macs
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +116,7 @@ class CostTable:
             "accounting": self.accounting,
             "searchable": [asdict(la) for la in self.searchable],
             "fixed": [asdict(la) for la in self.fixed],
+            "float_ops": [asdict(op) for op in self.float_ops],
         }
 
     @classmethod
@@ -83,6 +128,7 @@ class CostTable:
             accounting=raw["accounting"],
             searchable=tuple(LayerCost(**la) for la in raw["searchable"]),
             fixed=tuple(LayerCost(**la) for la in raw["fixed"]),
+            float_ops=tuple(LayerCost(**op) for op in raw.get("float_ops", ())),
         )
 
 
@@ -104,8 +150,10 @@ def costs_from_layers(
     model: str = "",
     input_size: int = 0,
     num_classes: int = 0,
+    float_ops: tuple[FloatOp, ...] = (),
 ) -> CostTable:
-    """A cost table from traced layers; `fixed_layers` None means SPEC 1.2's default."""
+    """A cost table from traced layers (and the trace's float ops); `fixed_layers` None means SPEC 1.2's
+    default."""
     from orchestrator.modelinfo import (
         split_layers,  # imports torch; a cached table loads without it
     )
@@ -115,10 +163,24 @@ def costs_from_layers(
     macs_of = official_macs if accounting == "limpq-official" else (lambda layer: layer.macs)
     searchable, fixed = split_layers(layers, fixed_layers)
 
-    def costs(group: list[LayerInfo]) -> tuple[LayerCost, ...]:
-        return tuple(LayerCost(la.name, la.kind, int(macs_of(la)), int(la.weight_numel)) for la in group)
+    layer_names = {layer.name for layer in layers}
+    tied = [op for op in float_ops if op.quantized_with in layer_names]
+    act_macs = {name: sum(op.macs for op in tied if op.quantized_with == name) for name in {op.quantized_with for op in tied}}
 
-    return CostTable(model, input_size, num_classes, accounting, costs(searchable), costs(fixed))
+    def costs(group: list[LayerInfo]) -> tuple[LayerCost, ...]:
+        return tuple(LayerCost(la.name, la.kind, int(macs_of(la)), int(la.weight_numel), act_macs.get(la.name, 0))
+                     for la in group)
+
+    floats = tuple(LayerCost(op.name, op.kind, int(op.macs), int(op.params)) for op in float_ops if op not in tied)
+    return CostTable(model, input_size, num_classes, accounting, costs(searchable), costs(fixed), floats)
+
+
+def float_ops_text(costs: CostTable, count: int = 3) -> str:
+    """The largest float operations with their shares of all MACs, e.g. `blocks.0.attn (attention) 1.2%`."""
+    total = costs.total_macs or 1
+    ops = sorted(costs.float_ops, key=lambda op: -op.macs)
+    text = ", ".join(f"{op.name or '(model)'} ({op.kind}) {100 * op.macs / total:.1f}%" for op in ops[:count])
+    return text + (f" and {len(ops) - count} more" if len(ops) > count else "")
 
 
 def default_cache_dir() -> Path:
@@ -126,9 +188,11 @@ def default_cache_dir() -> Path:
 
 
 def _cache_path(cache_dir: Path, model: str, input_size: int, num_classes: int, accounting: str,
-                fixed_layers: list[str] | None) -> Path:
+                fixed_layers: list[str] | None, kwargs: Mapping[str, Any]) -> Path:
     fixed_key = "default" if fixed_layers is None else hashlib.sha256("\n".join(fixed_layers).encode()).hexdigest()[:12]
-    return cache_dir / f"{model}_{input_size}px_{num_classes}cls_{accounting}_{fixed_key}.json"
+    kwargs_key = f"_{hashlib.sha256(json.dumps(dict(kwargs), sort_keys=True, default=str).encode()).hexdigest()[:12]}" \
+        if kwargs else ""
+    return cache_dir / f"{model}_{input_size}px_{num_classes}cls{kwargs_key}_{accounting}_{fixed_key}.json"
 
 
 def cost_table(
@@ -138,14 +202,19 @@ def cost_table(
     fixed_layers: list[str] | None = None,
     num_classes: int = 1000,
     cache_dir: str | Path | None = None,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> CostTable:
-    """The cost table of a torchvision model, traced on first use and read from the cache after."""
+    """The cost table of a model (`orchestrator.modelinfo.build_model`'s arch and kwargs): a torchvision
+    model's is traced on first use and read from the cache after; a user's model is traced every time."""
     if accounting not in ACCOUNTINGS:
         raise UserError(f"cost model {accounting!r} unknown; choose one of {', '.join(ACCOUNTINGS)}")
     if input_size < 8:
         raise UserError(f"input size {input_size} is too small (at least 8)")
+    kwargs = dict(kwargs or {})
+    if is_import_path(model):
+        return _traced_tables(model, input_size, num_classes, fixed_layers, kwargs)[accounting]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = _cache_path(cache_dir, model, input_size, num_classes, accounting, fixed_layers)
+    path = _cache_path(cache_dir, model, input_size, num_classes, accounting, fixed_layers, kwargs)
     if path.is_file():
         try:
             raw = json.loads(path.read_text())
@@ -153,16 +222,24 @@ def cost_table(
                 return CostTable.from_dict(raw)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is rebuilt below
-    from orchestrator.modelinfo import (  # torch, only to trace a new table
-        build_model,
-        trace_layers,
-    )
-
-    layers = trace_layers(build_model(model, num_classes=num_classes), input_size)
-    tables = {name: costs_from_layers(layers, name, fixed_layers, model, input_size, num_classes) for name in ACCOUNTINGS}
+    tables = _traced_tables(model, input_size, num_classes, fixed_layers, kwargs)
     try:  # one trace serves every accounting
         for name, table in tables.items():
-            write_json_atomic(_cache_path(cache_dir, model, input_size, num_classes, name, fixed_layers), table.to_dict())
+            write_json_atomic(_cache_path(cache_dir, model, input_size, num_classes, name, fixed_layers, kwargs),
+                              table.to_dict())
     except OSError:
         pass  # a read-only cache only costs speed
     return tables[accounting]
+
+
+def _traced_tables(model: str, input_size: int, num_classes: int, fixed_layers: list[str] | None,
+                   kwargs: dict[str, Any]) -> dict[str, CostTable]:
+    """The table of every accounting from one trace of the model."""
+    from orchestrator.modelinfo import (  # torch, only to trace a new table
+        build_model,
+        trace_model,
+    )
+
+    trace = trace_model(build_model(model, num_classes=num_classes, kwargs=kwargs), input_size)
+    return {name: costs_from_layers(list(trace.layers), name, fixed_layers, model, input_size, num_classes,
+                                    trace.float_ops) for name in ACCOUNTINGS}

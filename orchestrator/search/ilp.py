@@ -90,6 +90,7 @@ class Searcher:
                                 "non-monotonic indicator entry; add higher bit-widths to the candidates")
         self.cost = self.alpha * np.repeat(weight, num_a, axis=1) + np.tile(act, (1, num_w))
         self.macs = np.array([layer.macs for layer in costs.searchable], dtype=float)
+        self.act_macs = np.array([layer.act_macs for layer in costs.searchable], dtype=float)
         self.params = np.array([layer.params for layer in costs.searchable], dtype=float)
         if isinstance(latency_table, (str, Path)):
             latency_table = load_latency_table(latency_table)
@@ -127,8 +128,9 @@ class Searcher:
     # -- constraints -------------------------------------------------------------------------------
 
     def _row(self, key: str) -> np.ndarray:
-        if key == "bitops":
-            return self.macs[:, None] * (self.pair_w * self.pair_a)[None, :]
+        if key == "bitops":  # SPEC 1.5; act_macs: products of two activations, both at the activation bits
+            return (self.macs[:, None] * (self.pair_w * self.pair_a)[None, :]
+                    + self.act_macs[:, None] * (self.pair_a * self.pair_a)[None, :])
         if key == "size":
             return self.params[:, None] * self.pair_w[None, :].astype(float)
         if key == "latency":
@@ -148,7 +150,8 @@ class Searcher:
         if budget.target_wbits is not None or budget.target_abits is not None:
             if budget.target_wbits is None or budget.target_abits is None:
                 raise UserError("a uniform BitOps budget needs both target weight and target activation bits")
-            limit = float(self.macs.sum()) * budget.target_wbits * budget.target_abits
+            limit = (float(self.macs.sum()) * budget.target_wbits * budget.target_abits
+                     + float(self.act_macs.sum()) * budget.target_abits * budget.target_abits)
             uniform = f" (as uniform W{budget.target_wbits}A{budget.target_abits})"
             add(Constraint("bitops", f"BitOps budget {_number(limit / GIGA)} G{uniform}", limit, uniform))
         if budget.bitops_g is not None:

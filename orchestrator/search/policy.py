@@ -17,8 +17,8 @@ from orchestrator.search.costs import FIXED_LAYER_BITS, CostTable
 POLICY_FORMAT = "limpq-policy/v1"
 GIGA = 1e9
 MEGABYTE_BITS = 8 * 1024 * 1024  # "MB" as the published search script reports model sizes
-TOTAL_KEYS = ("bitops_g", "bitops_g_with_fixed", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
-              "latency_ms")
+TOTAL_KEYS = ("bitops_g", "bitops_g_with_fixed", "bitops_g_total", "size_mb", "compression_ratio", "avg_wbits",
+              "avg_abits", "latency_ms")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class LayerBits:
 class PolicyTotals:
     bitops_g: float  # searchable layers only, as the BitOps constraint counts them
     bitops_g_with_fixed: float  # plus the fixed layers at 8-bit weights and activations
+    bitops_g_total: float | None  # plus the multiplies left in float at 32 x 32 bits: every MAC (None: older file)
     size_mb: float  # all conv/linear weights, fixed layers at 8 bits
     compression_ratio: float  # FP32 size / size
     avg_wbits: float
@@ -42,11 +43,12 @@ class PolicyTotals:
 def policy_totals(costs: CostTable, wbits: list[int], abits: list[int],
                   latency: list[float] | None = None) -> PolicyTotals:
     """Totals of a policy given as per-layer bits in the cost table's searchable order."""
-    bitops = sum(layer.macs * w * a for layer, w, a in zip(costs.searchable, wbits, abits))
+    bitops = sum(layer.bitops(w, a) for layer, w, a in zip(costs.searchable, wbits, abits))
     weight_bits = costs.fixed_weight_bits + sum(layer.params * w for layer, w in zip(costs.searchable, wbits))
     return PolicyTotals(
         bitops_g=bitops / GIGA,
         bitops_g_with_fixed=(bitops + costs.fixed_bitops) / GIGA,
+        bitops_g_total=(bitops + costs.fixed_bitops + costs.float_bitops) / GIGA,
         size_mb=weight_bits / MEGABYTE_BITS,
         compression_ratio=costs.fp32_bits / weight_bits,
         avg_wbits=sum(wbits) / len(wbits),

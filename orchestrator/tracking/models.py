@@ -16,6 +16,7 @@ from mlflow.models import infer_signature
 
 import orchestrator
 from orchestrator.distributed.compat import logged_model_id
+from orchestrator.model_import import model_code_paths
 from orchestrator.tracking.runs import Tracker
 
 REGISTERED_MODEL_DESCRIPTION = ("LIMPQ mixed-precision models, one version per searched budget; tags give budget, "
@@ -34,8 +35,9 @@ logging.getLogger("mlflow.pytorch").addFilter(_not_the_pickle_format_warning)
 def log_model(tracker: Tracker, run_id: str, model: torch.nn.Module, example: torch.Tensor, name: str = "model",
               step: int = 0, tags: Mapping[str, Any] | None = None) -> str:
     """`mlflow.pytorch.log_model` into `run_id` (an MLflow 3 LoggedModel, linked to the run's metrics at
-    `step`) with a signature inferred from `example` (a CPU tensor batch) and this package as code, so
-    `mlflow.pytorch.load_model` works where limpq is not installed. Saved with MLflow's pickle format:
+    `step`) with a signature inferred from `example` (a CPU tensor batch) and this package (and a user's
+    own model module) as code, so `mlflow.pytorch.load_model` works where neither is installed. Saved
+    with MLflow's pickle format:
     the LSQ quantizers (a custom autograd function, lazily initialised step sizes) do not go through
     torch.export. Returns the model URI."""
     mlflow.set_tracking_uri(tracker.tracking_uri)
@@ -47,7 +49,8 @@ def log_model(tracker: Tracker, run_id: str, model: torch.nn.Module, example: to
         output = model(example)
     info = mlflow.pytorch.log_model(
         model, name=name, run_id=run_id, signature=infer_signature(example.numpy(), output.numpy()),
-        input_example=example.numpy(), code_paths=[str(Path(orchestrator.__file__).parent)], step=step,
+        input_example=example.numpy(), code_paths=[str(Path(orchestrator.__file__).parent), *model_code_paths(model)],
+        step=step,
         serialization_format="pickle", tags=dict(tags or {}),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import UserError
+from orchestrator.explicit_layers import explicit_state_dict
 from orchestrator.fileio import readable_file, replaced_on_success
 from orchestrator.quant.surgery import unwrap
 
@@ -97,9 +99,10 @@ def _first_line(error: Exception) -> str:
 
 
 def restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load weights strictly; a mismatch names the file and the keys or shapes that differ."""
+    """Load weights strictly; a mismatch names the file and the keys or shapes that differ. Weights of an
+    nn.MultiheadAttention saved before it was made explicit (a user's own checkpoint) load as well."""
     target = unwrap(model)
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    state_dict = explicit_state_dict(target, {key.removeprefix("module."): value for key, value in state_dict.items()})
     own = target.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -112,4 +115,8 @@ def restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
                 shown = ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
                 parts.append(f"{label}: {shown}")
         raise UserError(f"{source}: checkpoint does not match the model ({'; '.join(parts)})")
-    target.load_state_dict(state_dict)
+    # The keys match the model's own, so its own module versions apply; some modules' loaders need them
+    # (mnasnet refuses a state dict without) and a renamed or transferred dict has lost the saved ones.
+    loadable = OrderedDict(state_dict)
+    loadable._metadata = own._metadata
+    target.load_state_dict(loadable)

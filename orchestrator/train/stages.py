@@ -24,7 +24,7 @@ from orchestrator.config.schema import (
     RecipeConfig,
 )
 from orchestrator.errors import UserError
-from orchestrator.modelinfo import build_model
+from orchestrator.modelinfo import build_configured_model
 from orchestrator.quant.policy import BitAssignment, load_step_sizes
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.seeds import derived_seed
@@ -55,7 +55,7 @@ def load_fp_model(model: ModelConfig, path: str | Path) -> nn.Module:
     arch = payload["meta"].get("arch", model.arch)
     if arch != model.arch:
         raise UserError(f"{path}: checkpoint holds a {arch}, the config asks for model.arch {model.arch}")
-    network = build_model(model.arch, model.num_classes)
+    network = build_configured_model(model)
     restore_model(network, payload["model"], path)
     return network
 
@@ -63,11 +63,11 @@ def load_fp_model(model: ModelConfig, path: str | Path) -> nn.Module:
 def initial_fp_model(model: ModelConfig, fp: FPConfig, seed: int) -> nn.Module:
     """Starting point of the FP stage: torchvision weights, a user checkpoint, or a fresh init to train."""
     if fp.source == "torchvision":
-        return build_model(model.arch, model.num_classes, fp.weights)
+        return build_configured_model(model, fp.weights)
     if fp.source == "checkpoint":
         return load_fp_model(model, fp.checkpoint)
     torch.manual_seed(seed)
-    return build_model(model.arch, model.num_classes)
+    return build_configured_model(model)
 
 
 def seed_epoch(seed: int, stage: str, rank: int, epoch: int) -> None:
@@ -86,12 +86,12 @@ def joint_model(model: ModelConfig, bits: Sequence[int], fp_model: nn.Module) ->
 
 def untrained_joint_model(model: ModelConfig, bits: Sequence[int]) -> nn.Module:
     """The joint model's structure (layer names, candidate bits) without trained weights."""
-    return joint_model(model, bits, build_model(model.arch, model.num_classes))
+    return joint_model(model, bits, build_configured_model(model))
 
 
 def joint_from_fp(model: ModelConfig, bits: Sequence[int], fp_state: dict) -> nn.Module:
     """The joint model at candidate `bits`, starting from FP weights (indicator training's start)."""
-    network = build_model(model.arch, model.num_classes)
+    network = build_configured_model(model)
     restore_model(network, fp_state, "FP weights")
     return joint_model(model, bits, network)
 
@@ -101,7 +101,7 @@ def finetune_model(model: ModelConfig, bits: Sequence[int], fp_state: dict, poli
     """The FP model quantized at a fixed per-layer policy (SPEC 1.6); with `joint_state` (the joint model
     trained at candidate `bits`), its step sizes and BatchNorms start from the joint-trained values at
     the chosen bits."""
-    network = build_model(model.arch, model.num_classes)
+    network = build_configured_model(model)
     restore_model(network, fp_state, "FP weights")
     quantize_model(network, policy=policy, input_size=model.input_size, fixed_layers=model.fixed_layers)
     if joint_state is not None:
