@@ -66,8 +66,8 @@ def stage_check_config(arch: str, input_size: int, num_classes: int = 10, kwargs
     """A config for `check_model_stages`: the model, its candidate bits, and a BitOps budget halfway
     between uniform lowest and highest bits (so the search has to mix them). The learning rates are
     a tenth of the recipes' defaults: one step on random labels from a random initialisation has
-    gradients far above a trained model's, and at 0.01 it moves some small weight step sizes below
-    zero, which the indicators refuse; the check is about the code path, not the recipe."""
+    gradients far above a trained model's, and at 0.01 it moves many small step sizes below the
+    quantizer's floor; the check is about the code path, not the recipe."""
     middle = (max(bits) + min(bits)) // 2
     return PipelineConfig.model_validate({
         "model": {"arch": arch, "num_classes": num_classes, "input_size": input_size, "kwargs": dict(kwargs or {}),
