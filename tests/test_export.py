@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import mlflow.artifacts
 import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
@@ -33,7 +34,7 @@ from orchestrator.data.layout import index_dataset
 from orchestrator.distributed.onnx_models import val_batches
 from orchestrator.errors import UserError
 from orchestrator.quant.lsq import levels
-from orchestrator.quant.onnx_check import compare_with_torch
+from orchestrator.quant.onnx_check import compare_with_torch, cpu_session
 from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.tracking.runs import Tracker
@@ -239,12 +240,20 @@ def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_a
 def test_registered_onnx_model_predicts_through_pyfunc_and_mlflow_models_serve(smoke: Path, tmp_path: Path) -> None:
     uri = _tracking_uri(smoke)
     mlflow.set_tracking_uri(uri)
-    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = mlflow.pytorch.load_model(f"models:/{PYTORCH_NAME}@best-top1").eval()(images).argmax(1).numpy()
+    # Served means: the registered graph, run by ONNX Runtime. That graph's agreement with the PyTorch
+    # model is checked on the whole val split above, not here: a low-bit activation within float
+    # rounding of a level boundary rounds one way after torch's convolution and the other after ONNX
+    # Runtime's (measured: 1 in 1,280 noise images moved its logits, at every ORT optimization level),
+    # and an argmax over a few images would test that luck rather than the serving.
+    cfg = load_config(smoke).with_absolute_paths()
+    images = next(iter(val_batches(cfg, index_dataset(cfg.data))))[0][:8]
+    registered = mlflow.artifacts.download_artifacts(f"models:/{ONNX_NAME}@best-top1", dst_path=str(tmp_path))
+    [onnx_file] = Path(registered).rglob("*.onnx")
+    session = cpu_session(onnx_file)
+    [expected] = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     pyfunc = mlflow.pyfunc.load_model(f"models:/{ONNX_NAME}@best-top1")
     assert isinstance(pyfunc.get_raw_model(), onnxruntime.InferenceSession)  # ONNX Runtime runs it
-    np.testing.assert_array_equal(pyfunc.predict(images.numpy())["logits"].argmax(1), expected)
+    np.testing.assert_allclose(pyfunc.predict(images.numpy())["logits"], expected, rtol=0, atol=1e-5)
 
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
@@ -272,7 +281,7 @@ def test_registered_onnx_model_predicts_through_pyfunc_and_mlflow_models_serve(s
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # its own session: uvicorn and its worker go with it
         server.wait(timeout=60)
-    np.testing.assert_array_equal(np.array(answer["predictions"]["logits"]).argmax(1), expected)
+    np.testing.assert_allclose(np.array(answer["predictions"]["logits"]), expected, rtol=0, atol=1e-5)
 
 
 def _one_line_error(capsys, argv: list[str]) -> str:
