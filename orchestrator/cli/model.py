@@ -9,9 +9,25 @@ import argparse
 import json
 import sys
 
+from pydantic import ValidationError
+
 from orchestrator.errors import UserError
 from orchestrator.model_import import error_summary
 from orchestrator.search.costs import costs_from_layers
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= `low` (a usage error, exit 2, otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
 
 
 def model_kwargs(text: str | None) -> dict:
@@ -93,8 +109,11 @@ def _info(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from orchestrator.modelcheck import check_model_stages, stage_check_config
 
-    cfg = stage_check_config(args.arch, args.input_size, args.num_classes, model_kwargs(args.model_kwargs),
-                             tuple(args.bits))
+    try:
+        cfg = stage_check_config(args.arch, args.input_size, args.num_classes, model_kwargs(args.model_kwargs),
+                                 tuple(args.bits))
+    except ValidationError as error:  # --input-size and --num-classes are checked by argparse: the bits
+        raise UserError(f"--bits: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     check = check_model_stages(cfg)
     if args.json:
         json.dump(check.to_dict(), sys.stdout, indent=1)
@@ -113,8 +132,9 @@ def _check(args: argparse.Namespace) -> int:
 def _add_model_arguments(parser: argparse.ArgumentParser, num_classes: int) -> None:
     parser.add_argument("--arch", required=True,
                         help="torchvision model name, or your own model as package.module:callable")
-    parser.add_argument("--input-size", type=int, required=True, metavar="N", help="square input resolution")
-    parser.add_argument("--num-classes", type=int, default=num_classes, metavar="K",
+    parser.add_argument("--input-size", type=at_least(8), required=True, metavar="N",
+                        help="square input resolution")
+    parser.add_argument("--num-classes", type=at_least(2), default=num_classes, metavar="K",
                         help=f"classifier outputs ({num_classes})")
     parser.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model (as model.kwargs)")
 

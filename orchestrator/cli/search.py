@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from orchestrator.cli.model import model_kwargs
+from orchestrator.cli.model import at_least, model_kwargs
 from orchestrator.config.schema import Budget
 from orchestrator.errors import UserError
 from orchestrator.fileio import writable_directory, writable_file
@@ -44,20 +44,6 @@ BitOps budgets count searchable layers only (SPEC 1.5); reports add the fixed la
 bitops_g_total also the multiplies left in float (attention matmuls) at 32x32 bits.
 MB are 2^20 bytes, as in the published search script.
 """
-
-
-def _at_least(low: int):
-    """An argparse type: an integer >= `low` (a usage error, exit 2, otherwise)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below {low}")
-        return value
-
-    return parse
 
 
 def _budget_fields(args: argparse.Namespace) -> dict:
@@ -200,8 +186,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="indicators: our JSON, the published dict JSON, or the published pickle")
     parser.add_argument("--model", help="torchvision model name or package.module:callable (default: the one the "
                                         "indicators name)")
-    parser.add_argument("--input-size", type=_at_least(8), default=224, metavar="N", help="input resolution for MACs (224)")
-    parser.add_argument("--num-classes", type=_at_least(2), default=1000, metavar="N", help="classifier outputs (1000)")
+    parser.add_argument("--input-size", type=at_least(8), default=224, metavar="N", help="input resolution for MACs (224)")
+    parser.add_argument("--num-classes", type=at_least(2), default=1000, metavar="N", help="classifier outputs (1000)")
     parser.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the model (as model.kwargs)")
     parser.add_argument("--bits", type=int, nargs="+", metavar="B",
                         help="candidate bit-widths for weights and activations (default: the indicators' bits)")
