@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,14 +68,20 @@ def stage_check_config(arch: str, input_size: int, num_classes: int = 10, kwargs
     a tenth of the recipes' defaults: one step on random labels from a random initialisation has
     gradients far above a trained model's, and at 0.01 it moves many small step sizes below the
     quantizer's floor; the check is about the code path, not the recipe."""
-    middle = (max(bits) + min(bits)) // 2
     return PipelineConfig.model_validate({
         "model": {"arch": arch, "num_classes": num_classes, "input_size": input_size, "kwargs": dict(kwargs or {}),
                   "min_quantized_share": 0.0},
         "indicators": {"bits": list(bits), "lr": 1e-3},
-        "search": {"budgets": [{"target_wbits": middle, "target_abits": middle}]},
+        "search": {"budgets": [_middle_budget(bits)]},
         "finetune": {"lr": 1e-3},
     })
+
+
+def _middle_budget(bits: Sequence[int]) -> dict[str, int]:
+    """Uniform bits halfway between the lowest and highest candidate, as a BitOps budget's fields
+    (validated with the config, where a bad candidate is named as such)."""
+    middle = (max(bits) + min(bits)) // 2
+    return {"target_wbits": middle, "target_abits": middle}
 
 
 def _finite(loss: float, stage: str) -> float:
@@ -112,9 +118,7 @@ def check_model_stages(cfg: PipelineConfig, batch_size: int = 4, seed: int = 0) 
 
     def search() -> None:
         indicators = extract_indicators(state["model"], cfg.model.arch)
-        bits = sorted(cfg.indicators.bits)
-        middle = (bits[0] + bits[-1]) // 2
-        budget = cfg.search.budgets[0] if cfg.search.budgets else Budget(target_wbits=middle, target_abits=middle)
+        budget = cfg.search.budgets[0] if cfg.search.budgets else Budget(**_middle_budget(cfg.indicators.bits))
         policy = Searcher(indicators, state["costs"], cfg.search.wbits, cfg.search.abits, cfg.search.alpha).solve(budget)
         check.policy_bitops_g = policy.totals.bitops_g
         state["policy"] = {layer.name: (layer.wbits, layer.abits) for layer in policy.layers}

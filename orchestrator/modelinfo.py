@@ -199,9 +199,12 @@ class _MultiplyRecorder(TorchDispatchMode):
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
+    """The address of the memory a tensor views (a weight and its views share it); 0 for a tensor with
+    no memory of its own: a sparse tensor raises NotImplementedError, a tensor subclass without
+    storage RuntimeError, and a meta tensor reports 0. None of them is a dense weight."""
     try:
         return tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage
+    except (RuntimeError, NotImplementedError):
         return 0
 
 
@@ -302,6 +305,8 @@ def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
 def trace_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
     """The Conv2d/Linear layers of `trace_model`, in forward order."""
     return list(trace_model(model, input_size).layers)
+
+
 def default_fixed_layers(layers: list[LayerInfo]) -> list[str]:
     """SPEC 1.2: the first convolution and the final classifier are not searched."""
     fixed = []

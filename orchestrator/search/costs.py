@@ -4,8 +4,9 @@ Tracing needs torch and a model build (seconds); a search needs only the numbers
 JSON, so loading it imports neither torch nor torchvision. The cache lives in $LIMPQ_CACHE_DIR/costs
 (default ~/.cache/limpq/costs): one file per torchvision model, input size, class count, model kwargs,
 accounting and fixed-layer set; one trace writes the files of every accounting. Delete the folder to
-re-trace. A user's model (`module:callable`) is traced on every use: its code may change under the
-same name.
+re-trace. A user's model (`module:callable`) is not cached on disk, since its code may change under the
+same name; within a process it is traced once per source file content (the preflight, the search and
+`limpq model check` ask for its table several times).
 
 Besides the layers' own MACs, a layer holds the MACs of the activation x activation products that run
 at its activation bits (`act_macs`: an attention's q @ k^T and attn @ v, tied to its output projection),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from orchestrator.errors import UserError
 from orchestrator.fileio import write_json_atomic
-from orchestrator.model_import import is_import_path
+from orchestrator.model_import import is_import_path, source_digest
 
 if TYPE_CHECKING:
-    from orchestrator.modelinfo import FloatOp, LayerInfo
+    from orchestrator.modelinfo import FloatOp, LayerInfo, ModelTrace
 
 Accounting = Literal["exact", "limpq-official"]
 ACCOUNTINGS: tuple[str, ...] = ("exact", "limpq-official")
@@ -164,14 +166,17 @@ def costs_from_layers(
     searchable, fixed = split_layers(layers, fixed_layers)
 
     layer_names = {layer.name for layer in layers}
-    tied = [op for op in float_ops if op.quantized_with in layer_names]
-    act_macs = {name: sum(op.macs for op in tied if op.quantized_with == name) for name in {op.quantized_with for op in tied}}
+    act_macs: Counter[str] = Counter()  # an attention's products, at the activation bits of the layer they are tied to
+    for op in float_ops:
+        if op.quantized_with in layer_names:
+            act_macs[op.quantized_with] += op.macs
 
     def costs(group: list[LayerInfo]) -> tuple[LayerCost, ...]:
         return tuple(LayerCost(la.name, la.kind, int(macs_of(la)), int(la.weight_numel), act_macs.get(la.name, 0))
                      for la in group)
 
-    floats = tuple(LayerCost(op.name, op.kind, int(op.macs), int(op.params)) for op in float_ops if op not in tied)
+    floats = tuple(LayerCost(op.name, op.kind, int(op.macs), int(op.params)) for op in float_ops
+                   if op.quantized_with not in layer_names)
     return CostTable(model, input_size, num_classes, accounting, costs(searchable), costs(fixed), floats)
 
 
@@ -205,7 +210,8 @@ def cost_table(
     kwargs: Mapping[str, Any] | None = None,
 ) -> CostTable:
     """The cost table of a model (`orchestrator.modelinfo.build_model`'s arch and kwargs): a torchvision
-    model's is traced on first use and read from the cache after; a user's model is traced every time."""
+    model's is traced on first use and read from the cache after; a user's model once per process and
+    source."""
     if accounting not in ACCOUNTINGS:
         raise UserError(f"cost model {accounting!r} unknown; choose one of {', '.join(ACCOUNTINGS)}")
     if input_size < 8:
@@ -235,11 +241,24 @@ def cost_table(
 def _traced_tables(model: str, input_size: int, num_classes: int, fixed_layers: list[str] | None,
                    kwargs: dict[str, Any]) -> dict[str, CostTable]:
     """The table of every accounting from one trace of the model."""
+    trace = _trace(model, input_size, num_classes, kwargs)
+    return {name: costs_from_layers(list(trace.layers), name, fixed_layers, model, input_size, num_classes,
+                                    trace.float_ops) for name in ACCOUNTINGS}
+
+
+_traces: dict[tuple, ModelTrace] = {}
+
+
+def _trace(model: str, input_size: int, num_classes: int, kwargs: dict[str, Any]) -> ModelTrace:
+    """`trace_model` of the built model, once per process for the same model, arguments and (for a
+    user's model) source file content: an edited and reloaded module is traced again."""
     from orchestrator.modelinfo import (  # torch, only to trace a new table
         build_model,
         trace_model,
     )
 
-    trace = trace_model(build_model(model, num_classes=num_classes, kwargs=kwargs), input_size)
-    return {name: costs_from_layers(list(trace.layers), name, fixed_layers, model, input_size, num_classes,
-                                    trace.float_ops) for name in ACCOUNTINGS}
+    key = (model, input_size, num_classes, json.dumps(kwargs, sort_keys=True, default=str),
+           source_digest(model) if is_import_path(model) else "")
+    if key not in _traces:
+        _traces[key] = trace_model(build_model(model, num_classes=num_classes, kwargs=kwargs), input_size)
+    return _traces[key]
