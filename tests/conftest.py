@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -16,8 +17,10 @@ pytest_plugins = ["s3_fixtures"]
 
 
 # Cost tables traced by the tests (also inside Ray workers, which inherit this environment) stay out of
-# the user's ~/.cache.
-os.environ.setdefault("LIMPQ_CACHE_DIR", tempfile.mkdtemp(prefix="limpq-test-cache-"))
+# the user's ~/.cache, in a folder that goes when the test run ends.
+if "LIMPQ_CACHE_DIR" not in os.environ:
+    os.environ["LIMPQ_CACHE_DIR"] = tempfile.mkdtemp(prefix="limpq-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LIMPQ_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
