@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from orchestrator.config.loading import load_config
-from orchestrator.distributed.pipeline import run_pipeline
-from orchestrator.preflight import preflight
+from orchestrator.distributed.run import run_pipeline
+from orchestrator.checks.preflight import preflight
 from orchestrator.tracking.runs import Tracker
 
 MODES = ("off", "on")

@@ -29,7 +29,7 @@ import onnx
 import onnxruntime
 import torch
 
-from orchestrator.modelinfo import build_model, split_layers, trace_layers
+from orchestrator.models.info import build_model, split_layers, trace_layers
 from orchestrator.quant.onnx_check import cpu_session
 from orchestrator.quant.onnx_export import INPUT_NAME, export_onnx, float_copy
 from orchestrator.quant.surgery import quantize_model

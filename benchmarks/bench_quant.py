@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from orchestrator.modelinfo import build_model
+from orchestrator.models.info import build_model
 from orchestrator.quant.lsq import levels, lsq_fake_quant
 from orchestrator.quant.modules import QConv2d
 from orchestrator.quant.surgery import quantize_model

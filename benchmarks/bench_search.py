@@ -45,7 +45,7 @@ def straightforward_pulp(indicators, costs, bits: list[int], target_w: int, targ
     entries priced 1e8, lpSum constraints, the solver's default settings."""
     import pulp
 
-    from orchestrator.indicators import non_monotonic
+    from orchestrator.search.indicators import non_monotonic
 
     excluded = set(non_monotonic(indicators))
     layers = costs.searchable
@@ -94,7 +94,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> None:
     import pulp
 
     from orchestrator.config.schema import Budget
-    from orchestrator.indicators import load_indicators
+    from orchestrator.search.indicators import load_indicators
     from orchestrator.search.costs import cost_table
     from orchestrator.search.ilp import Searcher, solve
 

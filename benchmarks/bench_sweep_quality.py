@@ -17,8 +17,8 @@ import statistics
 from pathlib import Path
 
 from orchestrator.config.loading import load_config
-from orchestrator.distributed.pipeline import run_pipeline
-from orchestrator.preflight import preflight
+from orchestrator.distributed.run import run_pipeline
+from orchestrator.checks.preflight import preflight
 
 BUDGETS = [{"target_wbits": 3, "target_abits": 3}, {"target_wbits": 2, "target_abits": 2}]
 

@@ -33,10 +33,10 @@ from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.distributed.pipeline import run_pipeline
+from orchestrator.distributed.run import run_pipeline
 from orchestrator.distributed.runtime import free_ports
-from orchestrator.errors import PipelineFailed
-from orchestrator.preflight import preflight
+from orchestrator.common.errors import PipelineFailed
+from orchestrator.checks.preflight import preflight
 
 BUDGETS = [(2, 3), (3, 2), (3, 3), (2, 4), (4, 2), (3, 4), (4, 3), (4, 4)]  # 8 feasible (wbits, abits) targets
 

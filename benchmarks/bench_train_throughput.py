@@ -16,9 +16,9 @@ from pathlib import Path
 
 from orchestrator.config.loading import load_config
 from orchestrator.data.layout import prepare_dataset
-from orchestrator.distributed.pipeline import run_indicators
-from orchestrator.preflight import preflight
-from orchestrator.stagekeys import stage_keys
+from orchestrator.distributed.run import run_indicators
+from orchestrator.checks.preflight import preflight
+from orchestrator.checks.stage_keys import stage_keys
 from orchestrator.tracking.runs import Tracker
 
 

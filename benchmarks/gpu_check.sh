@@ -82,7 +82,7 @@ ray.shutdown()
 
 # ---------------------------------------------------------------- 2 and 3: one GPU, ResNet18 224x224
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.modelinfo import build_model
+from orchestrator.models.info import build_model
 from orchestrator.quant.modules import QConv2d
 from orchestrator.train.stages import joint_model, joint_training, plain_training
 

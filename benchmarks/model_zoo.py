@@ -7,7 +7,7 @@ accepts (10 classes, random initialisation, nothing downloaded):
   the CPU attention kernel, which torch leaves uncounted), goal within 2%;
 - the quantized share of those MACs (searchable and fixed layers, and attention products tied to a
   layer's activation bits), goal >= 95%;
-- one joint-training step, one search and one fine-tuning step (orchestrator.modelcheck, batch 4,
+- one joint-training step, one search and one fine-tuning step (orchestrator.models.check, batch 4,
   bits 4 and 2, a uniform W3A3 BitOps budget).
 A model is supported when every column holds.
 
@@ -54,8 +54,8 @@ def smallest_input(arch: str, builder_kwargs: dict) -> tuple[int, object]:
 
 def measure(arch: str) -> dict:
     """One model's row (runs in the child process)."""
-    from orchestrator.modelcheck import check_model_stages, stage_check_config
-    from orchestrator.modelinfo import TORCHVISION_DEFAULTS, flop_counter_macs
+    from orchestrator.models.check import check_model_stages, stage_check_config
+    from orchestrator.models.info import TORCHVISION_DEFAULTS, flop_counter_macs
 
     started = time.perf_counter()
     size, original = smallest_input(arch, TORCHVISION_DEFAULTS.get(arch, {}))

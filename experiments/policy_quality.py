@@ -1,7 +1,7 @@
 """Does the search pay? Searched policies against random, uniform and anti-searched ones at equal BitOps.
 
 For each model and seed: FP training and joint indicator training through the real pipeline path
-(`orchestrator.distributed.pipeline.run_indicators`: Ray Train, MLflow), then, on the joint model
+(`orchestrator.distributed.run.run_indicators`: Ray Train, MLflow), then, on the joint model
 WITHOUT fine-tuning (one-shot scoring, SPEC 1.7), for budgets spread between uniform W2A2 and W4A4 BitOps:
   - the searched policy (the ILP of SPEC 1.5 on the learned indicators),
   - uniform precision at equal or higher BitOps,
@@ -54,14 +54,14 @@ from orchestrator.data.demo import write_digits_dataset
 from orchestrator.data.layout import DatasetIndex, prepare_dataset
 from orchestrator.data.local import build_datasets
 from orchestrator.data.transforms import transforms_for
-from orchestrator.distributed.pipeline import run_indicators
-from orchestrator.distributed.stages import finished_stage
+from orchestrator.distributed.run import run_indicators
+from orchestrator.tracking.stages import finished_stage
 from orchestrator.distributed.train import train_on_ray
-from orchestrator.indicators import load_indicators
-from orchestrator.preflight import preflight
+from orchestrator.search.indicators import load_indicators
+from orchestrator.checks.preflight import preflight
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.mckp import solve_mckp
-from orchestrator.stagekeys import stage_keys
+from orchestrator.checks.stage_keys import stage_keys
 from orchestrator.tracking.runs import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 from orchestrator.train.oneshot import loader_batches, policy_cost, score_policy

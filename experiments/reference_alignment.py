@@ -26,7 +26,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from orchestrator.config.loading import load_config
-from orchestrator.indicators import load_indicators
+from orchestrator.search.indicators import load_indicators
 from orchestrator.search.costs import cost_table
 from orchestrator.search.ilp import Searcher
 

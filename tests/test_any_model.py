@@ -25,10 +25,10 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from orchestrator.cli import main
 from orchestrator.config.loading import load_config
-from orchestrator.explicit_layers import ExplicitMultiheadAttention, make_weights_explicit
-from orchestrator.model_import import load_factory, model_code_paths, source_digest
-from orchestrator.modelcheck import STAGES, check_model_stages, stage_check_config
-from orchestrator.modelinfo import build_model, flop_counter_macs, trace_model
+from orchestrator.models.explicit_layers import ExplicitMultiheadAttention, make_weights_explicit
+from orchestrator.models.user_module import load_factory, model_code_paths, source_digest
+from orchestrator.models.check import STAGES, check_model_stages, stage_check_config
+from orchestrator.models.info import build_model, flop_counter_macs, trace_model
 from orchestrator.quant.modules import QConv2d, QLinear
 from orchestrator.quant.onnx_check import compare_with_torch
 from orchestrator.quant.onnx_export import export_onnx
@@ -476,7 +476,7 @@ def test_quantized_share_is_printed_warned_and_enforced(in_user_dir: Path, digit
 def test_user_checkpoint_with_multihead_attention_weights_loads(in_user_dir: Path, digits_slice: Path,
                                                                 tmp_path: Path) -> None:
     """`fp.checkpoint` holding the user's own module's state dict (nn.MultiheadAttention's packed keys)."""
-    from orchestrator.preflight import preflight
+    from orchestrator.checks.preflight import preflight
     from orchestrator.train.stages import initial_fp_model
 
     original = _raw_user_model().eval()

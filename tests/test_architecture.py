@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
-# Layer 1, the method in plain torch/PuLP, and the layer-neutral modules every layer may use.
+# Layer 1, the method in plain torch/PuLP, with the config and the shared plumbing every layer uses.
 LAYER_ONE = ("orchestrator.quant", "orchestrator.search", "orchestrator.train", "orchestrator.data",
-             "orchestrator.config", "orchestrator.modelinfo", "orchestrator.indicators", "orchestrator.plots",
-             "orchestrator.preflight", "orchestrator.stagekeys", "orchestrator.errors", "orchestrator.fileio",
-             "orchestrator.seeds", "orchestrator.redact", "orchestrator.console", "orchestrator.explicit_layers",
-             "orchestrator.model_import", "orchestrator.modelcheck")
+             "orchestrator.models", "orchestrator.checks", "orchestrator.config", "orchestrator.common")
+# Layer 2, cut by job: MLflow work (tracking), Ray work (distributed), and the one module of library internals.
+LAYER_TWO = ("orchestrator.tracking", "orchestrator.distributed", "orchestrator.compat")
+# Layer 3, the entry points.
+LAYER_THREE = ("orchestrator.cli",)
 ORCHESTRATION = ("ray", "mlflow")
 
 
@@ -97,6 +98,32 @@ def test_no_module_imports_its_way_back_to_itself() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _layer(module: str) -> int:
+    for number, layer in enumerate((LAYER_ONE, LAYER_TWO, LAYER_THREE), start=1):
+        if module.startswith(layer):
+            return number
+    raise AssertionError(f"{module} belongs to no layer: add it to one in tests/test_architecture.py")
+
+
+def test_every_module_belongs_to_a_layer_and_imports_none_above_it() -> None:
+    upward = sorted(f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
+                    for module, targets in _own_graph().items() for target in targets
+                    if "orchestrator" not in (module, target) and _layer(target) > _layer(module))
+    assert upward == []
+
+
+def test_tracking_does_not_import_distributed() -> None:
+    """MLflow work stands without Ray work: tracking/ never reaches into distributed/."""
+    graph = _own_graph()
+    assert sorted(f"{module} -> {target}" for module, targets in graph.items() if module.startswith("orchestrator.tracking")
+                  for target in targets if target.startswith("orchestrator.distributed")) == []
+
+
+def test_the_package_root_holds_folders_and_at_most_three_modules() -> None:
+    loose = sorted(path.name for path in PACKAGE.glob("*.py") if path.name != "__init__.py")
+    assert len(loose) <= 3, loose
 
 
 def test_method_layer_never_imports_ray_or_mlflow() -> None:

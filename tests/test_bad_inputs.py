@@ -26,7 +26,7 @@ from data_fixtures import write_tiny_folder
 from orchestrator.cli import main
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.convert import folder_to_parquet
-from orchestrator.indicators import Indicators, save_indicators
+from orchestrator.search.indicators import Indicators, save_indicators
 
 LEFT_BY_A_RUN = ("mlflow.db", "mlruns", "mlartifacts", "runs", "demo_data", "out")
 
@@ -299,7 +299,7 @@ def test_bad_input_is_one_line_before_any_work(index: int, digits_slice: Path, b
 def test_config_with_numerics_on_is_another_stage(digits_slice: Path) -> None:
     """ray.bf16 changes what training computes: its stages are not the bf16-off ones (resources are)."""
     from orchestrator.data.layout import index_dataset
-    from orchestrator.stagekeys import stage_keys
+    from orchestrator.checks.stage_keys import stage_keys
 
     def keys(**ray_settings):
         cfg = PipelineConfig.model_validate({"data": {"path": str(digits_slice)}, "ray": ray_settings})

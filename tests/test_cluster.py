@@ -32,7 +32,7 @@ from orchestrator.distributed.submission import (
     load_runtime_env,
     resolve_address,
 )
-from orchestrator.errors import ConfigError, UserError
+from orchestrator.common.errors import ConfigError, UserError
 
 SMOKE_CONFIG = "jobs/configs/smoke.yaml"
 JOB_TIMEOUT_S = 1500

@@ -15,9 +15,9 @@ import torch._inductor.config
 from torch import nn
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.errors import ConfigError, UserError
-from orchestrator.modelinfo import build_model
-from orchestrator.preflight import preflight
+from orchestrator.common.errors import ConfigError, UserError
+from orchestrator.models.info import build_model
+from orchestrator.checks.preflight import preflight
 from orchestrator.quant.policy import random_policy, set_policy, set_uniform_bits
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.train.compiled import CompiledPass, decide_compile

@@ -10,9 +10,9 @@ import ray
 from scipy.stats import spearmanr
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.distributed.pipeline import run_indicators
-from orchestrator.indicators import load_indicators
-from orchestrator.preflight import preflight
+from orchestrator.distributed.run import run_indicators
+from orchestrator.search.indicators import load_indicators
+from orchestrator.checks.preflight import preflight
 from orchestrator.tracking.runs import Tracker
 from tests.pipelines import tiny_config
 

@@ -16,7 +16,7 @@ from orchestrator.config.reference import (
     update_markdown,
 )
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

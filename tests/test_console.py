@@ -10,7 +10,7 @@ import mlflow  # noqa: F401  imported before the set-up, as in a test session: M
 import pytest
 import tqdm
 
-from orchestrator.console import log_to_file, setup_console
+from orchestrator.common.console import log_to_file, setup_console
 from orchestrator.train.progress import Progress
 
 

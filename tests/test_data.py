@@ -24,14 +24,14 @@ from orchestrator.data.convert import folder_to_parquet
 from orchestrator.data.demo import MANIFEST_NAME, write_digits_dataset
 from orchestrator.data.layout import demo_to_build, index_dataset
 from orchestrator.data.storage import check_storage_uri
-from orchestrator.seeds import derived_seed
+from orchestrator.common.seeds import derived_seed
 from orchestrator.data.transforms import (
     IMAGENET_MEAN,
     eval_resize_size,
     eval_transform,
     train_transform,
 )
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from data_fixtures import (
 
 from orchestrator.data.convert import folder_to_parquet
 from orchestrator.distributed.datasets import SkipCounter, iter_batches
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 
 
 @pytest.fixture(scope="module", autouse=True)

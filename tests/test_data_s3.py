@@ -15,7 +15,7 @@ from orchestrator.cli import main as limpq
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.storage import check_storage_uri
 from orchestrator.distributed.datasets import SkipCounter, iter_batches
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 
 
 @pytest.fixture(scope="module")

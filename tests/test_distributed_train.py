@@ -12,9 +12,9 @@ from faults import fail_once
 from pipelines import tiny_config
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.distributed.pipeline import run_indicators
-from orchestrator.indicators import load_indicators
-from orchestrator.preflight import preflight
+from orchestrator.distributed.run import run_indicators
+from orchestrator.search.indicators import load_indicators
+from orchestrator.checks.preflight import preflight
 from orchestrator.tracking.runs import Tracker
 
 pytestmark = pytest.mark.slow

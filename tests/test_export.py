@@ -31,8 +31,8 @@ from torch import nn
 from orchestrator.cli import main
 from orchestrator.config.loading import load_config
 from orchestrator.data.layout import index_dataset
-from orchestrator.distributed.onnx_models import val_batches
-from orchestrator.errors import UserError
+from orchestrator.tracking.onnx_models import val_batches
+from orchestrator.common.errors import UserError
 from orchestrator.quant.lsq import levels
 from orchestrator.quant.onnx_check import compare_with_torch, cpu_session
 from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
@@ -147,7 +147,7 @@ def test_what_onnx_qdq_cannot_express_is_one_user_error_naming_the_layer_or_oper
 
 def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: Path) -> None:
     from orchestrator.config.schema import PipelineConfig
-    from orchestrator.distributed.onnx_models import TAG_ONNX_CHECK, log_trial_onnx
+    from orchestrator.tracking.onnx_models import TAG_ONNX_CHECK, log_trial_onnx
 
     cfg = PipelineConfig.model_validate({"name": "wide", "data": {"path": str(tmp_path)},
                                          "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
@@ -169,8 +169,8 @@ def smoke(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke pipeline (jobs/configs/smoke.yaml) on the digits slice, kept small: an untrained FP
     model (the export holds for any weights), one searched budget scored with the joint model (no
     fine-tuning run). Returns its config file."""
-    from orchestrator.distributed.pipeline import run_pipeline
-    from orchestrator.preflight import preflight
+    from orchestrator.distributed.run import run_pipeline
+    from orchestrator.checks.preflight import preflight
 
     config = write_smoke_config(digits_slice, tmp_path_factory.mktemp("export"), fp={"epochs": 0},
                                 search={"budgets": [{"target_wbits": 3, "target_abits": 3}]},

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import UserError
-from orchestrator.indicators import (
+from orchestrator.common.errors import UserError
+from orchestrator.search.indicators import (
     INDICATORS_FORMAT,
     Indicators,
     check_layers,

@@ -89,9 +89,9 @@ def test_ui_over_a_pipeline_store(tmp_path: Path, digits_slice: Path, chromium: 
     driver-side chatter went to the run's log file."""
     import ray
 
-    from orchestrator.distributed.pipeline import run_pipeline
+    from orchestrator.distributed.run import run_pipeline
     from orchestrator.distributed.runtime import dashboard_url
-    from orchestrator.preflight import preflight
+    from orchestrator.checks.preflight import preflight
 
     cfg = tiny_config(tmp_path, digits_slice, "ui", indicators={"bits": [4, 3]},
                       search={"budgets": [{"target_wbits": 4, "target_abits": 4}]},

@@ -25,8 +25,8 @@ from ray.util.state import list_actors
 
 from cluster import FOREIGN_ENV, NO_MEMORY_MONITOR, driver_env, free_ports, local_up
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.distributed.pipeline import run_indicators, run_pipeline
-from orchestrator.preflight import preflight
+from orchestrator.distributed.run import run_indicators, run_pipeline
+from orchestrator.checks.preflight import preflight
 
 # What every multi-node test config changes from the tiny defaults.
 MULTINODE = {"indicators": {"train_fraction": 0.5}, "finetune": {"epochs": 1, "train_fraction": 0.2},

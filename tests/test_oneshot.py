@@ -13,8 +13,8 @@ from pipelines import write_smoke_config
 from torch import nn
 
 from orchestrator.cli import main
-from orchestrator.errors import UserError
-from orchestrator.modelinfo import trace_layers
+from orchestrator.common.errors import UserError
+from orchestrator.models.info import trace_layers
 from orchestrator.quant.policy import random_policy, set_policy
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.search.costs import costs_from_layers
@@ -84,8 +84,8 @@ def smoke_pipeline(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory)
     """A finished smoke indicator stage (indicators 1 epoch on the digits slice, from an untrained FP
     model to save a Ray Train run: the comparison holds for any weights); returns the config file."""
     from orchestrator.config.loading import load_config
-    from orchestrator.distributed.pipeline import run_indicators
-    from orchestrator.preflight import preflight
+    from orchestrator.distributed.run import run_indicators
+    from orchestrator.checks.preflight import preflight
 
     config = write_smoke_config(digits_slice, tmp_path_factory.mktemp("evaluate"), fp={"epochs": 0})
     ray.init(address="local", num_cpus=3, include_dashboard=False)  # never join a `ray start` cluster
@@ -99,8 +99,8 @@ def smoke_pipeline(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory)
 def _final_metric(config: Path, key: str) -> float:
     from orchestrator.config.loading import load_config
     from orchestrator.data.layout import index_dataset
-    from orchestrator.distributed.stages import finished_stage
-    from orchestrator.stagekeys import stage_keys
+    from orchestrator.tracking.stages import finished_stage
+    from orchestrator.checks.stage_keys import stage_keys
     from orchestrator.tracking.runs import Tracker
 
     cfg = load_config(config).with_absolute_paths()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from orchestrator import plots
+from orchestrator.common import plots
 
 BITS = [6, 5, 4, 3, 2]
 

@@ -17,9 +17,9 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.config.loading import load_config, parse_overrides
-from orchestrator.errors import ConfigError
-from orchestrator.modelinfo import build_model
-from orchestrator.preflight import check_cluster_resources, preflight
+from orchestrator.common.errors import ConfigError
+from orchestrator.models.info import build_model
+from orchestrator.checks.preflight import check_cluster_resources, preflight
 from orchestrator.train.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.modelinfo import build_model
+from orchestrator.models.info import build_model
 from orchestrator.quant.lsq import LsqQuantizer, levels, lsq_fake_quant
 from orchestrator.quant.modules import QConv2d, QLinear, SwitchableBatchNorm2d
 from orchestrator.quant.policy import random_policy, set_policy, set_uniform_bits

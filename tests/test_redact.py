@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.redact import redact, redact_params
+from orchestrator.common.redact import redact, redact_params
 
 
 @pytest.mark.parametrize("text, expected", [

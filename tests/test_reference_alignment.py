@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from orchestrator.config.schema import FinetuneConfig, IndicatorConfig
-from orchestrator.modelinfo import build_model
+from orchestrator.models.info import build_model
 from orchestrator.quant.lsq import LsqQuantizer, lsq_fake_quant
 from orchestrator.quant.modules import QConv2d, QLinear
 from orchestrator.quant.policy import extract_indicators, random_policy

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from orchestrator.config.schema import Budget
-from orchestrator.errors import InfeasibleError, UserError
-from orchestrator.indicators import Indicators, non_monotonic, save_indicators
+from orchestrator.common.errors import InfeasibleError, UserError
+from orchestrator.search.indicators import Indicators, non_monotonic, save_indicators
 from orchestrator.search.costs import CostTable, LayerCost, cost_table
 from orchestrator.search.ilp import Searcher, solve
 from orchestrator.search.policy import (
@@ -311,7 +311,7 @@ def test_exact_macs_equal_torch_flop_counter(arch):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from orchestrator.modelinfo import build_model
+    from orchestrator.models.info import build_model
 
     table = cost_table(arch, 224, "exact")
     model = build_model(arch).eval()
@@ -452,7 +452,7 @@ def test_cli_sweep_writes_policies_and_csv(resnet18_indicators, tmp_path):
 
 
 def test_searched_policy_and_uniform_baseline_share_layers_and_totals(resnet18_indicators):
-    from orchestrator.indicators import load_indicators
+    from orchestrator.search.indicators import load_indicators
     from orchestrator.search.policy import uniform_baseline
 
     costs = cost_table("resnet18", 32)

@@ -9,8 +9,8 @@ import pytest
 
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import index_dataset
-from orchestrator.modelinfo import build_model
-from orchestrator.stagekeys import StageKeys, stage_keys
+from orchestrator.models.info import build_model
+from orchestrator.checks.stage_keys import StageKeys, stage_keys
 from orchestrator.train.checkpoint import save_checkpoint
 
 
@@ -64,9 +64,9 @@ def test_one_name_three_configs_each_sweep_searches_its_own_indicators(tmp_path:
 
     import ray
 
-    from orchestrator.distributed.pipeline import run_pipeline
-    from orchestrator.indicators import load_indicators
-    from orchestrator.preflight import preflight
+    from orchestrator.distributed.run import run_pipeline
+    from orchestrator.search.indicators import load_indicators
+    from orchestrator.checks.preflight import preflight
     from orchestrator.search.ilp import Searcher
     from orchestrator.tracking.runs import Tracker
 

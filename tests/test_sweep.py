@@ -24,10 +24,10 @@ from mlflow.tracking import MlflowClient
 from pipelines import tiny_config
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.distributed.pipeline import run_pipeline
+from orchestrator.distributed.run import run_pipeline
 from orchestrator.distributed.trial import registered_model_name
-from orchestrator.modelinfo import build_model
-from orchestrator.preflight import preflight
+from orchestrator.models.info import build_model
+from orchestrator.checks.preflight import preflight
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.tracking.runs import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model

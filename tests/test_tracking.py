@@ -14,13 +14,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.errors import UserError
-from orchestrator.redact import redact
+from orchestrator.common.errors import UserError
+from orchestrator.common.redact import redact
 from orchestrator.tracking.models import log_model, register_model
 from orchestrator.tracking.runs import Tracker, resolve_tracking_uri, result_params
 
 EXPERIMENT = "tracking-tests"
-KEY = "0123abcd4567"  # a stage key, as orchestrator.stagekeys computes them
+KEY = "0123abcd4567"  # a stage key, as orchestrator.checks.stage_keys computes them
 
 
 @pytest.fixture(scope="module")

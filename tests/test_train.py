@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.errors import UserError
-from orchestrator.modelinfo import build_model
+from orchestrator.common.errors import UserError
+from orchestrator.models.info import build_model
 from orchestrator.train.checkpoint import (
     load_checkpoint,
     restore_model,

@@ -15,10 +15,10 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from orchestrator.cli import run_reporting_errors
-from orchestrator.cli.pipeline import check_cluster
+from orchestrator.cli.run import check_cluster
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.distributed.capacity import cluster_capacity
-from orchestrator.errors import ConfigError, UserError
+from orchestrator.common.errors import ConfigError, UserError
 
 MESSAGE = "fp.pt: not a readable torch checkpoint (worker)"
 

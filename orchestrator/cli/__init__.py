@@ -12,10 +12,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from orchestrator.console import setup_console
-from orchestrator.errors import PipelineFailed, Terminated, user_error_in
+from orchestrator.common.console import setup_console
+from orchestrator.common.errors import PipelineFailed, Terminated, user_error_in
 
-COMMAND_MODULES = ("data", "indicators", "search", "pipeline", "config", "submit", "evaluate", "export",
+COMMAND_MODULES = ("data", "indicators", "search", "run", "config", "submit", "evaluate", "export",
                    "model")
 
 

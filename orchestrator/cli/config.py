@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.cli.pipeline import add_config_arguments, load_config_from_args
+from orchestrator.cli.run import add_config_arguments, load_config_from_args
 from orchestrator.config.reference import (
     current_reference,
     render_reference,
@@ -13,7 +13,7 @@ from orchestrator.config.reference import (
 )
 from orchestrator.config.schema import ModelConfig
 from orchestrator.search.costs import CostTable, float_ops_text
-from orchestrator.stagekeys import stage_keys
+from orchestrator.checks.stage_keys import stage_keys
 
 
 def _validate(args: argparse.Namespace) -> int:

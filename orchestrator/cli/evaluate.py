@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from orchestrator.cli.pipeline import add_config_arguments, load_config_from_args
+from orchestrator.cli.run import add_config_arguments, load_config_from_args
 from orchestrator.config.schema import uniform_label
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 from orchestrator.search.policy import load_policy
 
 

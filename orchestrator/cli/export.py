@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from orchestrator.fileio import writable_file
+from orchestrator.common.fileio import writable_file
 
 
 def _batch(value: str) -> int | None:
@@ -17,7 +17,7 @@ def _batch(value: str) -> int | None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from orchestrator.distributed.onnx_models import (
+    from orchestrator.tracking.onnx_models import (
         MEGABYTE,
         export_logged_model,
         resolve_source,

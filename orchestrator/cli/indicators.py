@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from orchestrator.cli.pipeline import (
+from orchestrator.cli.run import (
     add_config_arguments,
     check_cluster,
     load_config_from_args,
 )
-from orchestrator.indicators import Indicators, load_indicators, non_monotonic
+from orchestrator.search.indicators import Indicators, load_indicators, non_monotonic
 
 NON_MONOTONIC_MARK = "*"
 
@@ -22,7 +22,7 @@ def _show(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     checked = load_config_from_args(args, sweep=False)
     check_cluster(checked.config)
-    from orchestrator.distributed.pipeline import run_indicators
+    from orchestrator.distributed.run import run_indicators
 
     path = run_indicators(checked)
     print_table(load_indicators(path))

@@ -1,7 +1,7 @@
 """`limpq model info`: every layer and every other multiply of one forward pass, with its MACs, weights
 and whether it is searched, fixed (8-bit) or left in float; the totals the search and budgets use.
 `limpq model check`: one step of every pipeline stage in-process on a random batch
-(orchestrator.modelcheck)."""
+(orchestrator.models.check)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 
 from pydantic import ValidationError
 
-from orchestrator.errors import UserError
-from orchestrator.model_import import error_summary
+from orchestrator.common.errors import UserError
+from orchestrator.models.user_module import error_summary
 from orchestrator.search.costs import costs_from_layers
 
 
@@ -47,7 +47,7 @@ def model_info(arch: str, input_size: int, num_classes: int = 1000, kwargs: dict
                fixed_layers: list[str] | None = None, cross_check: bool = False) -> dict:
     """The `limpq model info --json` document of a model at `input_size` (batch 1)."""
     # torch and torchvision only for this command: every other CLI command starts without them
-    from orchestrator.modelinfo import build_model, flop_counter_macs, trace_model
+    from orchestrator.models.info import build_model, flop_counter_macs, trace_model
 
     model = build_model(arch, num_classes, kwargs=kwargs)
     try:
@@ -107,7 +107,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from orchestrator.modelcheck import check_model_stages, stage_check_config
+    from orchestrator.models.check import check_model_stages, stage_check_config
 
     try:
         cfg = stage_check_config(args.arch, args.input_size, args.num_classes, model_kwargs(args.model_kwargs),

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from orchestrator.cli.model import at_least, model_kwargs
 from orchestrator.config.schema import Budget
-from orchestrator.errors import UserError
-from orchestrator.fileio import writable_directory, writable_file
-from orchestrator.indicators import load_indicators
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import writable_directory, writable_file
+from orchestrator.search.indicators import load_indicators
 from orchestrator.search.costs import cost_table
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.policy import export_nncf, export_yaml, save_policy

@@ -14,8 +14,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.errors import ConfigError, UserError
-from orchestrator.fileio import readable_file
+from orchestrator.common.errors import ConfigError, UserError
+from orchestrator.common.fileio import readable_file
 
 
 def _format_error(source: str, error: ValidationError, overridden: tuple[str, ...] = ()) -> str:

@@ -33,8 +33,8 @@ from orchestrator.data.storage import (
     locate_reachable,
     storage_error,
 )
-from orchestrator.errors import UserError
-from orchestrator.fileio import replaced_on_success, writable_directory
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import replaced_on_success, writable_directory
 
 
 @dataclass

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from orchestrator.errors import UserError
-from orchestrator.fileio import replaced_on_success
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import replaced_on_success
 
 MANIFEST_NAME = "limpq-dataset.json"
 MANIFEST_FORMAT = "limpq-digits/v1"

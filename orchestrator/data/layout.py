@@ -40,9 +40,9 @@ from orchestrator.data.storage import (
     locate_reachable,
     storage_error,
 )
-from orchestrator.errors import UserError
-from orchestrator.redact import redact
-from orchestrator.seeds import derived_seeds
+from orchestrator.common.errors import UserError
+from orchestrator.common.redact import redact
+from orchestrator.common.seeds import derived_seeds
 
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared case-insensitively (ImageNet uses .JPEG)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from orchestrator.errors import UserError
-from orchestrator.fileio import writable_directory
-from orchestrator.redact import redact
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import writable_directory
+from orchestrator.common.redact import redact
 
 CREDENTIAL_VARIABLES = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
 PROBE_SECONDS = 20

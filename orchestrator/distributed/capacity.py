@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ray
 
-from orchestrator.distributed.compat import autoscaler_maximum, autoscaler_node_types
+from orchestrator.compat import autoscaler_maximum, autoscaler_node_types
 
 
 def cluster_capacity() -> dict[str, float] | None:

@@ -63,8 +63,8 @@ from orchestrator.data.layout import (
     in_fraction,
 )
 from orchestrator.data.transforms import ImageAugment, normalize, to_uint8_chw
-from orchestrator.errors import UserError
-from orchestrator.seeds import derived_seed
+from orchestrator.common.errors import UserError
+from orchestrator.common.seeds import derived_seed
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from orchestrator.data.layout import DatasetIndex, prepare_dataset
 from orchestrator.data.local import build_datasets, split_dataset
 from orchestrator.data.transforms import transforms_for
 from orchestrator.distributed.runtime import ensure_ray
-from orchestrator.distributed.stages import finished_stage
-from orchestrator.errors import UserError
-from orchestrator.preflight import CheckedConfig
+from orchestrator.tracking.stages import finished_stage
+from orchestrator.common.errors import UserError
+from orchestrator.checks.preflight import CheckedConfig
 from orchestrator.quant.policy import BitAssignment, set_policy
-from orchestrator.redact import redact
+from orchestrator.common.redact import redact
 from orchestrator.search.costs import CostTable
-from orchestrator.stagekeys import stage_keys
+from orchestrator.checks.stage_keys import stage_keys
 from orchestrator.tracking.runs import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 from orchestrator.train.oneshot import (

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from orchestrator.errors import Terminated
+from orchestrator.common.errors import Terminated
 
 T = TypeVar("T")
 

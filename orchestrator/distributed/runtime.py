@@ -18,8 +18,8 @@ import ray
 from ray.data import DataContext
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.console import log_to_file
-from orchestrator.distributed.compat import check_versions, train_report_logger_name
+from orchestrator.common.console import log_to_file
+from orchestrator.compat import check_versions, train_report_logger_name
 
 log = logging.getLogger("limpq")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -21,7 +20,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
+from orchestrator.common.source import git_commit
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 SUCCEEDED = "SUCCEEDED"
@@ -56,16 +56,6 @@ def load_runtime_env(path: str | Path | None, working_dir: str | None = None) ->
     return runtime_env
 
 
-def git_commit(directory: str | Path) -> str | None:
-    """The HEAD commit of the git checkout holding `directory`, or None."""
-    try:
-        result = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 def use_auth_token_if_present() -> None:
     """Send this machine's Ray token when RAY_AUTH_MODE is unset, as `ray start` does.
 
@@ -79,7 +69,7 @@ def use_auth_token_if_present() -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     if "ray" in sys.modules:
-        from orchestrator.distributed.compat import (
+        from orchestrator.compat import (
             reload_ray_auth_mode,  # Ray: see the module's docstring
         )
 

@@ -15,15 +15,15 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.distributed.onnx_models import ONNX_COLUMNS, onnx_row, set_onnx_alias
+from orchestrator.tracking.onnx_models import ONNX_COLUMNS, onnx_row, set_onnx_alias
 from orchestrator.distributed.trial import (
     ONE_SHOT,
     TrialSpec,
     evaluation_kind,
     registered_model_name,
 )
-from orchestrator.fileio import write_text_atomic
-from orchestrator.plots import pareto_plot, policy_bits_chart
+from orchestrator.common.fileio import write_text_atomic
+from orchestrator.common.plots import pareto_plot, policy_bits_chart
 from orchestrator.tracking.models import model_versions_of_run
 from orchestrator.tracking.runs import TAG_ERROR, Tracker
 

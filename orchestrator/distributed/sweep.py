@@ -25,7 +25,7 @@ from orchestrator.data.layout import DatasetIndex
 from orchestrator.distributed.capacity import cluster_capacity
 from orchestrator.distributed.interrupts import run_off_main_thread
 from orchestrator.distributed.runtime import ensure_ray, started_local_ray
-from orchestrator.distributed.stages import StageOutput
+from orchestrator.tracking.stages import StageOutput
 from orchestrator.distributed.summary import log_summary, trial_rows
 from orchestrator.distributed.train import storage_path
 from orchestrator.distributed.trial import (
@@ -34,9 +34,9 @@ from orchestrator.distributed.trial import (
     sweep_trial,
     trial_specs,
 )
-from orchestrator.indicators import load_indicators
+from orchestrator.search.indicators import load_indicators
 from orchestrator.search.costs import CostTable
-from orchestrator.stagekeys import StageKeys
+from orchestrator.checks.stage_keys import StageKeys
 from orchestrator.tracking.runs import TAG_ROOT, Tracker
 from orchestrator.train.checkpoint import load_checkpoint
 from orchestrator.train.stages import FP_FILE, INDICATORS_FILE, JOINT_FILE

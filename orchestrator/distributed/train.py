@@ -49,9 +49,9 @@ from orchestrator.distributed.datasets import (
 )
 from orchestrator.distributed.interrupts import run_off_main_thread
 from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
-from orchestrator.errors import UserError, user_error_in
-from orchestrator.indicators import save_indicators
-from orchestrator.plots import indicator_heatmap
+from orchestrator.common.errors import UserError, user_error_in
+from orchestrator.search.indicators import save_indicators
+from orchestrator.common.plots import indicator_heatmap
 from orchestrator.quant.policy import extract_indicators, uniform_policy
 from orchestrator.tracking.models import log_model
 from orchestrator.tracking.runs import Tracker

@@ -28,15 +28,15 @@ from orchestrator.config.schema import (
 )
 from orchestrator.data.layout import DatasetIndex
 from orchestrator.distributed.evaluate import score_on_this_node, scored_joint_model
-from orchestrator.distributed.onnx_models import log_trial_onnx
+from orchestrator.tracking.onnx_models import log_trial_onnx
 from orchestrator.distributed.train import (
     example_input,
     log_dataset_inputs,
     train_on_ray,
 )
-from orchestrator.errors import UserError
-from orchestrator.indicators import Indicators
-from orchestrator.plots import policy_bits_chart
+from orchestrator.common.errors import UserError
+from orchestrator.search.indicators import Indicators
+from orchestrator.common.plots import policy_bits_chart
 from orchestrator.search.costs import CostTable
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.policy import Policy, uniform_baseline

@@ -42,8 +42,8 @@ from onnx import numpy_helper
 from onnxscript import opset21 as op
 from torch import nn
 
-from orchestrator.errors import UserError
-from orchestrator.fileio import replaced_on_success
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import replaced_on_success
 from orchestrator.quant.lsq import LsqQuantizer, levels
 from orchestrator.quant.modules import OperandQuant
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from orchestrator.indicators import Indicators
+from orchestrator.search.indicators import Indicators
 from orchestrator.quant.modules import QConv2d, QLinear, SwitchableBatchNorm2d
 from orchestrator.quant.surgery import layout_of, unwrap
 

@@ -2,7 +2,7 @@
 
 Searchable layers become QConv2d/QLinear with one step size per candidate bit-width for weights and
 inputs; the BatchNorm that consumes a searchable layer's output becomes switchable. Modules that read a
-weight functionally are first made to call it as a layer (orchestrator.explicit_layers), so those
+weight functionally are first made to call it as a layer (orchestrator.models.explicit_layers), so those
 weights are quantized too, and their products of two activations (attention's q @ k^T and attn @ v)
 take both operands at the activation bits of the attention's output projection (SPEC 1.5). Fixed layers
 (default: first conv and classifier) stay full precision in the joint (indicator-training) model, as in
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from orchestrator.errors import UserError
-from orchestrator.explicit_layers import attention_ties, make_weights_explicit
-from orchestrator.modelinfo import split_layers, trace_layers
+from orchestrator.common.errors import UserError
+from orchestrator.models.explicit_layers import attention_ties, make_weights_explicit
+from orchestrator.models.info import split_layers, trace_layers
 from orchestrator.quant.modules import OperandQuant, QConv2d, QLinear, SwitchableBatchNorm2d
 
 FIXED_BITS = 8

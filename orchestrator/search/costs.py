@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from orchestrator.errors import UserError
-from orchestrator.fileio import write_json_atomic
-from orchestrator.model_import import is_import_path, source_digest
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import write_json_atomic
+from orchestrator.models.user_module import is_import_path, source_digest
 
 if TYPE_CHECKING:
-    from orchestrator.modelinfo import FloatOp, LayerInfo, ModelTrace
+    from orchestrator.models.info import FloatOp, LayerInfo, ModelTrace
 
 Accounting = Literal["exact", "limpq-official"]
 ACCOUNTINGS: tuple[str, ...] = ("exact", "limpq-official")
@@ -156,7 +156,7 @@ def costs_from_layers(
 ) -> CostTable:
     """A cost table from traced layers (and the trace's float ops); `fixed_layers` None means SPEC 1.2's
     default."""
-    from orchestrator.modelinfo import (
+    from orchestrator.models.info import (
         split_layers,  # imports torch; a cached table loads without it
     )
 
@@ -209,7 +209,7 @@ def cost_table(
     cache_dir: str | Path | None = None,
     kwargs: Mapping[str, Any] | None = None,
 ) -> CostTable:
-    """The cost table of a model (`orchestrator.modelinfo.build_model`'s arch and kwargs): a torchvision
+    """The cost table of a model (`orchestrator.models.info.build_model`'s arch and kwargs): a torchvision
     model's is traced on first use and read from the cache after; a user's model once per process and
     source."""
     if accounting not in ACCOUNTINGS:
@@ -252,7 +252,7 @@ _traces: dict[tuple, ModelTrace] = {}
 def _trace(model: str, input_size: int, num_classes: int, kwargs: dict[str, Any]) -> ModelTrace:
     """`trace_model` of the built model, once per process for the same model, arguments and (for a
     user's model) source file content: an edited and reloaded module is traced again."""
-    from orchestrator.modelinfo import (  # torch, only to trace a new table
+    from orchestrator.models.info import (  # torch, only to trace a new table
         build_model,
         trace_model,
     )

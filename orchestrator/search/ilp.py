@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.config.schema import Budget
-from orchestrator.errors import InfeasibleError, UserError
-from orchestrator.indicators import Indicators, check_layers, non_monotonic
+from orchestrator.common.errors import InfeasibleError, UserError
+from orchestrator.search.indicators import Indicators, check_layers, non_monotonic
 from orchestrator.search.costs import CostTable
 from orchestrator.search.latency import LatencyTable, load_latency_table
 from orchestrator.search.mckp import MultipleChoiceKnapsack

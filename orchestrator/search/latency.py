@@ -12,9 +12,9 @@ import json
 import math
 from pathlib import Path
 
-from orchestrator.errors import UserError
-from orchestrator.fileio import readable_file
-from orchestrator.indicators import strip_ddp_prefix
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import readable_file
+from orchestrator.search.indicators import strip_ddp_prefix
 
 LatencyTable = dict[tuple[str, int, int], float]
 COLUMNS = ("layer", "wbits", "abits", "ms")

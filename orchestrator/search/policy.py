@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.schema import uniform_label
-from orchestrator.errors import UserError
-from orchestrator.fileio import readable_file, write_json_atomic, write_text_atomic
-from orchestrator.indicators import strip_ddp_prefix
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import readable_file, write_json_atomic, write_text_atomic
+from orchestrator.search.indicators import strip_ddp_prefix
 from orchestrator.search.costs import FIXED_LAYER_BITS, CostTable
 
 POLICY_FORMAT = "limpq-policy/v1"

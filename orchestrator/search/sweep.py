@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from orchestrator.config.schema import Budget
-from orchestrator.errors import InfeasibleError, UserError
-from orchestrator.fileio import write_text_atomic
+from orchestrator.common.errors import InfeasibleError, UserError
+from orchestrator.common.fileio import write_text_atomic
 from orchestrator.search.ilp import BUDGET_FIELDS, Searcher
 from orchestrator.search.policy import TOTAL_KEYS, Policy, save_policy
 

@@ -15,8 +15,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import orchestrator
-from orchestrator.distributed.compat import logged_model_id
-from orchestrator.model_import import model_code_paths
+from orchestrator.compat import logged_model_id
+from orchestrator.models.user_module import model_code_paths
 from orchestrator.tracking.runs import Tracker
 
 REGISTERED_MODEL_DESCRIPTION = ("LIMPQ mixed-precision models, one version per searched budget; tags give budget, "

@@ -46,11 +46,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.distributed.compat import dataset_input_entity
-from orchestrator.distributed.submission import git_commit
-from orchestrator.errors import UserError
-from orchestrator.redact import redact, redact_params
-from orchestrator.stagekeys import NUMERICS_KEYS
+from orchestrator.compat import dataset_input_entity
+from orchestrator.common.source import git_commit
+from orchestrator.common.errors import UserError
+from orchestrator.common.redact import redact, redact_params
+from orchestrator.checks.stage_keys import NUMERICS_KEYS
 from orchestrator.tracking.ui import (
     EXPERIMENT_KIND_TAG,
     MODEL_DEVELOPMENT,

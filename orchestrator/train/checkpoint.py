@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.errors import UserError
-from orchestrator.explicit_layers import explicit_state_dict
-from orchestrator.fileio import readable_file, replaced_on_success
+from orchestrator.common.errors import UserError
+from orchestrator.models.explicit_layers import explicit_state_dict
+from orchestrator.common.fileio import readable_file, replaced_on_success
 from orchestrator.quant.surgery import unwrap
 
 FORMAT = "limpq-checkpoint/v1"

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 from orchestrator.quant.lsq import LsqQuantizer
 from orchestrator.quant.surgery import unwrap
 

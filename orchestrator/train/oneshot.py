@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 from orchestrator.quant.policy import BitAssignment, set_policy
 from orchestrator.quant.surgery import layout_of, unwrap
 from orchestrator.search.costs import CostTable

@@ -23,11 +23,11 @@ from orchestrator.config.schema import (
     ModelConfig,
     RecipeConfig,
 )
-from orchestrator.errors import UserError
-from orchestrator.modelinfo import build_configured_model
+from orchestrator.common.errors import UserError
+from orchestrator.models.info import build_configured_model
 from orchestrator.quant.policy import BitAssignment, load_step_sizes
 from orchestrator.quant.surgery import quantize_model
-from orchestrator.seeds import derived_seed
+from orchestrator.common.seeds import derived_seed
 from orchestrator.train import recipe as recipes
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 from orchestrator.train.compiled import CompileDecision, CompiledPass, CompileMode, decide_compile

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 from orchestrator.quant.policy import (
     BitAssignment,
     random_policy,

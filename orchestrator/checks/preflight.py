@@ -33,12 +33,12 @@ from orchestrator.data.layout import (
     index_dataset,
 )
 from orchestrator.data.storage import check_storage_uri
-from orchestrator.errors import ConfigError, InfeasibleError, UserError
-from orchestrator.fileio import readable_file
-from orchestrator.indicators import Indicators
-from orchestrator.model_import import error_summary, is_import_path
-from orchestrator.modelinfo import build_configured_model
-from orchestrator.redact import redact
+from orchestrator.common.errors import ConfigError, InfeasibleError, UserError
+from orchestrator.common.fileio import readable_file
+from orchestrator.search.indicators import Indicators
+from orchestrator.models.user_module import error_summary, is_import_path
+from orchestrator.models.info import build_configured_model
+from orchestrator.common.redact import redact
 from orchestrator.search.costs import CostTable, cost_table, float_ops_text
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.latency import load_latency_table

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from orchestrator.config.schema import Budget, PipelineConfig
-from orchestrator.errors import UserError
-from orchestrator.model_import import error_summary
+from orchestrator.common.errors import UserError
+from orchestrator.models.user_module import error_summary
 from orchestrator.quant.policy import extract_indicators
 from orchestrator.search.costs import cost_table
 from orchestrator.search.ilp import Searcher

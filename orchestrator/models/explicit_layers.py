@@ -1,6 +1,6 @@
 """Modules that multiply a weight without calling a layer module, swapped for equivalents that do.
 
-The trace (orchestrator.modelinfo) finds layers by their module calls and the surgery quantizes a layer
+The trace (orchestrator.models.info) finds layers by their module calls and the surgery quantizes a layer
 by replacing its module, so a weight read functionally (`F.linear(x, self.qkv.weight)`) would be neither
 counted as a layer nor quantized. Two such modules exist among torchvision's classifiers:
 

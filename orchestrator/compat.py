@@ -35,7 +35,7 @@ def check_versions() -> list[str]:
             continue
         if installed != tested:
             warnings.append(f"{package} {installed} is installed; limpq was tested with {tested} and uses some of its "
-                            "private APIs (orchestrator/distributed/compat.py): install requirements.lock "
+                            "private APIs (orchestrator/compat.py): install requirements.lock "
                             "(`make install`) or run `make test` against this version before trusting a run")
     for warning in warnings:
         log.warning(warning)

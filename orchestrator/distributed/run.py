@@ -1,7 +1,7 @@
 """The pipeline FP -> indicators -> sweep as one MLflow run tree.
 
-Each stage is keyed by what it reads (`orchestrator.stagekeys`): a stage whose key has a FINISHED
-MLflow run is skipped and its outputs are that run's artifacts (`orchestrator.distributed.stages`).
+Each stage is keyed by what it reads (`orchestrator.checks.stage_keys`): a stage whose key has a FINISHED
+MLflow run is skipped and its outputs are that run's artifacts (`orchestrator.tracking.stages`).
 An interrupt (Ctrl-C, SIGTERM from `ray job stop`; see `orchestrator.distributed.interrupts`) marks
 every open run of the tree KILLED and propagates; a sweep with failed trials leaves its runs FAILED
 and raises `PipelineFailed`, so the process exits non-zero and resubmitting continues where it stopped.
@@ -19,16 +19,16 @@ from pathlib import Path
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import DatasetIndex, prepare_dataset
 from orchestrator.distributed.interrupts import terminate_as_exception
-from orchestrator.distributed.onnx_models import onnx_registered_name
+from orchestrator.tracking.onnx_models import onnx_registered_name
 from orchestrator.distributed.runtime import dashboard_url
-from orchestrator.distributed.stages import StageOutput, finished_stage, run_directory
+from orchestrator.tracking.stages import StageOutput, finished_stage, run_directory
 from orchestrator.distributed.summary import format_report, read_finished_sweep
 from orchestrator.distributed.sweep import run_sweep
 from orchestrator.distributed.train import run_fp, run_indicators_training
 from orchestrator.distributed.trial import registered_model_name
-from orchestrator.errors import PipelineFailed, Terminated
-from orchestrator.preflight import CheckedConfig
-from orchestrator.stagekeys import StageKeys, stage_keys
+from orchestrator.common.errors import PipelineFailed, Terminated
+from orchestrator.checks.preflight import CheckedConfig
+from orchestrator.checks.stage_keys import StageKeys, stage_keys
 from orchestrator.tracking.runs import TAG_ROOT, Tracker
 from orchestrator.train.stages import FP_FILE, INDICATORS_FILE
 

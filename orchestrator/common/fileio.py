@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 
 
 def _umask() -> int:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import UserError
-from orchestrator.fileio import readable_file, write_json_atomic
+from orchestrator.common.errors import UserError
+from orchestrator.common.fileio import readable_file, write_json_atomic
 
 INDICATORS_FORMAT = "limpq-indicators/v1"
 KINDS = ("weight", "act")

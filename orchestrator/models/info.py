@@ -20,9 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 from torchvision import models
 
 from orchestrator.config.schema import ModelConfig
-from orchestrator.errors import UserError
-from orchestrator.explicit_layers import attention_ties, make_weights_explicit
-from orchestrator.model_import import build_user_model, is_import_path
+from orchestrator.common.errors import UserError
+from orchestrator.models.explicit_layers import attention_ties, make_weights_explicit
+from orchestrator.models.user_module import build_user_model, is_import_path
 
 # Defaults for torchvision builders whose train-mode forward is not one logits tensor: their auxiliary
 # classifiers are a training aid of their own recipe, not something the LIMPQ stages can train.
@@ -64,7 +64,7 @@ class FloatOp:
     "weight": a weight multiplied without its layer module (named by the weight); "attention":
     scaled_dot_product_attention (q @ k^T and attn @ v); "matmul": other products of two activations
     (both named by the module that computed them). They run in float, except the products of an
-    explicit attention module (orchestrator.explicit_layers), which the quantized model computes with
+    explicit attention module (orchestrator.models.explicit_layers), which the quantized model computes with
     both operands at the activation bits of the layer `quantized_with` names."""
 
     name: str
@@ -91,7 +91,7 @@ def build_model(arch: str, num_classes: int = 1000, weights: str | None = None,
                 kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """A torchvision classification model by name (`weights`: a torchvision weights name, downloads) or
     a user's `module:callable`, called with `num_classes=` and `kwargs`; then every weight the model
-    reads functionally is made a layer module (orchestrator.explicit_layers)."""
+    reads functionally is made a layer module (orchestrator.models.explicit_layers)."""
     kwargs = dict(kwargs or {})
     if is_import_path(arch):
         if weights:

@@ -31,7 +31,7 @@ from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import DatasetIndex
 from orchestrator.data.local import split_dataset
 from orchestrator.data.transforms import transforms_for
-from orchestrator.errors import UserError
+from orchestrator.common.errors import UserError
 from orchestrator.quant.onnx_check import (
     MIN_AGREEMENT,
     OnnxAgreement,
@@ -44,7 +44,7 @@ from orchestrator.quant.onnx_export import (
     export_onnx,
     float_copy,
 )
-from orchestrator.redact import redact
+from orchestrator.common.redact import redact
 from orchestrator.tracking.models import model_versions_of_run, register_model
 from orchestrator.tracking.runs import DEFAULT_TRACKING_URI, SQLITE_PREFIX, Tracker
 

@@ -15,7 +15,7 @@ from orchestrator.config.loading import load_config, parse_overrides
 from orchestrator.config.schema import PipelineConfig
 
 if TYPE_CHECKING:
-    from orchestrator.preflight import CheckedConfig
+    from orchestrator.checks.preflight import CheckedConfig
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = True) -> None:
@@ -30,7 +30,7 @@ def load_config_from_args(args: argparse.Namespace, path: str | None = None, swe
     """The config of `--config` (or `path`) with the `--set` overrides, through the whole preflight
     check: every mistake knowable before training is a one-line ConfigError here, before Ray starts
     or an MLflow run exists. `sweep`: the command runs the budget sweep (its budgets are checked)."""
-    from orchestrator.preflight import preflight
+    from orchestrator.checks.preflight import preflight
 
     return preflight(load_config(path or args.config, parse_overrides(args.overrides)), sweep=sweep)
 
@@ -43,7 +43,7 @@ def check_cluster(cfg: PipelineConfig) -> None:
         return
     from orchestrator.distributed.capacity import cluster_capacity
     from orchestrator.distributed.runtime import ensure_ray
-    from orchestrator.preflight import check_cluster_resources
+    from orchestrator.checks.preflight import check_cluster_resources
 
     ensure_ray(cfg)
     capacity = cluster_capacity()
@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     checked = load_config_from_args(args)
     check_cluster(checked.config)
-    from orchestrator.distributed.pipeline import run_pipeline
+    from orchestrator.distributed.run import run_pipeline
 
     run_pipeline(checked)
     return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.model_import import is_import_path, source_digest
+from orchestrator.models.user_module import is_import_path, source_digest
 
 
 def file_digest(path: str | Path) -> str:
