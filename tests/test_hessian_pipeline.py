@@ -19,7 +19,8 @@ from orchestrator.search.ilp import Searcher
 from orchestrator.search.indicators import load_indicators
 from orchestrator.tracking.runs import Tracker
 
-pytestmark = pytest.mark.timeout(1200)
+# about 8 min on the shared 2-core machine (a Ray pipeline with joint training and a one-shot trial)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_hessian_scores_run_through_the_pipeline(tmp_path: Path, digits_slice: Path) -> None:
