@@ -182,7 +182,8 @@ class SearchConfig(_Section):
         "(docs/method.md), computed at the start of the sweep. Same ILP, budgets and alpha (1 weighs the hessian "
         "weight and activation terms equally).")
     hessian_batches: int = Field(4, ge=1, description="With scores hessian: training batches the traces average over.")
-    hessian_samples: int = Field(16, ge=1, description="With scores hessian: Hutchinson (Rademacher) vectors per batch.")
+    hessian_samples: int = Field(4, ge=1, description="With scores hessian: Hutchinson (Rademacher) vectors per batch; "
+                                 "each costs about 2 x (searchable layers) backward passes.")
 
     _bits = field_validator("wbits", "abits")(_check_bits)
 
