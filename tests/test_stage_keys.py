@@ -113,3 +113,13 @@ def test_one_name_three_configs_each_sweep_searches_its_own_indicators(tmp_path:
         expected = Searcher(indicators, each.costs, alpha=cfg.search.alpha).solve(cfg.search.budgets[0])
         assert [(la["wbits"], la["abits"]) for la in policy["layers"]] == \
             [(la.wbits, la.abits) for la in expected.layers]
+
+
+def test_scores_option_keys_only_the_sweep_and_only_when_hessian(digits_slice: Path) -> None:
+    """Configs without `search.scores` keep their keys (the hessian settings do not count while unused);
+    hessian scores share the FP and indicator stages with the limpq config they are compared with."""
+    base = keys(_config(digits_slice))
+    assert keys(_config(digits_slice, search={"scores": "limpq", "hessian_batches": 9})) == base
+    hessian = keys(_config(digits_slice, search={"scores": "hessian"}))
+    assert (hessian.fp, hessian.indicators) == (base.fp, base.indicators) and hessian.sweep != base.sweep
+    assert keys(_config(digits_slice, search={"scores": "hessian", "hessian_samples": 4})).sweep != hessian.sweep

@@ -74,6 +74,9 @@ def stage_keys(cfg: PipelineConfig, dataset_fingerprint: dict) -> StageKeys:
     indicators = _hash({"fp": fp, "indicators": settings["indicators"], "data": data_identity, "seed": cfg.seed,
                         "model": settings["model"], **numerics})
     search_settings = dict(settings["search"])
+    if cfg.search.scores == "limpq":  # the default: configs without the option keep their keys
+        for key in ("scores", "hessian_batches", "hessian_samples"):
+            del search_settings[key]
     if cfg.search.latency_table:
         search_settings["latency_table"] = file_digest(cfg.search.latency_table)
     sweep = _hash({"indicators": indicators, "search": search_settings, "finetune": settings["finetune"],

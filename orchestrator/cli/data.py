@@ -1,12 +1,15 @@
-"""`limpq data`: build the digits demo dataset; convert a folder dataset into Parquet shards."""
+"""`limpq data`: build the digits demo dataset; write IDX files (MNIST and kin) as an image folder;
+convert a folder dataset into Parquet shards."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
+from orchestrator.cli.model import at_least
 from orchestrator.data.convert import folder_to_parquet
 from orchestrator.data.demo import write_digits_dataset
+from orchestrator.data.idx import idx_to_folder
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -14,6 +17,16 @@ def _demo(args: argparse.Namespace) -> int:
     counts = manifest["counts"]
     print(f"digits dataset in {args.out}: {counts['train']} train, {counts['val']} val images, "
           f"{manifest['num_classes']} classes, {manifest['image_size']}x{manifest['image_size']} RGB")
+    return 0
+
+
+def _from_idx(args: argparse.Namespace) -> int:
+    classes = args.classes.split(",") if args.classes is not None else None
+    manifest = idx_to_folder(args.src, args.dst, classes=classes, limit_train=args.limit_train,
+                             limit_val=args.limit_val, seed=args.seed)
+    counts, (rows, cols) = manifest["counts"], manifest["image_size"]
+    print(f"{args.dst}: {counts['train']} train, {counts['val']} val images, {len(manifest['classes'])} classes "
+          f"({', '.join(manifest['classes'].values())}), {rows}x{cols} grayscale PNG")
     return 0
 
 
@@ -38,6 +51,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--val-fraction", type=float, default=0.2, help="share of each class in val/ (default 0.2)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     demo.set_defaults(func=_demo)
+
+    idx = commands.add_parser("from-idx", help="write IDX files (MNIST, Fashion-MNIST, ...) as an image folder")
+    idx.add_argument("src", help="directory holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                     "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (each plain or .gz); t10k becomes val/")
+    idx.add_argument("dst", help="dataset root to create (train/<class>/*.png, val/<class>/*.png; must not hold files)")
+    idx.add_argument("--classes", metavar="NAMES",
+                     help="comma-separated class folder names in label order (default: the label numbers)")
+    idx.add_argument("--limit-train", type=at_least(1), metavar="N",
+                     help="keep N training images, the same number per class (default: all)")
+    idx.add_argument("--limit-val", type=at_least(1), metavar="N",
+                     help="keep N validation images, the same number per class (default: all)")
+    idx.add_argument("--seed", type=int, default=0, help="seed of the subsets (default 0)")
+    idx.set_defaults(func=_from_idx)
 
     convert = commands.add_parser("to-parquet", help="convert a folder dataset into Parquet shards")
     convert.add_argument("src", help="folder dataset root (train/<class>/*, val/<class>/*): a path or URI (s3://...)")

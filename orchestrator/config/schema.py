@@ -176,6 +176,14 @@ class SearchConfig(_Section):
     abits: list[int] | None = Field(None, description="Activation candidates; default: indicators.bits.")
     latency_table: str | None = Field(None, description="CSV or JSON rows: layer, wbits, abits, ms.")
     budgets: list[Budget] = Field(default_factory=list)
+    scores: Literal["limpq", "hessian"] = Field(
+        "limpq", description="What the ILP weighs: limpq, the learned step sizes of joint indicator training; "
+        "hessian, HAWQ-style Hessian-trace sensitivities of the FP weights and layer inputs at each candidate bit "
+        "(docs/method.md), computed at the start of the sweep. Same ILP, budgets and alpha (1 weighs the hessian "
+        "weight and activation terms equally).")
+    hessian_batches: int = Field(4, ge=1, description="With scores hessian: training batches the traces average over.")
+    hessian_samples: int = Field(4, ge=1, description="With scores hessian: Hutchinson (Rademacher) vectors per batch; "
+                                 "each costs about 2 x (searchable layers) backward passes.")
 
     _bits = field_validator("wbits", "abits")(_check_bits)
 

@@ -25,6 +25,7 @@ from orchestrator.data.layout import DatasetIndex
 from orchestrator.distributed.capacity import cluster_capacity
 from orchestrator.distributed.interrupts import run_off_main_thread
 from orchestrator.distributed.runtime import ensure_ray, started_local_ray
+from orchestrator.distributed.scores import search_scores
 from orchestrator.tracking.stages import StageOutput
 from orchestrator.distributed.summary import log_summary, trial_rows
 from orchestrator.distributed.train import storage_path
@@ -34,12 +35,11 @@ from orchestrator.distributed.trial import (
     sweep_trial,
     trial_specs,
 )
-from orchestrator.search.indicators import load_indicators
 from orchestrator.search.costs import CostTable
 from orchestrator.checks.stage_keys import StageKeys
 from orchestrator.tracking.runs import TAG_ROOT, Tracker
 from orchestrator.train.checkpoint import load_checkpoint
-from orchestrator.train.stages import FP_FILE, INDICATORS_FILE, JOINT_FILE
+from orchestrator.train.stages import FP_FILE, JOINT_FILE
 
 log = logging.getLogger("limpq")
 
@@ -118,7 +118,7 @@ def run_sweep(cfg: PipelineConfig, dataset: DatasetIndex, costs: CostTable, trac
         inputs = SweepInputs(
             cfg=cfg, dataset=dataset, costs=costs, tracker=tracker, sweep_key=keys.sweep, sweep_run_id=sweep.run_id,
             root_run_id=root_run_id,
-            indicators=load_indicators(indicators.file(INDICATORS_FILE)),
+            indicators=search_scores(cfg, dataset, tracker, sweep.run_id, fp, indicators),
             fp_weights=load_checkpoint(fp.file(FP_FILE))["model"],
             joint_weights=load_checkpoint(indicators.file(JOINT_FILE))["model"]
             if cfg.finetune.init_from_indicators or cfg.finetune.epochs == 0 else None,
