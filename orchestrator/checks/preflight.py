@@ -379,6 +379,7 @@ def _check_data(cfg: PipelineConfig) -> DatasetIndex | None:
         return None
     index = index_dataset(cfg.data)
     check_dataset(index, cfg.model.num_classes)
+    _check_class_count(cfg, index)
     workers, batch = cfg.ray.num_workers, cfg.data.batch_size
     for stage, recipe in _training_stages(cfg):
         samples = index.count("train", recipe.train_fraction, cfg.seed)
@@ -395,3 +396,16 @@ def _check_data(cfg: PipelineConfig) -> DatasetIndex | None:
                 f"an epoch would have no step; lower data.batch_size to {max(share, 1)} or less, or raise "
                 f"{stage}.train_fraction")
     return index
+
+
+def _check_class_count(cfg: PipelineConfig, index: DatasetIndex) -> None:
+    """The classifier has one output per class of the dataset: more would train logits no label ever
+    asks for (and report accuracy over classes that are not there); one class is no classification."""
+    train = index.splits["train"]
+    classes = len(index.classes) if index.classes is not None else max(train.labels) + 1
+    if classes < 2:
+        raise ConfigError(f"data.path: {train.location} holds one class, and a classifier needs at least two; add "
+                          "the images of the other classes")
+    if classes != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {train.location} holds {classes} classes; "
+                          f"set model.num_classes: {classes}")

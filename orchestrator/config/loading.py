@@ -13,9 +13,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.config.schema import PipelineConfig
+from orchestrator.config.schema import MAX_BUDGETS, PipelineConfig
 from orchestrator.common.errors import ConfigError, UserError
 from orchestrator.common.fileio import readable_file
+
+# A config of MAX_BUDGETS budgets in block style is well under this; parsing YAML takes seconds per MiB.
+MAX_CONFIG_BYTES = 2 * 2**20
 
 
 def _format_error(source: str, error: ValidationError, overridden: tuple[str, ...] = ()) -> str:
@@ -83,6 +86,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         path = readable_file(path, "config file")
     except UserError as error:
         raise ConfigError(str(error)) from None
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size / 2**20:.1f} MiB, above the limit of {MAX_CONFIG_BYTES // 2**20} MiB for a "
+                          f"config file (search.budgets holds at most {MAX_BUDGETS:,}); is this the config file? "
+                          "split its budgets over several configs")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
