@@ -310,10 +310,10 @@ def trace_model(model: nn.Module, input_size: int, num_classes: int | None = Non
     finally:
         for handle in handles:
             handle.remove()
-    _check_logits(model, output, num_classes)
     if not order:
         raise UserError(f"model.arch: {type(model).__name__} runs no Conv2d or Linear module, so nothing of it "
                         "can be quantized; build its layers from torch.nn.Conv2d and torch.nn.Linear")
+    _check_logits(model, output, num_classes)
     layers = tuple(LayerInfo(name=name, bn_name=bn_of.get(name), **records[name]) for name in order)
     float_ops = tuple(FloatOp(name, kind, macs, params, tie) for (name, kind), (macs, params, tie)
                       in recorder.ops.items() if macs > 0)
@@ -387,7 +387,8 @@ def _forward_at_batch_one(model: nn.Module, input_size: int, mode: TorchDispatch
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        device = next(model.parameters()).device
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         with mode:
             return model(torch.zeros(1, 3, input_size, input_size, device=device))
     finally:
