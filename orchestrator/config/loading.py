@@ -6,6 +6,7 @@ Layer-neutral: pydantic and yaml only.
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,16 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+_LIST_INDEX = re.compile(r"\[(\d+)\]")
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings (the CLI's `--set`), VALUE in YAML syntax, as {dotted key: value}."""
+    """`KEY=VALUE` strings (the CLI's `--set`), VALUE in YAML syntax, as {dotted key: value}; a list
+    item is `KEY.N` or `KEY[N]`."""
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
-        key = key.strip()
+        key = _LIST_INDEX.sub(r".\1", key.strip())  # search.budgets[0].name, as errors print it, is search.budgets.0.name
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. --set indicators.epochs=1")
         try:
