@@ -71,9 +71,9 @@ def preflight(cfg: PipelineConfig, *, sweep: bool = True,
     _check_bits(cfg)
     _check_resources(cfg)
     _check_compile(cfg)
-    _check_services(cfg)
     if cluster_resources is not None:
         check_cluster_resources(cfg, cluster_resources)
+    _check_services(cfg)
     costs = _check_model(cfg)
     _check_latency(cfg, costs)
     if sweep:
