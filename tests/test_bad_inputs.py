@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -130,6 +131,35 @@ def _parquet_with_an_empty_class(workdir: Path) -> None:
             labels = [2 if label == 1 else label for label in table.column("label").to_pylist()]
             pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
                                             __import__("pyarrow").array(labels)), shard)
+
+
+def _module(workdir: Path, name: str, source: str) -> None:
+    """workdir/<name>.py: a user's model module (torch and nn imported)."""
+    (workdir / f"{name}.py").write_text("import torch\nfrom torch import nn\n\n" + source)
+
+
+LINEAR_HEAD = """
+class Head(nn.Module):
+    def __init__(self, outputs):
+        super().__init__()
+        self.fc = nn.Linear(3, outputs)
+
+    def forward(self, x):
+        return {result}
+"""
+
+
+def _head_module(workdir: Path, name: str, result: str, outputs: str = "num_classes") -> None:
+    """A model whose forward returns `result` (an expression of x and self.fc), built by name:build."""
+    _module(workdir, name, LINEAR_HEAD.format(result=result) + f"\n\ndef build(num_classes):\n    return Head({outputs})\n")
+
+
+def _budgets_config(workdir: Path, digits: Path, count: int) -> None:
+    """workdir/config.yaml with `count` budgets in block style, written without PyYAML (it is big)."""
+    _config(workdir, digits, search={"budgets": []})
+    text = (workdir / "config.yaml").read_text()
+    budgets = "".join(f"  - bitops_g: {0.05 + index * 1e-7:.7f}\n" for index in range(count))
+    (workdir / "config.yaml").write_text(text.replace("  budgets: []\n", "  budgets:\n" + budgets))
 
 
 def _cases(digits: Path, black_hole: str) -> list[Case]:
@@ -258,6 +288,105 @@ def _cases(digits: Path, black_hole: str) -> list[Case]:
              lambda workdir, env: (_config(workdir, digits), _policy(workdir, input_size=224))),
         Case("evaluate a bit-width not trained", ["evaluate", "--config", "config.yaml", "--uniform", "8"],
              "uniform-W8A8: layer layer1.0.conv1 asks for W8A8", lambda workdir, env: _config(workdir, digits)),
+        # issue 26: tracking stores, checked before work and never written into
+        Case("tracking store an empty file", ["config", "validate", "config.yaml"],
+             "mlflow.tracking_uri: empty.db is an empty file, not an MLflow database",
+             lambda workdir, env: ((workdir / "empty.db").touch(),
+                                   _config(workdir, digits, mlflow={"tracking_uri": "sqlite:///empty.db"}))),
+        Case("tracking store a text file", ["evaluate", "--config", "config.yaml", "--uniform", "3"],
+             "MLFLOW_TRACKING_URI: notes.txt is not an SQLite database, not an MLflow database",
+             lambda workdir, env: ((workdir / "notes.txt").write_text("my notes\n"), _config(workdir, digits)),
+             env={"MLFLOW_TRACKING_URI": "sqlite:///notes.txt"}),
+        Case("tracking store another program's database", ["run", "--config", "config.yaml"],
+             "mlflow.tracking_uri: other.db is an SQLite database but not an MLflow store",
+             lambda workdir, env: (__import__("sqlite3").connect(workdir / "other.db").execute(
+                 "create table accounts (id integer)").connection.commit(),
+                 _config(workdir, digits, mlflow={"tracking_uri": "sqlite:///other.db"}))),
+        Case("tracking uri not a store", ["indicators", "train", "--config", "config.yaml"],
+             "mlflow.tracking_uri: 'ftp://127.0.0.1/mlflow' is not an MLflow tracking store",
+             config(mlflow={"tracking_uri": "ftp://127.0.0.1/mlflow"})),
+        Case("tracking store in a missing directory", ["config", "validate", "config.yaml"],
+             "mlflow.tracking_uri: the directory nowhere of the new MLflow database mlflow.db does not exist",
+             config(mlflow={"tracking_uri": "sqlite:///nowhere/mlflow.db"})),
+        # the Ray address answers, but not as Ray
+        Case("ray address not Ray", ["run", "--config", "config.yaml"],
+             f"ray.address: {black_hole} answers, but not as a Ray cluster (no gRPC answer within",
+             config(ray={"address": black_hole})),
+        # the trial forward: one input, one (N, num_classes) tensor, Conv2d/Linear layers
+        Case("model returns a tuple", ["config", "validate", "config.yaml"],
+             "model.arch: Head.forward returns a tuple, not one logits tensor of shape (N, model.num_classes)",
+             lambda workdir, env: (_head_module(workdir, "tuple_head", "self.fc(x.mean((2, 3))), x"),
+                                   _config(workdir, digits, model={"arch": "tuple_head:build"},
+                                           fp={"epochs": 1}))),
+        Case("model returns a dict", ["run", "--config", "config.yaml"],
+             "model.arch: Head.forward returns a dict",
+             lambda workdir, env: (_head_module(workdir, "dict_head", "{'logits': self.fc(x.mean((2, 3)))}"),
+                                   _config(workdir, digits, model={"arch": "dict_head:build"}))),
+        Case("model returns 3-D logits", ["config", "validate", "config.yaml"],
+             "model.arch: Head.forward returns a tensor of shape (1, 16, 10) for one image",
+             lambda workdir, env: (_head_module(workdir, "map_head", "self.fc(x.mean(3).transpose(1, 2))"),
+                                   _config(workdir, digits, model={"arch": "map_head:build"}))),
+        Case("model returns 3 logits for 10 classes", ["run", "--config", "config.yaml"],
+             "model.num_classes: 10, but Head.forward returns 3 logits per image; set model.num_classes: 3",
+             lambda workdir, env: (_head_module(workdir, "three_head", "self.fc(x.mean((2, 3)))", outputs="3"),
+                                   _config(workdir, digits, model={"arch": "three_head:build"}))),
+        Case("model forward takes two inputs", ["model", "info", "--arch", "two_inputs:build", "--input-size", "16"],
+             "model.arch: Pair.forward takes 2 inputs (x, mask), but the pipeline passes one image batch",
+             lambda workdir, env: _module(workdir, "two_inputs", "class Pair(nn.Module):\n    def __init__(self):\n"
+                                          "        super().__init__()\n        self.fc = nn.Linear(3, 10)\n\n"
+                                          "    def forward(self, x, mask):\n        return self.fc(x.mean((2, 3)) * mask)\n"
+                                          "\n\ndef build(num_classes):\n    return Pair()\n")),
+        Case("model without Conv2d or Linear: check", ["model", "check", "--arch", "no_layers:build", "--input-size",
+                                                       "16", "--num-classes", "3"],
+             "model.arch: Flatten runs no Conv2d or Linear module, so nothing of it can be quantized",
+             lambda workdir, env: _module(workdir, "no_layers", "def build(num_classes):\n    return nn.Flatten()\n")),
+        Case("model without Conv2d or Linear: info", ["model", "info", "--arch", "no_layers_info:build",
+                                                      "--input-size", "16"],
+             "model.arch: Sequential runs no Conv2d or Linear module",
+             lambda workdir, env: _module(workdir, "no_layers_info", "def build(num_classes):\n    return "
+                                          "nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")),
+        Case("model kwargs repeat num_classes", ["config", "validate", "config.yaml"],
+             "model.kwargs: 'num_classes' is set by model.num_classes (--num-classes); remove it from model.kwargs",
+             config(model={"kwargs": {"num_classes": 10}})),
+        Case("model kwargs repeat num_classes on the command line", ["search", "--indicators", "ind.json",
+                                                                     "--model", "resnet18", "--bitops-budget", "1",
+                                                                     "--model-kwargs", '{"num_classes": 5}'],
+             "model.kwargs: 'num_classes' is set by model.num_classes", lambda workdir, env: _indicators(workdir)),
+        # classes of the dataset against model.num_classes
+        Case("1000 classes on 10-class data", ["config", "validate", "config.yaml"],
+             "model.num_classes: 1000, but ", config(model={"num_classes": 1000})),
+        Case("a dataset of one class", ["run", "--config", "config.yaml"], "holds one class, and a classifier needs",
+             lambda workdir, env: (write_tiny_folder(workdir / "one", classes=1, per_class=8),
+                                   _config(workdir, digits, data={"path": "one", "batch_size": 2},
+                                           model={"num_classes": 2}))),
+        # limits stated in the error, before the file is parsed
+        Case("more budgets than a config holds", ["config", "validate", "config.yaml"],
+             "search.budgets: 10,001 budgets, above the limit of 10,000 per config",
+             lambda workdir, env: _budgets_config(workdir, digits, 10_001)),
+        Case("a config file of megabytes", ["run", "--config", "config.yaml"],
+             "config.yaml: 2.7 MiB, above the limit of 2 MiB for a config file",
+             lambda workdir, env: _budgets_config(workdir, digits, 120_000)),
+        # a user's module that exits, parses the command line or shadows the standard library
+        Case("model module exits at import", ["config", "validate", "config.yaml"],
+             "model.arch: importing exits_at_import raised SystemExit('no GPU here') (at exits_at_import.py:5)",
+             lambda workdir, env: (_module(workdir, "exits_at_import", "import sys\nsys.exit('no GPU here')\n"),
+                                   _config(workdir, digits, model={"arch": "exits_at_import:build"}))),
+        Case("model module parses arguments at import", ["model", "info", "--arch", "parses_argv:build",
+                                                         "--input-size", "16"],
+             "model.arch: importing parses_argv raised SystemExit(2) (at parses_argv.py:8) after printing "
+             "'parses_argv: error: the following arguments are required: --data'",
+             lambda workdir, env: _module(workdir, "parses_argv", "import argparse\nprint('building')\n"
+                                          "parser = argparse.ArgumentParser()\nparser.add_argument('--data', "
+                                          "required=True)\nparser.parse_args()\n")),
+        Case("model module named like the standard library", ["config", "validate", "config.yaml"],
+             "model.arch: 'random' is a module of Python's standard library, which Python imports instead",
+             lambda workdir, env: (_head_module(workdir, "random", "self.fc(x.mean((2, 3)))"),
+                                   _config(workdir, digits, model={"arch": "random:build"}))),
+        # --set in the notation the errors print
+        Case("--set with a list index in brackets", ["config", "validate", "config.yaml", "--set",
+                                                     "search.budgets[0].bitops_g=-1"],
+             "--set: search.budgets.0.bitops_g: Input should be greater than 0", lambda workdir, env: _config(
+                 workdir, digits)),
     ]
 
 
@@ -276,8 +405,10 @@ def test_bad_input_is_one_line_before_any_work(index: int, digits_slice: Path, b
         monkeypatch.delenv(key, raising=False)
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # a user's module's __pycache__ is Python's, not ours
     case.setup(workdir, case.env)
     before = {path.name for path in workdir.iterdir()}
+    contents = {path.name: path.read_bytes() for path in workdir.iterdir() if path.is_file()}
     capsys.readouterr()
     started = time.monotonic()
     try:
@@ -294,6 +425,7 @@ def test_bad_input_is_one_line_before_any_work(index: int, digits_slice: Path, b
     assert not ray.is_initialized()
     assert {path.name for path in workdir.iterdir()} - before == set(), "the command created files"
     assert not [name for name in LEFT_BY_A_RUN if (workdir / name).exists() and name not in before]
+    assert {name: (workdir / name).read_bytes() for name in contents} == contents, "the command changed a file"
 
 
 def test_config_with_numerics_on_is_another_stage(digits_slice: Path) -> None:

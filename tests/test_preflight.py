@@ -233,8 +233,8 @@ def test_cluster_resources_rule(tmp_path: Path, digits_slice: Path, monkeypatch:
     with pytest.raises(ConfigError, match=r"ray.use_gpu: 2 workers x ray.gpus_per_worker 1 need 2 GPUs, but the cluster "
                                           r"offers at most 1"):
         check_cluster_resources(cfg, {"CPU": 8, "GPU": 1})
-    # Through preflight: a cluster (RAY_ADDRESS; something listens there) without GPUs now and no
-    # autoscaler to add them.
+    # Through preflight: a cluster (RAY_ADDRESS) without GPUs now and no autoscaler to add them,
+    # refused before its address is probed.
     with socket.create_server(("127.0.0.1", 0)) as listener:
         monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{listener.getsockname()[1]}")
         with pytest.raises(ConfigError, match="offers at most 0"):

@@ -105,6 +105,44 @@ def test_sigint_during_sweep_then_resubmission_reuses_finished_trials(tmp_path: 
         assert trials_after[name].data.metrics == trials[name].data.metrics
 
 
+def _sigterm_ends_143_with_nothing_running(process: subprocess.Popen, tmp_path: Path) -> None:
+    """SIGTERM to the driver alone (as `ray job stop` and a scheduler send it): exit 143, no native
+    abort on the console, and no run of the tree left RUNNING."""
+    process.send_signal(signal.SIGTERM)
+    assert _finish(process, 300) == 143
+    console = next(tmp_path.glob("limpq-*.log")).read_text()
+    assert "limpq: stopped by signal SIGTERM" in console and "Aborted" not in console, console[-2000:]
+    runs = _runs(tmp_path)
+    assert runs and not [run.info.run_name for run in runs if run.info.status == "RUNNING"]
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_during_indicator_training_exits_143_and_leaves_no_run_running(tmp_path: Path,
+                                                                              digits_slice: Path) -> None:
+    config = _write_config(tmp_path, digits_slice, indicators={"epochs": 20})
+    first = _start(["run", "--config", str(config)], tmp_path)
+
+    def training() -> bool:  # the Train fit is running on its helper thread
+        runs = _runs(tmp_path, "indicators")
+        return bool(runs) and "epoch" in runs[0].data.metrics
+
+    _wait_for(training, 600, first)
+    _sigterm_ends_143_with_nothing_running(first, tmp_path)
+    [indicators] = _runs(tmp_path, "indicators")
+    assert indicators.info.status == "KILLED" and "Terminated" in indicators.data.tags["limpq.error"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_sigterm_while_trials_run_exits_143_and_marks_every_trial_killed(tmp_path: Path, digits_slice: Path) -> None:
+    config = _write_config(tmp_path, digits_slice, ray={"max_concurrent_trials": 2})
+    first = _start(["run", "--config", str(config)], tmp_path)
+    _wait_for(lambda: "RUNNING" in [run.info.status for run in _runs(tmp_path, "trial")], 900, first)
+    _sigterm_ends_143_with_nothing_running(first, tmp_path)
+    assert {run.info.status for run in _runs(tmp_path, "trial")} <= {"KILLED", "FINISHED"}
+    assert [run.info.status for run in _runs(tmp_path, "sweep")] == ["KILLED"]
+
+
 @pytest.mark.timeout(1800)  # in CI: the fault-injection test
 def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(tmp_path: Path,
                                                                                digits_slice: Path) -> None:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import difflib
 import os
 import socket
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
+import grpc
 import torch
 from torchvision import models
 
@@ -35,10 +34,10 @@ from orchestrator.data.layout import (
 from orchestrator.data.storage import check_storage_uri
 from orchestrator.common.errors import ConfigError, InfeasibleError, UserError
 from orchestrator.common.fileio import readable_file
+from orchestrator.checks.tracking_store import SERVICE_TIMEOUT_S, check_tracking_store
 from orchestrator.search.indicators import Indicators
 from orchestrator.models.user_module import error_summary, is_import_path
 from orchestrator.models.info import build_configured_model
-from orchestrator.common.redact import redact
 from orchestrator.search.costs import CostTable, cost_table, float_ops_text
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.latency import load_latency_table
@@ -72,9 +71,9 @@ def preflight(cfg: PipelineConfig, *, sweep: bool = True,
     _check_bits(cfg)
     _check_resources(cfg)
     _check_compile(cfg)
-    _check_services(cfg)
     if cluster_resources is not None:
         check_cluster_resources(cfg, cluster_resources)
+    _check_services(cfg)
     costs = _check_model(cfg)
     _check_latency(cfg, costs)
     if sweep:
@@ -153,26 +152,11 @@ def _check_resources(cfg: PipelineConfig) -> None:
 
 # ------------------------------------------------------------------------------ services
 
-SERVICE_TIMEOUT_S = 10
-
-
 def _check_services(cfg: PipelineConfig) -> None:
     """The MLflow tracking server and the Ray cluster the run will use answer, within seconds: a
     server that is down would otherwise be retried for minutes after work has started."""
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    key = "mlflow.tracking_uri" if cfg.mlflow.tracking_uri else "MLFLOW_TRACKING_URI"
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVICE_TIMEOUT_S) as response:
-                response.read()
-        except urllib.error.HTTPError as error:  # it answers: up, perhaps behind an auth proxy
-            if error.code >= 500:
-                raise ConfigError(f"{key}: the MLflow server at {redact(uri)} answers {error.code} "
-                                  f"{error.reason}; check the server's log") from None
-        except (OSError, ValueError) as error:
-            reason = getattr(error, "reason", None) or error
-            raise ConfigError(f"{key}: no MLflow server answers at {redact(uri)} ({reason}); start it "
-                              "(cluster/local-up.sh starts one) or fix the URI") from None
+    check_tracking_store(uri, "mlflow.tracking_uri" if cfg.mlflow.tracking_uri else "MLFLOW_TRACKING_URI")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or ""
     key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
     if address and address not in ("auto", "local"):
@@ -186,6 +170,41 @@ def _check_services(cfg: PipelineConfig) -> None:
         except OSError as error:
             raise ConfigError(f"{key}: no Ray cluster answers at {address} ({error.strerror or error}); start it "
                               "(ray start --head, cluster/local-up.sh) or fix the address") from None
+        not_ray = _not_ray(target, ray_client=address.startswith("ray://"))
+        if not_ray:
+            raise ConfigError(f"{key}: {address} answers, but not as a Ray cluster ({not_ray}); give the address "
+                              "of its GCS (`ray start --head` prints it; port 6379 by default) or of Ray Client "
+                              "(ray://HOST:10001)")
+
+
+# Ray's GCS answers this request (an empty message) on every cluster; another gRPC server answers
+# UNIMPLEMENTED, and a server that does not speak gRPC never completes the call.
+GCS_PROBE = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+# Answers that still come from a GCS: one that asks for Ray's auth token.
+_GCS_REFUSALS = (grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def _not_ray(target: str, ray_client: bool) -> str | None:
+    """Why the gRPC server at `target` (HOST:PORT) is not Ray's GCS, or not a Ray Client server when
+    `ray_client` (which speaks gRPC too, another service); None when it is."""
+    with grpc.insecure_channel(target) as channel:
+        if ray_client:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=SERVICE_TIMEOUT_S)
+            except grpc.FutureTimeoutError:
+                return f"no gRPC answer within {SERVICE_TIMEOUT_S} s"
+            return None
+        try:
+            channel.unary_unary(GCS_PROBE)(b"", timeout=SERVICE_TIMEOUT_S)
+        except grpc.RpcError as error:
+            code = error.code()
+            if code in _GCS_REFUSALS:
+                return None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                return "a gRPC server without Ray's GCS service"
+            return f"no gRPC answer within {SERVICE_TIMEOUT_S} s" if code == grpc.StatusCode.DEADLINE_EXCEEDED \
+                else f"it does not speak gRPC: {code.name}"
+    return None
 
 
 def _check_compile(cfg: PipelineConfig) -> None:
@@ -360,6 +379,7 @@ def _check_data(cfg: PipelineConfig) -> DatasetIndex | None:
         return None
     index = index_dataset(cfg.data)
     check_dataset(index, cfg.model.num_classes)
+    _check_class_count(cfg, index)
     workers, batch = cfg.ray.num_workers, cfg.data.batch_size
     for stage, recipe in _training_stages(cfg):
         samples = index.count("train", recipe.train_fraction, cfg.seed)
@@ -376,3 +396,16 @@ def _check_data(cfg: PipelineConfig) -> DatasetIndex | None:
                 f"an epoch would have no step; lower data.batch_size to {max(share, 1)} or less, or raise "
                 f"{stage}.train_fraction")
     return index
+
+
+def _check_class_count(cfg: PipelineConfig, index: DatasetIndex) -> None:
+    """The classifier has one output per class of the dataset: more would train logits no label ever
+    asks for (and report accuracy over classes that are not there); one class is no classification."""
+    train = index.splits["train"]
+    classes = len(index.classes) if index.classes is not None else max(train.labels) + 1
+    if classes < 2:
+        raise ConfigError(f"data.path: {train.location} holds one class, and a classifier needs at least two; add "
+                          "the images of the other classes")
+    if classes != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {train.location} holds {classes} classes; "
+                          f"set model.num_classes: {classes}")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from orchestrator.common.console import setup_console
 from orchestrator.common.errors import PipelineFailed, Terminated, user_error_in
+from orchestrator.distributed.interrupts import fit_interrupted, terminate_as_exception
 
 COMMAND_MODULES = ("data", "indicators", "search", "run", "config", "submit", "evaluate", "export",
                    "model")
@@ -76,7 +77,13 @@ def run_reporting_errors(command: Callable[[], int | None]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_console()
-    return run_reporting_errors(lambda: args.func(args))
+    with terminate_as_exception():  # SIGTERM at any stage: open runs closed KILLED, exit 143
+        code = run_reporting_errors(lambda: args.func(args))
+    if code in (130, 143) and fit_interrupted():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

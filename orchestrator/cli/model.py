@@ -51,7 +51,9 @@ def model_info(arch: str, input_size: int, num_classes: int = 1000, kwargs: dict
 
     model = build_model(arch, num_classes, kwargs=kwargs)
     try:
-        trace = trace_model(model, input_size)
+        trace = trace_model(model, input_size, num_classes)
+    except UserError:
+        raise
     except Exception as error:  # a model that does not run at this size (a user's code too): one line
         raise UserError(f"--input-size: {arch} does not run at {input_size}x{input_size} "
                         f"({error_summary(error)}); choose a size it accepts") from None

@@ -23,7 +23,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = Tr
         parser.add_argument("--config", required=True, help="pipeline YAML (see jobs/configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set indicators.epochs=1 (YAML value syntax; "
-                             "list items by index: search.budgets.0.name=x)")
+                             "list items by index: search.budgets.0.name=x or search.budgets[0].name=x)")
 
 
 def load_config_from_args(args: argparse.Namespace, path: str | None = None, sweep: bool = True) -> CheckedConfig:

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from orchestrator.cli.model import at_least, model_kwargs
-from orchestrator.config.schema import Budget
+from orchestrator.config.schema import MAX_BUDGETS, Budget
 from orchestrator.common.errors import UserError
 from orchestrator.common.fileio import writable_directory, writable_file
 from orchestrator.search.indicators import load_indicators
@@ -29,7 +29,6 @@ from orchestrator.search.sweep import (
     solve_budgets,
 )
 
-MAX_SWEEP_POINTS = 10_000  # a sweep of this many budgets takes about a minute
 SWEEP_HELP = """\
 sweeps (each point is solved in-process; --out-dir gets one policy per point and sweep.csv):
   --sweep-wa 2,2 3,3 3,4          uniform-W/A BitOps budgets
@@ -105,9 +104,9 @@ def _print_table(policy, costs) -> None:
 def _search(args: argparse.Namespace) -> int:
     axes = _sweep_axes(args)
     points = math.prod(len(values) for values in axes.values())
-    if points > MAX_SWEEP_POINTS:
+    if points > MAX_BUDGETS:
         raise UserError(f"the sweep asks for {points:,} budgets (the product of its axes); at most "
-                        f"{MAX_SWEEP_POINTS:,} are solved in one command: use fewer values per axis")
+                        f"{MAX_BUDGETS:,} are solved in one command: use fewer values per axis")
     if axes and not args.out_dir:
         raise UserError("--out-dir: a sweep writes one policy per budget there; give a directory")
     if not axes and args.out_dir:

@@ -6,6 +6,7 @@ Layer-neutral: pydantic and yaml only.
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.config.schema import PipelineConfig
+from orchestrator.config.schema import MAX_BUDGETS, PipelineConfig
 from orchestrator.common.errors import ConfigError, UserError
 from orchestrator.common.fileio import readable_file
+
+# A config of MAX_BUDGETS budgets in block style is well under this; parsing YAML takes seconds per MiB.
+MAX_CONFIG_BYTES = 2 * 2**20
 
 
 def _format_error(source: str, error: ValidationError, overridden: tuple[str, ...] = ()) -> str:
@@ -83,6 +87,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         path = readable_file(path, "config file")
     except UserError as error:
         raise ConfigError(str(error)) from None
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size / 2**20:.1f} MiB, above the limit of {MAX_CONFIG_BYTES // 2**20} MiB for a "
+                          f"config file (search.budgets holds at most {MAX_BUDGETS:,}); is this the config file? "
+                          "split its budgets over several configs")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -96,12 +105,16 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+_LIST_INDEX = re.compile(r"\[(\d+)\]")
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings (the CLI's `--set`), VALUE in YAML syntax, as {dotted key: value}."""
+    """`KEY=VALUE` strings (the CLI's `--set`), VALUE in YAML syntax, as {dotted key: value}; a list
+    item is `KEY.N` or `KEY[N]`."""
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
-        key = key.strip()
+        key = _LIST_INDEX.sub(r".\1", key.strip())  # search.budgets[0].name, as errors print it, is search.budgets.0.name
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. --set indicators.epochs=1")
         try:

@@ -13,6 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Budgets one config or one `limpq search` sweep may hold: a search sweep of this many takes about a minute,
+# a pipeline runs a fine-tuning trial for each.
+MAX_BUDGETS = 10_000
+
 MIN_BITS, MAX_BITS = 2, 8
 # MLflow's characters for metric, param and tag keys (mlflow.utils.validation) less "/": a budget label
 # is a metric key (top1_<label>), a file name (policies/<label>.png) and part of Ray Train run names.
@@ -186,6 +190,14 @@ class SearchConfig(_Section):
                                  "each costs about 2 x (searchable layers) backward passes.")
 
     _bits = field_validator("wbits", "abits")(_check_bits)
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _at_most_max_budgets(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_BUDGETS:
+            raise ValueError(f"{len(value):,} budgets, above the limit of {MAX_BUDGETS:,} per config (the sweep runs "
+                             "a trial for each); split them over several configs")
+        return value
 
 
 class FinetuneConfig(RecipeConfig):

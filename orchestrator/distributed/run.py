@@ -20,7 +20,7 @@ from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import DatasetIndex, prepare_dataset
 from orchestrator.distributed.interrupts import terminate_as_exception
 from orchestrator.tracking.onnx_models import onnx_registered_name
-from orchestrator.distributed.runtime import dashboard_url
+from orchestrator.distributed.runtime import dashboard_url, stop_ray
 from orchestrator.tracking.stages import StageOutput, finished_stage, run_directory
 from orchestrator.distributed.summary import format_report, read_finished_sweep
 from orchestrator.distributed.sweep import run_sweep
@@ -90,6 +90,7 @@ def pipeline_root(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, descri
         with root:
             yield root.run_id
     except (KeyboardInterrupt, Terminated) as interrupt:
+        stop_ray()  # first: no trial or worker opens or ends a run after the runs are closed below
         killed = tracker.kill_open_runs(root.run_id, f"{type(interrupt).__name__}: {interrupt}")
         log.warning("interrupted: marked %d open run(s) KILLED", len(killed))
         raise

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import warnings
 from pathlib import Path
 
@@ -99,6 +101,9 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     # its classic output honours verbose=0 (our sweep's setting): the bars and final table say it.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # ray.init replaces the SIGTERM handler with sys.exit(15), which would skip closing the runs
+    # (orchestrator.distributed.interrupts): ours is put back once Ray is up.
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         log.info("joining Ray cluster at %s", address)
         _context = ray.init(address=address, log_to_driver=True, configure_logging=False)
@@ -115,12 +120,23 @@ def ensure_ray(cfg: PipelineConfig) -> None:
             log_to_driver=True, configure_logging=False,
             runtime_env={"env_vars": _worker_env(port), "worker_process_setup_hook": quiet_ray_internals},
         )
+    if threading.current_thread() is threading.main_thread() and sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
     log.info("logs: %s; Ray's in %s", log_file, Path(_context.address_info["session_dir"]) / "logs")
     check_versions()
     url = dashboard_url()
     if url:
         log.info("Ray dashboard (Train and Data progress while this runs): %s; if it asks for a token, "
                  "`ray get-auth-token` prints it", url)
+
+
+def stop_ray() -> None:
+    """Leave Ray (shutting down the local Ray this process started): this driver's trials, Train
+    workers and tasks end with it."""
+    global _context, _started_here
+    if ray.is_initialized():
+        ray.shutdown()
+    _context, _started_here = None, False
 
 
 def started_local_ray() -> bool:

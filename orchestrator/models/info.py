@@ -8,6 +8,7 @@ what one forward pass at batch 1 multiplies, from the shapes each layer sees.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -93,6 +94,14 @@ def build_model(arch: str, num_classes: int = 1000, weights: str | None = None,
     a user's `module:callable`, called with `num_classes=` and `kwargs`; then every weight the model
     reads functionally is made a layer module (orchestrator.models.explicit_layers)."""
     kwargs = dict(kwargs or {})
+    # arguments limpq passes itself: a second value would fail the call, far from its cause
+    reserved = {"num_classes": "model.num_classes (--num-classes)"}
+    if not is_import_path(arch):
+        reserved["weights"] = "fp.weights"
+    for key, setting in reserved.items():
+        if key in kwargs:
+            raise UserError(f"model.kwargs: {key!r} is set by {setting}; remove it from model.kwargs "
+                            "(--model-kwargs)")
     if is_import_path(arch):
         if weights:
             raise UserError(f"fp.weights: torchvision weights need a torchvision model.arch, not {arch}; "
@@ -209,12 +218,17 @@ def _storage_key(tensor: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
+def trace_model(model: nn.Module, input_size: int, num_classes: int | None = None) -> ModelTrace:
     """Run one eval-mode forward at batch 1 and `input_size` and record every Conv2d/Linear module call
     in execution order (a module called more than once is listed at its first call, its MACs summed
     over the calls) and every other multiply (FloatOp). Names are module names without a DDP
     `module.` prefix. torch's fused attention fast paths are off during the trace, so the ops it
-    records are those of the training forward."""
+    records are those of the training forward.
+
+    What the pipeline cannot train is a UserError naming model.arch: a forward that takes more than
+    one input, an output that is not one (1, C) logits tensor (C = `num_classes` when given), a model
+    with no Conv2d/Linear layer to quantize."""
+    _check_single_input(model)
     records: dict[str, dict] = {}
     order: list[str] = []
     # id(output) -> (output, layer): holding the output keeps its id from being reused by a later tensor
@@ -292,14 +306,48 @@ def trace_model(model: nn.Module, input_size: int) -> ModelTrace:
         elif isinstance(module, nn.BatchNorm2d):
             handles.append(module.register_forward_pre_hook(bn_hook(clean)))
     try:
-        _forward_at_batch_one(model, input_size, recorder)
+        output = _forward_at_batch_one(model, input_size, recorder)
     finally:
         for handle in handles:
             handle.remove()
+    if not order:
+        raise UserError(f"model.arch: {type(model).__name__} runs no Conv2d or Linear module, so nothing of it "
+                        "can be quantized; build its layers from torch.nn.Conv2d and torch.nn.Linear")
+    _check_logits(model, output, num_classes)
     layers = tuple(LayerInfo(name=name, bn_name=bn_of.get(name), **records[name]) for name in order)
     float_ops = tuple(FloatOp(name, kind, macs, params, tie) for (name, kind), (macs, params, tie)
                       in recorder.ops.items() if macs > 0)
     return ModelTrace(layers, float_ops)
+
+
+def _check_single_input(model: nn.Module) -> None:
+    """The pipeline feeds a model one image batch: a forward that needs more is refused before it runs
+    (it would fail on the missing argument, which reads as a wrong input size)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a signature Python can read: left to the trace
+        return
+    required = [p.name for p in parameters if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(required) > 1:
+        raise UserError(f"model.arch: {type(model).__name__}.forward takes {len(required)} inputs "
+                        f"({', '.join(required)}), but the pipeline passes one image batch; give the model a "
+                        "forward(x) (e.g. a wrapper module that supplies the others)")
+
+
+def _check_logits(model: nn.Module, output: Any, num_classes: int | None) -> None:
+    """The forward of a batch of one returned one (1, C) logits tensor, C = `num_classes` when given."""
+    name = type(model).__name__
+    if not isinstance(output, torch.Tensor):
+        raise UserError(f"model.arch: {name}.forward returns a {type(output).__name__}, not one logits tensor of "
+                        "shape (N, model.num_classes); return the logits alone")
+    if output.dim() != 2 or output.shape[0] != 1:
+        raise UserError(f"model.arch: {name}.forward returns a tensor of shape {tuple(output.shape)} for one image, "
+                        "not logits of shape (N, model.num_classes); pool or flatten it to (N, model.num_classes)")
+    if num_classes is not None and output.shape[1] != num_classes:
+        raise UserError(f"model.num_classes: {num_classes}, but {name}.forward returns {output.shape[1]} logits per "
+                        f"image; set model.num_classes: {output.shape[1]}, or make its classifier give "
+                        f"num_classes outputs")
 
 
 def trace_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
@@ -330,17 +378,19 @@ def split_layers(layers: list[LayerInfo], fixed_names: list[str] | None = None) 
     return [la for la in layers if la.name not in fixed], [la for la in layers if la.name in fixed]
 
 
-def _forward_at_batch_one(model: nn.Module, input_size: int, mode: TorchDispatchMode) -> None:
+def _forward_at_batch_one(model: nn.Module, input_size: int, mode: TorchDispatchMode) -> Any:
     """One eval-mode forward of a zero image batch of 1 under `mode`, torch's fused attention fast paths
-    off (they bypass the modules); the model's mode and the fast-path setting are restored after."""
+    off (they bypass the modules), and its output; the model's mode and the fast-path setting are
+    restored after."""
     was_training = model.training
     fast_path = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        device = next(model.parameters()).device
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         with mode:
-            model(torch.zeros(1, 3, input_size, input_size, device=device))
+            return model(torch.zeros(1, 3, input_size, input_size, device=device))
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
         model.train(was_training)

@@ -15,15 +15,19 @@ torch is imported only where a model is built: the search reads cached cost tabl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
+import io
 import os
 import re
 import sys
+import sysconfig
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.common.errors import UserError
@@ -40,13 +44,13 @@ def is_import_path(arch: str) -> bool:
 
 
 def _where(error: BaseException) -> str:
-    """` (at file:line)` of the innermost frame that raised outside torch, torchvision and this package
-    (the user's own line), else of the innermost one."""
+    """` (at file:line)` of the innermost frame that raised outside torch, torchvision, this package and
+    the standard library (the user's own line), else of the innermost one."""
     frames = traceback.extract_tb(error.__traceback__)
     if not frames:
         return ""
     libraries = tuple(str(Path(sys.modules[name].__file__).parent) for name in ("torch", "torchvision", "orchestrator")
-                      if name in sys.modules)
+                      if name in sys.modules) + (sysconfig.get_paths()["stdlib"],)
     frame = next((f for f in reversed(frames) if not f.filename.startswith(libraries)), frames[-1])
     return f" (at {Path(frame.filename).name}:{frame.lineno})"
 
@@ -67,18 +71,15 @@ def load_factory(path: str) -> Callable[..., Any]:
         raise UserError(f"model.arch: {path!r} is not an import path; write package.module:callable, "
                         "e.g. mymodels:build_net")
     module_name, _, attribute = path.partition(":")
+    top = module_name.partition(".")[0]
     cwd = os.getcwd()
+    if top in sys.stdlib_module_names:
+        raise UserError(f"model.arch: {top!r} is a module of Python's standard library, which Python imports "
+                        f"instead of a file of yours with that name (e.g. {top}.py in {cwd}); rename your module, "
+                        f"e.g. my_{top}.py, and write model.arch: my_{top}:{attribute}")
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and module_name.startswith(error.name):  # the module itself, not one it imports
-            raise UserError(f"model.arch: no module named {error.name!r} (looked in {cwd} and sys.path); run "
-                            f"from the directory holding it or add that directory to PYTHONPATH") from None
-        raise UserError(f"model.arch: importing {module_name} failed: {error_summary(error)}") from None
-    except Exception as error:  # the user's module raised while importing: report it on one line
-        raise UserError(f"model.arch: importing {module_name} failed: {error_summary(error)}") from None
+    module = _import_isolated(module_name, cwd)
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -89,6 +90,32 @@ def load_factory(path: str) -> Callable[..., Any]:
     return target
 
 
+def _import_isolated(module_name: str, cwd: str) -> ModuleType:
+    """Import a user's module as if it were the program (sys.argv is just its name), with what it
+    prints at import kept off the console: a module that parses the command line, prints or exits
+    when imported must not read limpq's arguments or end limpq; what it did is one UserError."""
+    printed = io.StringIO()
+    argv = sys.argv
+    sys.argv = [module_name]
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):  # the module itself, not one it imports
+            raise UserError(f"model.arch: no module named {error.name!r} (looked in {cwd} and sys.path); run "
+                            f"from the directory holding it or add that directory to PYTHONPATH") from None
+        raise UserError(f"model.arch: importing {module_name} failed: {error_summary(error)}") from None
+    except SystemExit as error:  # sys.exit(), or argparse refusing the (empty) command line
+        said = printed.getvalue().strip().splitlines()
+        raise UserError(f"model.arch: importing {module_name} raised SystemExit({error.code!r}){_where(error)}"
+                        f"{f' after printing {said[-1]!r}' if said else ''}; a model module must not exit or parse "
+                        "the command line when imported: move that under `if __name__ == \"__main__\":`") from None
+    except Exception as error:  # the user's module raised while importing: report it on one line
+        raise UserError(f"model.arch: importing {module_name} failed: {error_summary(error)}") from None
+    finally:
+        sys.argv = argv
+
+
 def build_user_model(path: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     """Call the factory of `path` with `num_classes=` and `kwargs`; it must return an nn.Module."""
     from torch import nn
@@ -96,7 +123,7 @@ def build_user_model(path: str, num_classes: int, kwargs: dict[str, Any]) -> nn.
     factory = load_factory(path)
     try:
         model = factory(num_classes=num_classes, **kwargs)
-    except Exception as error:  # the user's code: one line naming the call
+    except (Exception, SystemExit) as error:  # the user's code: one line naming the call
         arguments = ", ".join([f"num_classes={num_classes}"] + [f"{key}={value!r}" for key, value in kwargs.items()])
         raise UserError(f"model.arch: {path}({arguments}) raised {error_summary(error)}; its "
                         "arguments are num_classes and model.kwargs") from None

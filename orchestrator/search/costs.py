@@ -260,5 +260,5 @@ def _trace(model: str, input_size: int, num_classes: int, kwargs: dict[str, Any]
     key = (model, input_size, num_classes, json.dumps(kwargs, sort_keys=True, default=str),
            source_digest(model) if is_import_path(model) else "")
     if key not in _traces:
-        _traces[key] = trace_model(build_model(model, num_classes=num_classes, kwargs=kwargs), input_size)
+        _traces[key] = trace_model(build_model(model, num_classes=num_classes, kwargs=kwargs), input_size, num_classes)
     return _traces[key]

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from orchestrator.config.schema import Budget
+from orchestrator.config.schema import MAX_BUDGETS, Budget
 from orchestrator.common.errors import InfeasibleError, UserError
 from orchestrator.common.fileio import write_text_atomic
 from orchestrator.search.ilp import BUDGET_FIELDS, Searcher
@@ -49,6 +49,9 @@ def parse_values(tokens: list[str], flag: str) -> list[float]:
             raise UserError(f"{flag}: {token!r} is neither a number nor START:STOP:COUNT") from None
         if count < 1:
             raise UserError(f"{flag}: {token!r} asks for {count} values")
+        if count > MAX_BUDGETS:  # refused before a list of that many values is built
+            raise UserError(f"the sweep asks for {count:,} budgets ({flag} {token}); at most {MAX_BUDGETS:,} are "
+                            "solved in one command: use fewer values per axis")
         step = 0.0 if count == 1 else (stop - start) / (count - 1)
         values.extend(start + i * step for i in range(count))
     bad = [v for v in values if not (math.isfinite(v) and v > 0)]
