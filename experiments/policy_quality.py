@@ -147,7 +147,7 @@ def val_batches(cfg: PipelineConfig, dataset: DatasetIndex, samples: int | None 
 
 
 def calibration_batches(cfg: PipelineConfig, dataset: DatasetIndex, count: int) -> list:
-    """The BN recalibration batches one-shot scoring uses (`score_on_datasets`), decoded once."""
+    """The BN recalibration batches one-shot scoring uses (`ScoringData.calibration`), decoded once."""
     train, _ = build_datasets(dataset, transforms_for(cfg.data, cfg.model.input_size), cfg.model.num_classes,
                               cfg.seed, cfg.indicators.train_fraction)
     return list(loader_batches(train, cfg.data.batch_size, cfg.seed, count, shuffle=True))

@@ -149,6 +149,13 @@ def test_method_layer_loads_without_ray_or_mlflow() -> None:
     assert not set(ORCHESTRATION) & loaded
 
 
+def test_tracking_loads_without_ray() -> None:
+    """MLflow work, compat's MLflow helpers included, runs in processes that never start Ray (`limpq
+    export`, a look at finished runs): compat imports Ray's internals inside its Ray functions."""
+    modules = [name for name in _modules() if name.startswith(("orchestrator.tracking", "orchestrator.compat"))]
+    assert "ray" not in _loaded_after("\n".join(f"import {module}" for module in modules))
+
+
 def test_dataset_checks_do_not_import_torch() -> None:
     """The preflight checks run before every entry point: listing and footers only."""
     loaded = _loaded_after("import orchestrator.data.layout, orchestrator.data.storage, orchestrator.data.convert")

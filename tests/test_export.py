@@ -147,6 +147,7 @@ def test_what_onnx_qdq_cannot_express_is_one_user_error_naming_the_layer_or_oper
 
 def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: Path) -> None:
     from orchestrator.config.schema import PipelineConfig
+    from orchestrator.tracking.models import ModelRecord
     from orchestrator.tracking.onnx_models import TAG_ONNX_CHECK, log_trial_onnx
 
     cfg = PipelineConfig.model_validate({"name": "wide", "data": {"path": str(tmp_path)},
@@ -156,7 +157,8 @@ def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     quantize_model(model, policy={"2": (10, 4), "4": (4, 4)}, input_size=10)
-    log_trial_onnx(cfg, None, tracker, run_id, model, torch.zeros(1, 3, 10, 10), "wide-resnet18", {}, ["best-top1"], 0)
+    log_trial_onnx(tracker, run_id, model, torch.zeros(1, 3, 10, 10), val=[],
+                   pytorch=ModelRecord("wide-resnet18", tags={}, aliases=("best-top1",), step=0))
     assert tracker.client.get_run(run_id).data.tags[TAG_ONNX_CHECK].startswith("not exported: layer 2: 10-bit weights")
     assert not tracker.client.search_model_versions("name = 'wide-resnet18-onnx'")
 

@@ -105,8 +105,8 @@ def _final_metric(config: Path, key: str) -> float:
 
     cfg = load_config(config).with_absolute_paths()
     tracker = Tracker.from_config(cfg)
-    key = stage_keys(cfg, index_dataset(cfg.data).fingerprint).indicators
-    run_id = finished_stage(cfg, tracker, "indicators", key).run_id
+    stage_key = stage_keys(cfg, index_dataset(cfg.data).fingerprint).indicators
+    run_id = finished_stage(cfg, tracker, "indicators", stage_key).run_id
     history = tracker.client.get_metric_history(run_id, key)
     return max(history, key=lambda m: m.step).value
 

@@ -25,7 +25,7 @@ from pipelines import tiny_config
 
 from orchestrator.config.schema import PipelineConfig
 from orchestrator.distributed.run import run_pipeline
-from orchestrator.distributed.trial import registered_model_name
+from orchestrator.tracking.models import registered_model_name
 from orchestrator.models.info import build_model
 from orchestrator.checks.preflight import preflight
 from orchestrator.quant.surgery import quantize_model

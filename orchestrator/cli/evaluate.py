@@ -30,12 +30,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.recalibrate_batches = cfg.finetune.bn_recalibration_batches
     if args.recalibrate_batches < 0:
         raise UserError(f"--recalibrate-batches must be >= 0, got {args.recalibrate_batches}")
-    from orchestrator.distributed.evaluate import score_with_joint_model
+    from orchestrator.distributed.evaluate import score_with_finished_joint_model
 
     names = checked.costs.names  # the searchable layers, as the joint model holds them
     labelled = [(value, _fitting_policy(value, cfg)) if kind == "policy" else
                 (uniform_label(value), {name: (value, value) for name in names}) for kind, value in args.scored]
-    rows = score_with_joint_model(checked, labelled, args.recalibrate_batches)
+    rows = score_with_finished_joint_model(checked, labelled, args.recalibrate_batches)
     if args.json:
         keys = ("policy", "bitops_g", "size_mb", "top1", "samples")
         json.dump([{key: row[key] for key in keys} for row in rows], sys.stdout, indent=1)

@@ -77,7 +77,7 @@ def model_info(arch: str, input_size: int, num_classes: int = 1000, kwargs: dict
             "kwargs": dict(kwargs or {}), "layers": rows, "totals": totals}
 
 
-def _print_table(info: dict) -> None:
+def _print_layer_table(info: dict) -> None:
     rows, totals = info["layers"], info["totals"]
     total = totals["total_macs"] or 1
     width = max([len(row["name"] or "(model)") for row in rows] + [5])
@@ -104,7 +104,7 @@ def _info(args: argparse.Namespace) -> int:
         json.dump(info, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        _print_table(info)
+        _print_layer_table(info)
     return 0
 
 

@@ -81,7 +81,7 @@ def _make_budget(fields: dict):
         raise UserError(f"{flag}: {message}" if flag else message) from None
 
 
-def _print_table(policy, costs) -> None:
+def _print_policy(policy, costs) -> None:
     macs = {layer.name: layer.macs for layer in costs.searchable}
     params = {layer.name: layer.params for layer in costs.searchable}
     width = max(len(layer.name) for layer in policy.layers)
@@ -145,7 +145,7 @@ def _search(args: argparse.Namespace) -> int:
         json.dump(policy.to_dict(), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        _print_table(policy, costs)
+        _print_policy(policy, costs)
     return 0
 
 

@@ -24,6 +24,13 @@ class Terminated(BaseException):
     """SIGTERM (e.g. `ray job stop`), raised like KeyboardInterrupt so open runs are closed KILLED. Exit 143."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for one-line messages
+    that quote a library's error."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 # Attributes under which Ray keeps the exception a worker or task raised: RayTaskError.cause, Ray
 # Train's WorkerGroupError.worker_failures (rank -> error), ControllerError.controller_failure, and the
 # UserExceptionWithTraceback that wraps each worker's error.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from orchestrator.common.errors import UserError
+from orchestrator.common.errors import UserError, first_line
 from orchestrator.common.fileio import writable_directory
 from orchestrator.common.redact import redact
 
@@ -135,7 +135,7 @@ def locate(path_or_uri: str | Path, key: str = "path") -> Location:
     try:
         filesystem, path = pafs.FileSystem.from_uri(text)
     except (OSError, ValueError, TypeError) as error:  # unknown scheme, malformed URI, unreachable service
-        raise UserError(f"{key}: cannot open {redact(text)}: {_first_line(error)}") from None
+        raise UserError(f"{key}: cannot open {redact(text)}: {first_line(error)}") from None
     return Location(filesystem, path.rstrip("/"), text.rstrip("/"))
 
 
@@ -187,18 +187,13 @@ def storage_error(error: OSError, key: str, location: Location) -> UserError:
                          "AWS_ENDPOINT_URL and AWS_REGION")
     if code == "NETWORK_CONNECTION" or "curlCode" in message or "Couldn't connect" in message:
         return UserError(f"{key}: cannot reach the storage service for {where}; check AWS_ENDPOINT_URL")
-    return UserError(f"{key}: {where}: {_first_line(error)}")
+    return UserError(f"{key}: {where}: {first_line(error)}")
 
 
 def bucket_exists(location: Location, key: str) -> bool:
     """Whether the bucket of an object-storage location exists (raises on refused credentials)."""
     scheme = location.uri.split("://", 1)[0]
     return Location(location.filesystem, location.bucket or "", f"{scheme}://{location.bucket}").exists(key)
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def check_storage_uri(uri: str, key: str = "ray.storage_path") -> None:

@@ -35,7 +35,7 @@ start local Ray with more logical CPUs than workers need (`ray.init(num_cpus=...
 may exceed physical cores) or give workers fractional CPUs (2 workers x 0.5 CPU on 2 CPUs runs).
 
 Each epoch is a new Ray Data execution, which runs at most one task until its view of the
-cluster's resources arrives (about a second in Ray 2.60); negligible for a real epoch, visible
+cluster's resources arrives (about a second, measured); negligible for a real epoch, visible
 for tiny ones.
 """
 

@@ -6,7 +6,7 @@ An interrupt (Ctrl-C, SIGTERM from `ray job stop`; see `orchestrator.distributed
 every open run of the tree KILLED and propagates; a sweep with failed trials leaves its runs FAILED
 and raises `PipelineFailed`, so the process exits non-zero and resubmitting continues where it stopped.
 The dataset index and cost table come from preflight (`CheckedConfig`): nothing is listed or traced
-again here.
+again here. The stages share one `RunContext` (`orchestrator.tracking.context`).
 """
 
 from __future__ import annotations
@@ -16,20 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.config.schema import PipelineConfig
-from orchestrator.data.layout import DatasetIndex, prepare_dataset
+from orchestrator.checks.preflight import CheckedConfig
+from orchestrator.common.errors import PipelineFailed, Terminated
 from orchestrator.distributed.interrupts import terminate_as_exception
-from orchestrator.tracking.onnx_models import onnx_registered_name
 from orchestrator.distributed.runtime import dashboard_url, stop_ray
-from orchestrator.tracking.stages import StageOutput, finished_stage, run_directory
-from orchestrator.distributed.summary import format_report, read_finished_sweep
 from orchestrator.distributed.sweep import run_sweep
 from orchestrator.distributed.train import run_fp, run_indicators_training
-from orchestrator.distributed.trial import registered_model_name
-from orchestrator.common.errors import PipelineFailed, Terminated
-from orchestrator.checks.preflight import CheckedConfig
-from orchestrator.checks.stage_keys import StageKeys, stage_keys
-from orchestrator.tracking.runs import TAG_ROOT, Tracker
+from orchestrator.tracking.context import RunContext
+from orchestrator.tracking.models import registered_model_name
+from orchestrator.tracking.onnx_models import onnx_registered_name
+from orchestrator.tracking.runs import TAG_ROOT
+from orchestrator.tracking.stages import StageOutput
+from orchestrator.tracking.summary import format_report, read_finished_sweep
 from orchestrator.train.stages import FP_FILE, INDICATORS_FILE
 
 log = logging.getLogger("limpq")
@@ -37,58 +35,56 @@ log = logging.getLogger("limpq")
 PIPELINE_STAGE = "pipeline"
 
 
-def root_run_name(cfg: PipelineConfig, keys: StageKeys) -> str:
-    return f"{cfg.name}-{keys.sweep[:8]}"
+def root_run_name(context: RunContext) -> str:
+    return f"{context.cfg.name}-{context.keys.sweep[:8]}"
 
 
-def _stage_tags(root_run_id: str) -> dict[str, str]:
-    return {TAG_ROOT: root_run_id}
-
-
-def fp_stage(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, keys: StageKeys,
-             root_run_id: str) -> StageOutput:
-    done = finished_stage(cfg, tracker, "fp", keys.fp)
+def fp_stage(context: RunContext) -> StageOutput:
+    cfg, tracker, keys = context.cfg, context.tracker, context.keys
+    done = context.finished_stage("fp", keys.fp)
     if done is not None:
-        tracker.set_tags(root_run_id, {"limpq.fp_run_id": done.run_id})
+        tracker.set_tags(context.root_run_id, {"limpq.fp_run_id": done.run_id})
         return done
     log.info("fp: %s", "training" if cfg.fp.source == "train" and cfg.fp.epochs > 0 else f"from {cfg.fp.source}")
     description = {"train": f"Full-precision {cfg.model.arch} trained for {cfg.fp.epochs} epochs",
                    "torchvision": f"Full-precision {cfg.model.arch} from torchvision weights {cfg.fp.weights}",
                    "checkpoint": f"Full-precision {cfg.model.arch} from {cfg.fp.checkpoint}"}[cfg.fp.source]
-    with tracker.open_stage_run(cfg, "fp", keys.fp, parent_run_id=root_run_id, extra_tags=_stage_tags(root_run_id),
-                                description=description + "; the starting point of indicator training.") as run:
-        run_fp(cfg, dataset, tracker, run.run_id, run_directory(cfg, run.run_id), train_name=f"{cfg.name}-fp-{keys.fp}")
-    return StageOutput(run.run_id, run_directory(cfg, run.run_id))
+    description += "; the starting point of indicator training."
+    with context.open_stage("fp", keys.fp, description=description) as run:
+        run_fp(cfg, context.dataset, tracker, run.run_id, context.run_directory(run.run_id),
+               train_name=f"{cfg.name}-fp-{keys.fp}")
+    return StageOutput(run.run_id, context.run_directory(run.run_id))
 
 
-def indicator_stage(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, keys: StageKeys,
-                    root_run_id: str, fp: StageOutput) -> StageOutput:
-    done = finished_stage(cfg, tracker, "indicators", keys.indicators)
+def indicator_stage(context: RunContext, fp: StageOutput) -> StageOutput:
+    cfg, tracker, keys = context.cfg, context.tracker, context.keys
+    done = context.finished_stage("indicators", keys.indicators)
     if done is not None:
-        tracker.set_tags(root_run_id, {"limpq.indicators_run_id": done.run_id})
+        tracker.set_tags(context.root_run_id, {"limpq.indicators_run_id": done.run_id})
         return done
     log.info("indicators: joint training at bits %s for %d epoch(s)", cfg.indicators.bits, cfg.indicators.epochs)
     description = (f"Joint quantization-aware training of {cfg.model.arch} at bits {cfg.indicators.bits}: the "
                    f"learned step sizes are the importance indicators (indicators.json); FP run {fp.run_id}.")
-    with tracker.open_stage_run(cfg, "indicators", keys.indicators, parent_run_id=root_run_id,
-                                extra_tags={**_stage_tags(root_run_id), "limpq.fp_run_id": fp.run_id},
-                                description=description) as run:
-        run_indicators_training(cfg, dataset, tracker, run.run_id, run_directory(cfg, run.run_id), fp.file(FP_FILE),
-                                train_name=f"{cfg.name}-indicators-{keys.indicators}")
-    return StageOutput(run.run_id, run_directory(cfg, run.run_id))
+    with context.open_stage("indicators", keys.indicators, tags={"limpq.fp_run_id": fp.run_id},
+                            description=description) as run:
+        run_indicators_training(cfg, context.dataset, tracker, run.run_id, context.run_directory(run.run_id),
+                                fp.file(FP_FILE), train_name=f"{cfg.name}-indicators-{keys.indicators}")
+    return StageOutput(run.run_id, context.run_directory(run.run_id))
 
 
 @contextmanager
-def pipeline_root(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, description: str) -> Iterator[str]:
-    """The root run of this pipeline submission (reopened by a resubmission); on an interrupt every
-    open run of its tree is marked KILLED before the interrupt propagates."""
-    root = tracker.open_stage_run(cfg, PIPELINE_STAGE, keys.sweep, run_name=root_run_name(cfg, keys),
+def pipeline_root(context: RunContext, description: str) -> Iterator[RunContext]:
+    """The root run of this pipeline submission (reopened by a resubmission), as the context its
+    stages run under; on an interrupt every open run of its tree is marked KILLED before the
+    interrupt propagates."""
+    tracker, keys = context.tracker, context.keys
+    root = tracker.open_stage_run(context.cfg, PIPELINE_STAGE, keys.sweep, run_name=root_run_name(context),
                                   description=description)
     tracker.set_tags(root.run_id, {TAG_ROOT: root.run_id, "limpq.stage_keys": f"fp={keys.fp} "
                                    f"indicators={keys.indicators} sweep={keys.sweep}"})
     try:
         with root:
-            yield root.run_id
+            yield context.under_root(root.run_id)
     except (KeyboardInterrupt, Terminated) as interrupt:
         stop_ray()  # first: no trial or worker opens or ends a run after the runs are closed below
         killed = tracker.kill_open_runs(root.run_id, f"{type(interrupt).__name__}: {interrupt}")
@@ -96,22 +92,14 @@ def pipeline_root(cfg: PipelineConfig, tracker: Tracker, keys: StageKeys, descri
         raise
 
 
-def _start(checked: CheckedConfig) -> tuple[PipelineConfig, DatasetIndex, Tracker, StageKeys]:
-    """The config with absolute paths (Ray workers and trials run in other directories), its dataset
-    (the digits demo built now when it is still to be built), tracker and stage keys."""
-    cfg = checked.config.with_absolute_paths()
-    dataset = checked.dataset or prepare_dataset(cfg.data)
-    return cfg, dataset, Tracker.from_config(cfg), stage_keys(cfg, dataset.fingerprint)
-
-
 def run_indicators(checked: CheckedConfig) -> Path:
     """FP weights, then joint indicator training; returns the local indicators JSON."""
-    cfg, dataset, tracker, keys = _start(checked)
+    context = RunContext.start(checked)
+    cfg = context.cfg
     with terminate_as_exception(), pipeline_root(
-            cfg, tracker, keys, f"Pipeline {cfg.name}: FP weights and importance indicators of {cfg.model.arch}."
-    ) as root_id:
-        fp = fp_stage(cfg, dataset, tracker, keys, root_id)
-        indicators = indicator_stage(cfg, dataset, tracker, keys, root_id, fp)
+            context, f"Pipeline {cfg.name}: FP weights and importance indicators of {cfg.model.arch}."
+    ) as rooted:
+        indicators = indicator_stage(rooted, fp_stage(rooted))
     return indicators.file(INDICATORS_FILE)
 
 
@@ -119,43 +107,45 @@ def run_pipeline(checked: CheckedConfig) -> list[dict]:
     """Every stage of the config; prints the sweep report and returns its rows. Raises
     `PipelineFailed` after the report when a trial failed or did not run, so the exit status says so
     (and the root and sweep runs stay FAILED: resubmitting reruns just those trials)."""
-    cfg, dataset, tracker, keys = _start(checked)
-    done = tracker.find_finished_stage_run(cfg, PIPELINE_STAGE, keys.sweep, run_name=root_run_name(cfg, keys))
+    context = RunContext.start(checked)
+    cfg, tracker = context.cfg, context.tracker
+    done = tracker.find_finished_stage_run(cfg, PIPELINE_STAGE, context.keys.sweep, run_name=root_run_name(context))
     if done is not None:
         log.info("pipeline: finished in MLflow run %s for the same inputs; nothing to do", done)
         rows = read_finished_sweep(cfg, tracker, done)
         print(format_report(rows), flush=True)
-        _print_where_to_look(cfg, tracker)
+        _print_where_to_look(context)
         return rows
     description = (f"Pipeline {cfg.name}: {cfg.model.arch} on {cfg.data.path}, FP -> indicators -> sweep of "
                    f"{len(cfg.search.budgets)} budget(s) and {len(cfg.finetune.baselines)} uniform baseline(s).")
     try:
-        with terminate_as_exception(), pipeline_root(cfg, tracker, keys, description) as root_id:
-            fp = fp_stage(cfg, dataset, tracker, keys, root_id)
-            indicators = indicator_stage(cfg, dataset, tracker, keys, root_id, fp)
-            rows = run_sweep(cfg, dataset, checked.costs, tracker, keys, root_id, fp, indicators)
+        with terminate_as_exception(), pipeline_root(context, description) as rooted:
+            fp = fp_stage(rooted)
+            indicators = indicator_stage(rooted, fp)
+            rows = run_sweep(rooted, fp, indicators)
             print(format_report(rows), flush=True)
             failed = [row["budget"] for row in rows if row["status"] != "ok"]
             if failed:
                 raise PipelineFailed(f"{len(failed)} of {len(rows)} trials did not finish ({', '.join(failed)}); "
                                      "submit the same config again to rerun just those")
     finally:
-        _print_where_to_look(cfg, tracker)
+        _print_where_to_look(context)
     return rows
 
 
-def _print_where_to_look(cfg: PipelineConfig, tracker: Tracker) -> None:
+def _print_where_to_look(context: RunContext) -> None:
+    tracker = context.tracker
     print(f"\nMLflow UI: {tracker.ui_command()}", flush=True)
     url = dashboard_url()
     if url:
         print(f"Ray dashboard: {url} (while Ray runs: Train and Data progress; on a cluster `ray dashboard "
               "ray_cluster.yaml`)", flush=True)
-    name = registered_model_name(cfg)
-    if not tracker.client.search_model_versions(f"name = '{name}'", max_results=1):
+    name = registered_model_name(context.cfg)
+    if not tracker.has_model_versions(name):
         return  # nothing registered (every trial failed, or the run stopped before the sweep)
     print(f"Registered model: {name} (aliases best-top1, budget-<label>; "
           f"mlflow.pytorch.load_model('models:/{name}@best-top1'))", flush=True)
     onnx_name = onnx_registered_name(name)
-    if tracker.client.search_model_versions(f"name = '{onnx_name}'", max_results=1):
+    if tracker.has_model_versions(onnx_name):
         print(f"ONNX (QDQ at the searched bits): {onnx_name}, same aliases; serve it with `mlflow models serve -m "
               f"models:/{onnx_name}@best-top1 --env-manager local`", flush=True)

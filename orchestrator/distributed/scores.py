@@ -15,10 +15,8 @@ import time
 
 import ray
 
-from orchestrator.config.schema import PipelineConfig
-from orchestrator.data.layout import DatasetIndex
 from orchestrator.search.indicators import Indicators, load_indicators, save_indicators
-from orchestrator.tracking.runs import Tracker
+from orchestrator.tracking.context import RunContext
 from orchestrator.tracking.stages import StageOutput, run_directory
 from orchestrator.train.checkpoint import load_checkpoint
 from orchestrator.train.hessian import hessian_scores
@@ -29,10 +27,10 @@ log = logging.getLogger("limpq")
 HESSIAN_FILE = "hessian_scores.json"
 
 
-def search_scores(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, sweep_run_id: str,
-                  fp: StageOutput, indicators: StageOutput) -> Indicators:
+def search_scores(context: RunContext, sweep_run_id: str, fp: StageOutput, indicators: StageOutput) -> Indicators:
     """What the sweep's trials search with. Hessian scores are computed once per sweep run: a
     resumed sweep reads its file back, so its remaining trials search what the finished ones did."""
+    cfg, dataset, tracker = context.cfg, context.dataset, context.tracker
     if cfg.search.scores == "limpq":
         return load_indicators(indicators.file(INDICATORS_FILE))
     out = run_directory(cfg, sweep_run_id) / HESSIAN_FILE
@@ -47,6 +45,6 @@ def search_scores(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, 
                                  {"fp_run_id": fp.run_id, "pipeline": cfg.name, "data": cfg.data.path,
                                   "input_size": cfg.model.input_size}))
     save_indicators(scores, out)
-    tracker.client.log_artifact(sweep_run_id, str(out))
+    tracker.log_artifact(sweep_run_id, str(out))
     tracker.log_metrics(sweep_run_id, {"hessian_seconds": time.monotonic() - started}, step=0)
     return scores

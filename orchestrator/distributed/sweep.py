@@ -1,6 +1,6 @@
 """Budget sweep on Ray Tune: one trial per budget and one per uniform-precision baseline
 (`orchestrator.distributed.trial`), under a sweep run (child of the pipeline's root run) that ends
-with the summary (`orchestrator.distributed.summary`).
+with the summary of the trial runs (`orchestrator.tracking.summary`).
 
 Placement: a trial is a tiny driver; Train places its worker group, and Ray Data's tasks feed it
 from CPUs outside the group. Trials are capped only by what the cluster can ever hold (its
@@ -21,23 +21,17 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.data.layout import DatasetIndex
 from orchestrator.distributed.capacity import cluster_capacity
 from orchestrator.distributed.interrupts import run_off_main_thread
 from orchestrator.distributed.runtime import ensure_ray, started_local_ray
 from orchestrator.distributed.scores import search_scores
-from orchestrator.tracking.stages import StageOutput
-from orchestrator.distributed.summary import log_summary, trial_rows
 from orchestrator.distributed.train import storage_path
-from orchestrator.distributed.trial import (
-    SweepInputs,
-    registered_model_name,
-    sweep_trial,
-    trial_specs,
-)
-from orchestrator.search.costs import CostTable
-from orchestrator.checks.stage_keys import StageKeys
-from orchestrator.tracking.runs import TAG_ROOT, Tracker
+from orchestrator.distributed.trial import SweepInputs, sweep_trial
+from orchestrator.tracking.context import RunContext
+from orchestrator.tracking.models import registered_model_name
+from orchestrator.tracking.stages import StageOutput
+from orchestrator.tracking.summary import log_summary, observed_concurrency, trial_rows
+from orchestrator.tracking.trials import trial_specs
 from orchestrator.train.checkpoint import load_checkpoint
 from orchestrator.train.stages import FP_FILE, JOINT_FILE
 
@@ -90,35 +84,22 @@ def _tune_errors(results: tune.ResultGrid) -> dict[str, str]:
     return errors
 
 
-def _observed_concurrency(tracker: Tracker, sweep_run_id: str) -> int:
-    """The most trial runs that were running at the same time (from their start and end times)."""
-    events = []
-    for run in tracker.child_runs(sweep_run_id):
-        if run.info.start_time and run.info.end_time:
-            events += [(run.info.start_time, 1), (run.info.end_time, -1)]
-    running = peak = 0
-    for _, change in sorted(events):
-        running += change
-        peak = max(peak, running)
-    return peak
-
-
-def run_sweep(cfg: PipelineConfig, dataset: DatasetIndex, costs: CostTable, tracker: Tracker, keys: StageKeys,
-              root_run_id: str, fp: StageOutput, indicators: StageOutput) -> list[dict[str, Any]]:
-    """Fan the budgets and baselines out on Ray Tune; returns the summary rows (one per trial). The
-    sweep run ends FAILED when any trial did not finish (after writing the summary)."""
+def run_sweep(context: RunContext, fp: StageOutput, indicators: StageOutput) -> list[dict[str, Any]]:
+    """Fan the budgets and baselines out on Ray Tune, under the pipeline's root run; returns the
+    summary rows (one per trial). The sweep run ends FAILED when any trial did not finish (after
+    writing the summary)."""
+    cfg, tracker, sweep_key = context.cfg, context.tracker, context.keys.sweep
     ensure_ray(cfg)
     specs = trial_specs(cfg)
     how = "one-shot scores of the joint model" if cfg.finetune.epochs == 0 else "LSQ fine-tuning"
     description = (f"Budget sweep of {cfg.model.arch}: {len(specs)} trials ({how}); summary table, Pareto plot and "
                    f"bits per layer here, one child run per trial; indicators run {indicators.run_id}.")
-    with tracker.open_stage_run(cfg, "sweep", keys.sweep, parent_run_id=root_run_id, description=description,
-                                extra_tags={TAG_ROOT: root_run_id, "limpq.indicators_run_id": indicators.run_id,
-                                            "limpq.registered_model": registered_model_name(cfg)}) as sweep:
+    with context.open_stage("sweep", sweep_key, description=description,
+                            tags={"limpq.indicators_run_id": indicators.run_id,
+                                  "limpq.registered_model": registered_model_name(cfg)}) as sweep:
         inputs = SweepInputs(
-            cfg=cfg, dataset=dataset, costs=costs, tracker=tracker, sweep_key=keys.sweep, sweep_run_id=sweep.run_id,
-            root_run_id=root_run_id,
-            indicators=search_scores(cfg, dataset, tracker, sweep.run_id, fp, indicators),
+            context=context, sweep_run_id=sweep.run_id,
+            indicators=search_scores(context, sweep.run_id, fp, indicators),
             fp_weights=load_checkpoint(fp.file(FP_FILE))["model"],
             joint_weights=load_checkpoint(indicators.file(JOINT_FILE))["model"]
             if cfg.finetune.init_from_indicators or cfg.finetune.epochs == 0 else None,
@@ -134,7 +115,7 @@ def run_sweep(cfg: PipelineConfig, dataset: DatasetIndex, costs: CostTable, trac
             tune_config=tune.TuneConfig(max_concurrent_trials=cap, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
-                name=f"{cfg.name}-sweep-{keys.sweep}",
+                name=f"{cfg.name}-sweep-{sweep_key}",
                 storage_path=storage_path(cfg),
                 failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                 verbose=0,  # trial tables stay off the console: the bars and the final table say it
@@ -144,7 +125,7 @@ def run_sweep(cfg: PipelineConfig, dataset: DatasetIndex, costs: CostTable, trac
                  cap or "as many as the cluster grows to")
         results = run_off_main_thread(tuner.fit, name="ray-tune-fit")
         rows = trial_rows(cfg, tracker, sweep.run_id, specs, _tune_errors(results))
-        tracker.log_metrics(sweep.run_id, {"max_concurrent_trials_observed": _observed_concurrency(
+        tracker.log_metrics(sweep.run_id, {"max_concurrent_trials_observed": observed_concurrency(
             tracker, sweep.run_id)}, step=0)
         log_summary(cfg, tracker, sweep.run_id, rows)
         failed = [row["budget"] for row in rows if row["status"] != "ok"]

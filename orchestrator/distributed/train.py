@@ -25,7 +25,6 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from ray.experimental import tqdm_ray
 from ray.train import (
     CheckpointConfig,
@@ -40,6 +39,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from orchestrator.config.schema import PipelineConfig, RecipeConfig
 from orchestrator.data.layout import DatasetIndex
 from orchestrator.data.transforms import augments_for
+from orchestrator.compat import system_metrics_monitor
 from orchestrator.distributed.datasets import (
     SkipCounter,
     TrainingData,
@@ -172,7 +172,7 @@ def _system_metrics(tracker: Tracker | None, run_id: str | None):
         return None
     mlflow.set_tracking_uri(tracker.tracking_uri)
     try:
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=2)
+        monitor = system_metrics_monitor(run_id, sampling_interval=5, samples_before_logging=2)
     except Exception as error:  # a missing optional probe (e.g. no GPU library) must not stop training
         log.warning("system metrics unavailable: %s", error)
         return None

@@ -20,84 +20,46 @@ import ray
 import torch
 from ray import tune
 
-from orchestrator.config.schema import (
-    Budget,
-    PipelineConfig,
-    budget_alias,
-    uniform_label,
-)
-from orchestrator.data.layout import DatasetIndex
-from orchestrator.distributed.evaluate import score_on_this_node, scored_joint_model
-from orchestrator.tracking.onnx_models import log_trial_onnx
+from orchestrator.common.errors import UserError
+from orchestrator.common.plots import policy_bits_chart
+from orchestrator.config.schema import Budget, PipelineConfig, budget_alias
+from orchestrator.distributed.evaluate import joint_model_at_policy, score_joint_weights_here
 from orchestrator.distributed.train import (
     example_input,
     log_dataset_inputs,
     train_on_ray,
 )
-from orchestrator.common.errors import UserError
-from orchestrator.search.indicators import Indicators
-from orchestrator.common.plots import policy_bits_chart
-from orchestrator.search.costs import CostTable
 from orchestrator.search.ilp import Searcher
+from orchestrator.search.indicators import Indicators
 from orchestrator.search.policy import Policy, uniform_baseline
-from orchestrator.tracking.models import (
-    log_model,
-    model_versions_of_run,
-    register_model,
-)
-from orchestrator.tracking.runs import TAG_ROOT, Tracker
+from orchestrator.tracking.context import RunContext
+from orchestrator.tracking.models import ModelRecord, log_model, register_model, registered_model_name
+from orchestrator.tracking.onnx_models import log_trial_onnx, val_batches
+from orchestrator.tracking.trials import ONE_SHOT, TrialSpec, evaluation_kind
 from orchestrator.train.checkpoint import restore_model, save_checkpoint
 from orchestrator.train.stages import finetune_model, fp_meta
 
-ONE_SHOT = "joint model, no fine-tuning"
 POLICY_METRICS = ("bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits")
 
 
 @dataclass(frozen=True)
-class TrialSpec:
-    label: str
-    kind: str  # "mpq" or "uniform"
-    budget: dict[str, Any] | None = None  # Budget fields (mpq)
-    bits: int | None = None  # uniform W{bits}A{bits}
-
-
-@dataclass(frozen=True)
 class SweepInputs:
-    """What every trial needs, shipped once through the object store (`tune.with_parameters`)."""
+    """What every trial needs, shipped once through the object store (`tune.with_parameters`): the
+    pipeline's context, the sweep run the trials go under, and the sweep's inputs."""
 
-    cfg: PipelineConfig
-    dataset: DatasetIndex
-    costs: CostTable
-    tracker: Tracker
-    sweep_key: str
+    context: RunContext
     sweep_run_id: str
-    root_run_id: str
     indicators: Indicators
     fp_weights: dict
     joint_weights: dict | None
 
 
-def trial_specs(cfg: PipelineConfig) -> list[TrialSpec]:
-    """One trial per budget and per uniform baseline (the schema keeps their labels distinct)."""
-    specs = [TrialSpec(b.label(), "mpq", budget=b.model_dump(exclude_none=True)) for b in cfg.search.budgets]
-    specs += [TrialSpec(uniform_label(b), "uniform", bits=b) for b in cfg.finetune.baselines]
-    return specs  # not empty: preflight refuses a sweep without budgets and baselines
-
-
-def registered_model_name(cfg: PipelineConfig) -> str:
-    return f"{cfg.name}-{cfg.model.arch.replace(':', '.')}"  # MLflow refuses ':' (a user's module:callable)
-
-
-def evaluation_kind(cfg: PipelineConfig) -> str:
-    return ONE_SHOT if cfg.finetune.epochs == 0 else "fine-tuned"
-
-
 def trial_policy(inputs: SweepInputs, spec: TrialSpec) -> Policy:
     """The searched policy of the trial's budget, or its uniform baseline."""
-    search = inputs.cfg.search
+    search, costs = inputs.context.cfg.search, inputs.context.costs
     if spec.kind == "uniform":
-        return uniform_baseline(inputs.costs, spec.bits, search.alpha)
-    searcher = Searcher(inputs.indicators, inputs.costs, search.wbits, search.abits, search.alpha, search.latency_table)
+        return uniform_baseline(costs, spec.bits, search.alpha)
+    searcher = Searcher(inputs.indicators, costs, search.wbits, search.abits, search.alpha, search.latency_table)
     return searcher.solve(Budget(**spec.budget))
 
 
@@ -116,26 +78,26 @@ def _description(cfg: PipelineConfig, spec: TrialSpec) -> str:
 def _score_one_shot(inputs: SweepInputs, label: str, policy: Policy) -> dict[str, float]:
     """The joint model's validation metrics at `policy` (SPEC 1.7), on this trial's CPUs: the same
     scoring as `limpq evaluate`."""
-    [row] = score_on_this_node(inputs.cfg, inputs.dataset, inputs.costs, inputs.joint_weights,
-                               [(label, policy.assignment())], inputs.cfg.finetune.bn_recalibration_batches)
+    [row] = score_joint_weights_here(inputs.context, inputs.joint_weights, [(label, policy.assignment())],
+                                     inputs.context.cfg.finetune.bn_recalibration_batches)
     return {"val_top1": row["top1"], "val_loss": row["loss"], "val_samples": float(row["samples"])}
 
 
 def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
     """One Tune trial: the policy of its budget, fine-tuned (or scored with the joint model), recorded
     in a nested run whose model becomes a registered version."""
-    cfg, tracker = inputs.cfg, inputs.tracker
+    cfg, tracker, sweep_key = inputs.context.cfg, inputs.context.tracker, inputs.context.keys.sweep
     spec = TrialSpec(**config["trial"])
-    done = tracker.find_finished_stage_run(cfg, "trial", inputs.sweep_key, run_name=spec.label,
+    done = tracker.find_finished_stage_run(cfg, "trial", sweep_key, run_name=spec.label,
                                            parent_run_id=inputs.sweep_run_id)
     if done is not None:
-        tune.report({**tracker.client.get_run(done).data.metrics, "resumed_from_mlflow": 1.0})
+        tune.report({**tracker.run_metrics(done), "resumed_from_mlflow": 1.0})
         return
-    run = tracker.open_stage_run(cfg, "trial", inputs.sweep_key, parent_run_id=inputs.sweep_run_id,
-                                 run_name=spec.label, description=_description(cfg, spec),
-                                 extra_tags={TAG_ROOT: inputs.root_run_id, "limpq.kind": spec.kind,
-                                             "limpq.budget": spec.label, "limpq.node": socket.gethostname(),
-                                             "limpq.ray_node_id": ray.get_runtime_context().get_node_id()})
+    run = inputs.context.open_stage("trial", sweep_key, parent_run_id=inputs.sweep_run_id, run_name=spec.label,
+                                description=_description(cfg, spec),
+                                tags={"limpq.kind": spec.kind, "limpq.budget": spec.label,
+                                      "limpq.node": socket.gethostname(),
+                                      "limpq.ray_node_id": ray.get_runtime_context().get_node_id()})
     try:
         policy = trial_policy(inputs, spec)
     except UserError as error:
@@ -145,21 +107,20 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
         return
     with run:
         bits = policy.assignment()
-        tracker.client.log_dict(run.run_id, policy.to_dict(), "policy.json")
+        tracker.log_dict(run.run_id, policy.to_dict(), "policy.json")
         tracker.log_params(run.run_id, {"trial.kind": spec.kind, "trial.budget": spec.label,
                                         "trial.evaluation": evaluation_kind(cfg)})
         tracker.log_metrics(run.run_id, _policy_metrics(policy), step=0)
         if cfg.finetune.epochs == 0:
             metrics = {**_policy_metrics(policy), **_score_one_shot(inputs, spec.label, policy), "epoch": 0.0}
             tracker.log_metrics(run.run_id, metrics, step=0)
-            model = scored_joint_model(cfg, inputs.dataset, inputs.joint_weights, bits,
-                                       cfg.finetune.bn_recalibration_batches)
+            model = joint_model_at_policy(inputs.context, inputs.joint_weights, bits, cfg.finetune.bn_recalibration_batches)
         else:
-            log_dataset_inputs(cfg, inputs.dataset, tracker, run.run_id, "finetune")
+            log_dataset_inputs(cfg, inputs.context.dataset, tracker, run.run_id, "finetune")
             weights = {"fp_weights": inputs.fp_weights, "joint_weights": inputs.joint_weights, "policy": bits,
                        "report_extra": _policy_metrics(policy)}
-            state, metrics = train_on_ray(cfg, inputs.dataset, "finetune", tracker, run.run_id,
-                                          f"{cfg.name}-trial-{spec.label}-{inputs.sweep_key}", weights, label=spec.label)
+            state, metrics = train_on_ray(cfg, inputs.context.dataset, "finetune", tracker, run.run_id,
+                                          f"{cfg.name}-trial-{spec.label}-{sweep_key}", weights, label=spec.label)
             model = finetune_model(cfg.model, cfg.indicators.bits, inputs.fp_weights, bits)
             restore_model(model, state, f"fine-tuned checkpoint of trial {spec.label}")
         _log_trial_outputs(inputs, spec, run.run_id, model, policy, metrics)
@@ -172,7 +133,7 @@ def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model:
     or the joint model at the policy) as an MLflow model and a version of the pipeline's registered
     model, then its ONNX export as a version of `<name>-<arch>-onnx` (each once per trial run, also when
     a retry gets here)."""
-    cfg, tracker = inputs.cfg, inputs.tracker
+    cfg, tracker = inputs.context.cfg, inputs.context.tracker
     document = policy.to_dict()
     checkpoint_name = "finetuned.pt" if cfg.finetune.epochs else "joint-at-policy.pt"
     with tempfile.TemporaryDirectory() as directory:
@@ -182,16 +143,14 @@ def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model:
         policy_bits_chart([layer.name for layer in policy.layers], policy.weight_bits, policy.act_bits, chart,
                           title=f"{cfg.model.arch} {spec.label}")
         for path, folder in ((checkpoint, "checkpoint"), (chart, "plots")):
-            tracker.client.log_artifact(run_id, str(path), folder)
-    name = registered_model_name(cfg)
-    epochs = int(metrics.get("epoch", 0))
-    version_tags = {"budget": spec.label, "kind": spec.kind, "evaluation": evaluation_kind(cfg),
-                    "top1": f"{metrics.get('val_top1', float('nan')):.4f}",
-                    **{key: f"{value:.6g}" for key, value in _policy_metrics(policy).items()}}
-    aliases = [budget_alias(spec.label)]
-    if not model_versions_of_run(tracker, name, run_id):
-        uri = log_model(tracker, run_id, model, example_input(cfg), name="model", step=epochs,
+            tracker.log_artifact(run_id, path, folder)
+    record = ModelRecord(
+        name=registered_model_name(cfg), aliases=(budget_alias(spec.label),), step=int(metrics.get("epoch", 0)),
+        tags={"budget": spec.label, "kind": spec.kind, "evaluation": evaluation_kind(cfg),
+              "top1": f"{metrics.get('val_top1', float('nan')):.4f}",
+              **{key: f"{value:.6g}" for key, value in _policy_metrics(policy).items()}})
+    if not tracker.model_versions(record.name, run_id):
+        uri = log_model(tracker, run_id, model, example_input(cfg), name="model", step=record.step,
                         tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
-        register_model(tracker, name, uri, run_id, version_tags, aliases=aliases)
-    log_trial_onnx(cfg, inputs.dataset, tracker, run_id, model, example_input(cfg), name, version_tags, aliases,
-                   step=epochs)
+        register_model(tracker, record.name, uri, run_id, record.tags, record.aliases)
+    log_trial_onnx(tracker, run_id, model, example_input(cfg), val_batches(cfg, inputs.context.dataset), record)

@@ -121,7 +121,7 @@ def check_model_stages(cfg: PipelineConfig, batch_size: int = 4, seed: int = 0) 
         budget = cfg.search.budgets[0] if cfg.search.budgets else Budget(**_middle_budget(cfg.indicators.bits))
         policy = Searcher(indicators, state["costs"], cfg.search.wbits, cfg.search.abits, cfg.search.alpha).solve(budget)
         check.policy_bitops_g = policy.totals.bitops_g
-        state["policy"] = {layer.name: (layer.wbits, layer.abits) for layer in policy.layers}
+        state["policy"] = policy.assignment()
 
     def finetune_step() -> None:
         joint_state = state.pop("model").state_dict()  # the joint model's memory goes with it

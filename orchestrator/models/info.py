@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -217,6 +218,87 @@ def _storage_key(tensor: torch.Tensor) -> int:
         return 0
 
 
+def _layer_call(module: nn.Conv2d | nn.Linear, x: torch.Tensor, output: torch.Tensor) -> dict[str, Any]:
+    """The LayerInfo fields (but name and BatchNorm) of one Conv2d/Linear call on input `x`."""
+    if isinstance(module, nn.Conv2d):
+        out_hw = tuple(output.shape[-2:])
+        kh, kw = _pair(module.kernel_size)
+        macs = module.in_channels * module.out_channels * kh * kw // module.groups * out_hw[0] * out_hw[1]
+        return dict(kind="conv", in_channels=module.in_channels, out_channels=module.out_channels,
+                    kernel_size=(kh, kw), stride=_pair(module.stride), padding=_pair(module.padding),
+                    dilation=_pair(module.dilation), groups=module.groups, input_hw=tuple(x.shape[-2:]),
+                    output_hw=out_hw, weight_numel=module.weight.numel(), macs=macs, tokens=1)
+    tokens = x.numel() // module.in_features
+    return dict(kind="linear", in_channels=module.in_features, out_channels=module.out_features,
+                kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                input_hw=(1, 1), output_hw=(1, 1), weight_numel=module.weight.numel(),
+                macs=tokens * module.in_features * module.out_features, tokens=tokens)
+
+
+class _LayerTracer:
+    """The forward hooks of `trace_model`: every Conv2d/Linear call (in order of first call, MACs
+    summed over calls), the BatchNorm that reads a layer's output directly, and the module stack and
+    layer nesting the multiply recorder attributes its ops by. Hook names are module names without a
+    DDP `module.` prefix."""
+
+    def __init__(self, recorder: _MultiplyRecorder) -> None:
+        self.recorder = recorder
+        self.records: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []
+        # id(output) -> (output, layer): holding the output keeps its id from being reused by a later tensor
+        self.producer_of: dict[int, tuple[torch.Tensor, str]] = {}
+        self.bn_of: dict[str, str] = {}
+
+    def enter_module(self, name: str, module: nn.Module, inputs: tuple) -> None:
+        self.recorder.module_stack.append(name)
+
+    def leave_module(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        self.recorder.module_stack.pop()
+
+    def enter_layer(self, module: nn.Module, inputs: tuple) -> None:
+        self.recorder.inside_layer += 1
+
+    def leave_layer(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.recorder.inside_layer -= 1
+        self.producer_of[id(output)] = (output, name)
+        call = _layer_call(module, inputs[0], output)
+        if name in self.records:
+            self.records[name]["macs"] += call["macs"]
+        else:
+            self.records[name] = call
+            self.order.append(name)
+
+    def enter_batchnorm(self, name: str, module: nn.Module, inputs: tuple) -> None:
+        output, source = self.producer_of.get(id(inputs[0]), (None, None))
+        if output is inputs[0] and source not in self.bn_of:
+            self.bn_of[source] = name
+
+    def attach(self, model: nn.Module) -> list:
+        """Register the hooks on every module of `model`; returns their handles."""
+        handles = []
+        for name, module in model.named_modules():
+            clean = name.removeprefix("module.")
+            handles.append(module.register_forward_pre_hook(partial(self.enter_module, clean)))
+            handles.append(module.register_forward_hook(self.leave_module, always_call=True))
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                handles.append(module.register_forward_pre_hook(self.enter_layer))
+                handles.append(module.register_forward_hook(partial(self.leave_layer, clean)))
+            elif isinstance(module, nn.BatchNorm2d):
+                handles.append(module.register_forward_pre_hook(partial(self.enter_batchnorm, clean)))
+        return handles
+
+    def layers(self) -> tuple[LayerInfo, ...]:
+        return tuple(LayerInfo(name=name, bn_name=self.bn_of.get(name), **self.records[name]) for name in self.order)
+
+
+def _weights_by_storage(model: nn.Module) -> dict[int, tuple[str, int]]:
+    """storage address -> (parameter name, element count) of every non-empty parameter."""
+    weights = {_storage_key(param): (name.removeprefix("module."), param.numel())
+               for name, param in model.named_parameters() if param.numel() > 0}
+    weights.pop(0, None)
+    return weights
+
+
 @torch.no_grad()
 def trace_model(model: nn.Module, input_size: int, num_classes: int | None = None) -> ModelTrace:
     """Run one eval-mode forward at batch 1 and `input_size` and record every Conv2d/Linear module call
@@ -229,95 +311,22 @@ def trace_model(model: nn.Module, input_size: int, num_classes: int | None = Non
     one input, an output that is not one (1, C) logits tensor (C = `num_classes` when given), a model
     with no Conv2d/Linear layer to quantize."""
     _check_single_input(model)
-    records: dict[str, dict] = {}
-    order: list[str] = []
-    # id(output) -> (output, layer): holding the output keeps its id from being reused by a later tensor
-    producer_of: dict[int, tuple[torch.Tensor, str]] = {}
-    bn_of: dict[str, str] = {}
-    handles = []
-    weight_of_storage = {
-        _storage_key(param): (name.removeprefix("module."), param.numel())
-        for name, param in model.named_parameters() if param.numel() > 0
-    }
-    weight_of_storage.pop(0, None)
     ties = {name.removeprefix("module."): layer.removeprefix("module.") for name, layer in attention_ties(model).items()}
-    recorder = _MultiplyRecorder(weight_of_storage, ties)
-
-    def layer_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            recorder.inside_layer -= 1
-            producer_of[id(output)] = (output, name)
-            x = inputs[0]
-            if isinstance(module, nn.Conv2d):
-                out_hw = tuple(output.shape[-2:])
-                kh, kw = _pair(module.kernel_size)
-                macs = module.in_channels * module.out_channels * kh * kw // module.groups * out_hw[0] * out_hw[1]
-                tokens = 1
-            else:
-                tokens = x.numel() // module.in_features
-                macs = tokens * module.in_features * module.out_features
-            if name in records:
-                records[name]["macs"] += macs
-                return
-            if isinstance(module, nn.Conv2d):
-                records[name] = dict(
-                    kind="conv", in_channels=module.in_channels, out_channels=module.out_channels,
-                    kernel_size=(kh, kw), stride=_pair(module.stride), padding=_pair(module.padding),
-                    dilation=_pair(module.dilation), groups=module.groups, input_hw=tuple(x.shape[-2:]),
-                    output_hw=out_hw, weight_numel=module.weight.numel(), macs=macs, tokens=tokens,
-                )
-            else:
-                records[name] = dict(
-                    kind="linear", in_channels=module.in_features, out_channels=module.out_features,
-                    kernel_size=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                    input_hw=(1, 1), output_hw=(1, 1), weight_numel=module.weight.numel(), macs=macs, tokens=tokens,
-                )
-            order.append(name)
-
-        return hook
-
-    def enter_layer(module: nn.Module, inputs: tuple) -> None:
-        recorder.inside_layer += 1
-
-    def bn_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            output, source = producer_of.get(id(inputs[0]), (None, None))
-            if output is inputs[0] and source not in bn_of:
-                bn_of[source] = name
-
-        return hook
-
-    def push(name: str):
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            recorder.module_stack.append(name)
-
-        return hook
-
-    def pop(module: nn.Module, inputs: tuple, output: Any) -> None:
-        recorder.module_stack.pop()
-
-    for name, module in model.named_modules():
-        clean = name.removeprefix("module.")
-        handles.append(module.register_forward_pre_hook(push(clean)))
-        handles.append(module.register_forward_hook(pop, always_call=True))
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_pre_hook(enter_layer))
-            handles.append(module.register_forward_hook(layer_hook(clean)))
-        elif isinstance(module, nn.BatchNorm2d):
-            handles.append(module.register_forward_pre_hook(bn_hook(clean)))
+    recorder = _MultiplyRecorder(_weights_by_storage(model), ties)
+    tracer = _LayerTracer(recorder)
+    handles = tracer.attach(model)
     try:
         output = _forward_at_batch_one(model, input_size, recorder)
     finally:
         for handle in handles:
             handle.remove()
-    if not order:
+    if not tracer.order:
         raise UserError(f"model.arch: {type(model).__name__} runs no Conv2d or Linear module, so nothing of it "
                         "can be quantized; build its layers from torch.nn.Conv2d and torch.nn.Linear")
     _check_logits(model, output, num_classes)
-    layers = tuple(LayerInfo(name=name, bn_name=bn_of.get(name), **records[name]) for name in order)
     float_ops = tuple(FloatOp(name, kind, macs, params, tie) for (name, kind), (macs, params, tie)
                       in recorder.ops.items() if macs > 0)
-    return ModelTrace(layers, float_ops)
+    return ModelTrace(tracer.layers(), float_ops)
 
 
 def _check_single_input(model: nn.Module) -> None:

@@ -4,18 +4,18 @@ aliases (one registered model per pipeline and architecture), looked up by run."
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import mlflow.pytorch
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import orchestrator
-from orchestrator.compat import logged_model_id
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.models.user_module import model_code_paths
 from orchestrator.tracking.runs import Tracker
 
@@ -57,24 +57,27 @@ def log_model(tracker: Tracker, run_id: str, model: torch.nn.Module, example: to
     return info.model_uri
 
 
+@dataclass(frozen=True)
+class ModelRecord:
+    """How a trial's model is recorded: logged at `step` of its run, registered as a new version of
+    `name` with `tags`, and `aliases` moved to that version."""
+
+    name: str
+    tags: Mapping[str, str]
+    aliases: tuple[str, ...]
+    step: int
+
+
+def registered_model_name(cfg: PipelineConfig) -> str:
+    """The registered model holding a pipeline's trial models (one per pipeline and architecture)."""
+    return f"{cfg.name}-{cfg.model.arch.replace(':', '.')}"  # MLflow refuses ':' (a user's module:callable)
+
+
 def register_model(tracker: Tracker, name: str, model_uri: str, run_id: str, tags: Mapping[str, Any],
-                   aliases: list[str]) -> str:
-    """A new version of registered model `name` (created if missing); returns the version."""
-    try:
-        tracker.client.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    # a tracking server rejects a `models:/<id>` source unless the version names that model id
-    version = tracker.client.create_model_version(name, model_uri, run_id=run_id,
-                                                  tags={key: str(value) for key, value in tags.items()},
-                                                  model_id=logged_model_id(model_uri))
+                   aliases: Sequence[str]) -> str:
+    """A new version of registered model `name` (created if missing) with `aliases` moved to it;
+    returns the version."""
+    version = tracker.register_version(name, model_uri, run_id, tags, REGISTERED_MODEL_DESCRIPTION)
     for alias in aliases:
-        tracker.client.set_registered_model_alias(name, alias, version.version)
-    return str(version.version)
-
-
-def model_versions_of_run(tracker: Tracker, name: str, run_id: str) -> list[str]:
-    """Versions of registered model `name` created from `run_id` (newest first)."""
-    versions = tracker.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    return [str(v.version) for v in sorted(versions, key=lambda v: -int(v.version))]
+        tracker.set_model_alias(name, alias, version)
+    return version

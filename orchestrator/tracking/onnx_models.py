@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import DatasetIndex
 from orchestrator.data.local import split_dataset
 from orchestrator.data.transforms import transforms_for
-from orchestrator.common.errors import UserError
+from orchestrator.common.errors import UserError, first_line
 from orchestrator.quant.onnx_check import (
     MIN_AGREEMENT,
     OnnxAgreement,
@@ -45,7 +45,7 @@ from orchestrator.quant.onnx_export import (
     float_copy,
 )
 from orchestrator.common.redact import redact
-from orchestrator.tracking.models import model_versions_of_run, register_model
+from orchestrator.tracking.models import ModelRecord, register_model
 from orchestrator.tracking.runs import DEFAULT_TRACKING_URI, SQLITE_PREFIX, Tracker
 
 log = logging.getLogger("limpq")
@@ -83,16 +83,15 @@ def log_onnx_model(tracker: Tracker, run_id: str, path: Path, example: torch.Ten
     return info.model_uri
 
 
-def log_trial_onnx(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str,
-                   model: torch.nn.Module, example: torch.Tensor, pytorch_name: str, version_tags: Mapping[str, Any],
-                   aliases: list[str], step: int) -> None:
-    """Export a finished trial's model, check it on the val split, log `onnx_top1`, `onnx_agreement`,
-    `onnx_max_logit_diff` and `onnx_size_mb` on the trial run, log the ONNX model and register it
-    with the PyTorch version's tags and aliases: once per trial run. A model that ONNX QDQ cannot
-    express, or an export below the agreement threshold, is not registered, and the run's
-    `limpq.onnx_check` tag says why."""
-    name = onnx_registered_name(pytorch_name)
-    if model_versions_of_run(tracker, name, run_id):
+def log_trial_onnx(tracker: Tracker, run_id: str, model: torch.nn.Module, example: torch.Tensor,
+                   val: Iterable[tuple[torch.Tensor, torch.Tensor]], pytorch: ModelRecord) -> None:
+    """Export a finished trial's model, check it on `val` (the config's val split, `val_batches`), log
+    `onnx_top1`, `onnx_agreement`, `onnx_max_logit_diff` and `onnx_size_mb` on the trial run, log the
+    ONNX model and register it with the tags and aliases of the PyTorch version (`pytorch`): once per
+    trial run. A model that ONNX QDQ cannot express, or an export below the agreement threshold, is
+    not registered, and the run's `limpq.onnx_check` tag says why."""
+    name = onnx_registered_name(pytorch.name)
+    if tracker.model_versions(name, run_id):
         return
     with tempfile.TemporaryDirectory() as directory:
         try:
@@ -101,27 +100,28 @@ def log_trial_onnx(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker,
             tracker.set_tags(run_id, {TAG_ONNX_CHECK: f"not exported: {error}"})
             log.warning("trial run %s: no ONNX model: %s", run_id, error)
             return
-        agreement = compare_with_torch(model, export.path, val_batches(cfg, dataset))
-        tracker.log_metrics(run_id, {**agreement.metrics(), "onnx_size_mb": export.size_bytes / MEGABYTE}, step=step)
-        uri = log_onnx_model(tracker, run_id, export.path, example, step, tags={"format": "onnx-qdq"})
+        agreement = compare_with_torch(model, export.path, val)
+        tracker.log_metrics(run_id, {**agreement.metrics(), "onnx_size_mb": export.size_bytes / MEGABYTE},
+                            step=pytorch.step)
+        uri = log_onnx_model(tracker, run_id, export.path, example, pytorch.step, tags={"format": "onnx-qdq"})
     if not agreement.passed:
         message = f"not registered: {agreement.summary()}, below {100 * MIN_AGREEMENT:.1f}%"
         tracker.set_tags(run_id, {TAG_ONNX_CHECK: message})
         log.warning("trial run %s: ONNX model %s", run_id, message)
         return
     tracker.set_tags(run_id, {TAG_ONNX_CHECK: agreement.summary()})
-    tags = {**version_tags, "onnx_agreement": f"{agreement.agreement:.4f}",
+    tags = {**pytorch.tags, "onnx_agreement": f"{agreement.agreement:.4f}",
             "onnx_max_logit_diff": f"{agreement.max_logit_diff:.3g}"}
-    register_model(tracker, name, uri, run_id, tags, aliases)
+    register_model(tracker, name, uri, run_id, tags, pytorch.aliases)
 
 
 def set_onnx_alias(tracker: Tracker, pytorch_name: str, run_id: str, alias: str) -> None:
     """Point `alias` of the ONNX registered model at the version exported from `run_id` (the run
     whose PyTorch version got that alias), when there is one."""
     name = onnx_registered_name(pytorch_name)
-    versions = model_versions_of_run(tracker, name, run_id)
+    versions = tracker.model_versions(name, run_id)
     if versions:
-        tracker.client.set_registered_model_alias(name, alias, versions[0])
+        tracker.set_model_alias(name, alias, versions[0])
     else:
         log.warning("%s: run %s has no registered ONNX version; alias %s not moved", name, run_id, alias)
 
@@ -160,7 +160,7 @@ def _pytorch_model_of(tracking_uri: str, uri: str, what: str) -> SourceModel:
         info = get_model_info(uri)
     except (MlflowException, OSError) as error:
         raise UserError(f"{what}: not found in MLflow at {redact(tracking_uri)} "
-                        f"({str(error).splitlines()[0][:200]})") from None
+                        f"({first_line(error)[:200]})") from None
     if "pytorch" not in info.flavors:
         flavors = ", ".join(flavor for flavor in info.flavors if flavor != "python_function")
         raise UserError(f"{what}: holds a model of flavor {flavors or 'python_function'}, not pytorch; give the "

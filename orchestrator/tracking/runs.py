@@ -16,9 +16,10 @@ change between submissions. Credentials never reach params, tags or printed comm
 
 Calls go to MLflow's client as they are: it splits `log_batch` into MLflow's batch sizes itself, and
 concurrent writers to one sqlite store (the driver, a Train worker, several Tune trials) need no
-retries of ours: measured with MLflow 3.17, 4-6 processes writing at once (runs, params, tags,
-metrics, searches, logged models, model versions, aliases; 1,692 calls) met no "database is locked".
-Models and the registry are in `orchestrator.tracking.models`.
+retries of ours: sqlite's own lock wait covers them (measured: 4-6 processes writing at once, with
+runs, params, tags, metrics, searches, logged models, model versions and aliases, 1,692 calls, met no
+"database is locked"). Other modules write through `Tracker`'s methods, not its client. Logging and
+registering models is in `orchestrator.tracking.models`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,17 +36,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from orchestrator.config.schema import PipelineConfig
-from orchestrator.compat import dataset_input_entity
+from orchestrator.compat import (
+    MAX_PARAM_VAL_LENGTH,
+    MAX_TAG_VAL_LENGTH,
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_PARENT_RUN_ID,
+    dataset_entity,
+    logged_model_id,
+    mlflow_context_tags,
+)
 from orchestrator.common.source import git_commit
 from orchestrator.common.errors import UserError
 from orchestrator.common.redact import redact, redact_params
@@ -70,11 +73,6 @@ TAG_ATTEMPTS = "limpq.attempts"
 TAG_ERROR = "limpq.error"
 TAG_RAY_JOB = "limpq.ray_job_submission_id"
 TAG_NOTE = "mlflow.note.content"
-
-# MLflow registers its local-artifact dataset source twice, so resolving any local path warns that
-# it is ambiguous between two identical classes: nothing for the user to act on.
-_AMBIGUOUS_SOURCE_WARNING = "The specified dataset source can be interpreted in multiple ways"
-
 
 # Settings that say where and how work runs, not what it computes: tags, so they may change.
 _PLACEMENT_SECTIONS = ("ray.", "mlflow.", "output_dir", "name")
@@ -137,7 +135,7 @@ def context_tags() -> dict[str, str]:
     the Ray job id. The commit is the running package's checkout's when MLflow finds none; under
     `ray job submit` the uploaded working dir has no .git, and `limpq submit` passes it as
     LIMPQ_GIT_COMMIT."""
-    tags = {key: str(value) for key, value in resolve_tags().items()}
+    tags = {key: str(value) for key, value in mlflow_context_tags().items()}
     tags.setdefault("mlflow.user", getpass.getuser())
     commit = os.environ.get("LIMPQ_GIT_COMMIT") or _package_commit()
     if commit:
@@ -279,23 +277,67 @@ class Tracker:
                     extra: Mapping[str, Any] | None = None) -> None:
         """Dataset lineage (`mlflow.log_input`): where the data is, its content digest, the split used
         (`context`) and sizes as input tags."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_AMBIGUOUS_SOURCE_WARNING)
-            source = resolve_dataset_source(redact(source_uri))
-        dataset = MetaDataset(source, name=name, digest=digest[:36])
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
         tags += [InputTag(f"limpq.{key}", str(value)) for key, value in (extra or {}).items()]
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset_input_entity(dataset), tags=tags)])
+        entity = dataset_entity(redact(source_uri), name, digest[:36])
+        self.client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])
+
+    def log_artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        """Upload the local file `path` into the run's artifacts (under `folder` when given)."""
+        self.client.log_artifact(run_id, str(path), folder)
+
+    def log_dict(self, run_id: str, document: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(run_id, document, artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_table(self, run_id: str, columns: Mapping[str, list], artifact_file: str) -> None:
+        """An MLflow table artifact: shown in the run's artifact view and the UI's evaluation tab."""
+        self.client.log_table(run_id, dict(columns), artifact_file)
 
     def download_artifact(self, run_id: str, path: str, dst: str | Path) -> Path:
         """Copy the run's artifact file or folder `path` under `dst`; returns the local path."""
         Path(dst).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dst)))
 
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each of the run's metrics."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
     def child_runs(self, parent_run_id: str) -> list[Run]:
         return self.client.search_runs([self.experiment_id],
                                        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
                                        order_by=["attributes.start_time ASC"])
+
+    # ---------------------------------------------------------------------------- the registry
+
+    def register_version(self, name: str, model_uri: str, run_id: str, tags: Mapping[str, Any],
+                         description: str) -> str:
+        """A new version of registered model `name` (created with `description` if missing) from the
+        logged model at `model_uri`; returns the version."""
+        try:
+            self.client.create_registered_model(name, description=description)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # a tracking server rejects a `models:/<id>` source unless the version names that model id
+        version = self.client.create_model_version(name, model_uri, run_id=run_id,
+                                                   tags={key: str(value) for key, value in tags.items()},
+                                                   model_id=logged_model_id(model_uri))
+        return str(version.version)
+
+    def set_model_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def model_versions(self, name: str, run_id: str | None = None) -> list[str]:
+        """Versions of registered model `name` (created from `run_id` when given), newest first."""
+        query = f"name = '{name}'" + (f" and run_id = '{run_id}'" if run_id else "")
+        versions = self.client.search_model_versions(query)
+        return [str(v.version) for v in sorted(versions, key=lambda v: -int(v.version))]
+
+    def has_model_versions(self, name: str) -> bool:
+        return bool(self.client.search_model_versions(f"name = '{name}'", max_results=1))
 
     def ui_command(self) -> str:
         """The command that opens the MLflow UI on this store (credentials redacted)."""

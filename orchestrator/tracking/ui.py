@@ -1,6 +1,6 @@
 """What the MLflow UI shows first for our experiments.
 
-MLflow 3.17's UI has a global switch, GenAI / Model training, that decides an experiment's pages; it
+MLflow's UI has a global switch, GenAI / Model training, that decides an experiment's pages; it
 starts on GenAI (an Overview of traces and token usage, empty for us) unless the URL carries
 `workflowType=machine_learning` or the browser kept the user's last choice. So the link we print
 carries it. The experiment is also tagged with the kind MLflow 3 uses for model training

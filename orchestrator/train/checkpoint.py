@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.common.errors import UserError
+from orchestrator.common.errors import UserError, first_line
 from orchestrator.models.explicit_layers import explicit_state_dict
 from orchestrator.common.fileio import readable_file, replaced_on_success
 from orchestrator.quant.surgery import unwrap
@@ -77,13 +77,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         refused = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(error))
         if refused is None:  # not a pickle of allowed types at all: garbage, truncated, another format
             unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-            reason = unpickler.group(1).strip() if unpickler else _first_line(error)
+            reason = unpickler.group(1).strip() if unpickler else first_line(error)[:200]
             raise UserError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
         raise UserError(f"{path}: refused to load: it holds Python objects ({refused.group(1)}), not only tensors, "
                         "and loading them could run code; save the model's state_dict "
                         "(torch.save(model.state_dict(), ...))") from None
     except Exception as error:  # torch raises many types for corrupt files
-        raise UserError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from None
+        raise UserError(f"{path}: not a readable torch checkpoint ({first_line(error)[:200]})") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return payload
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
@@ -91,11 +91,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return {"format": "state_dict", "model": payload, "meta": {}}
     raise UserError(f"{path}: holds neither a limpq checkpoint nor a model state dict")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def restore_model(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -13,6 +13,7 @@ restored afterwards, so policies scored one after another do not influence each 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -94,12 +95,11 @@ def recalibrate_bn(model: nn.Module, batches: Batches) -> int:
 
 
 def score_policy(model: nn.Module, policy: BitAssignment, batches: Batches, criterion: nn.Module | None = None,
-                 calibration_batches: Batches | None = None, bf16: bool = False,
-                 source: str = "policy") -> dict[str, float]:
+                 calibration_batches: Batches | None = None, bf16: bool = False) -> dict[str, float]:
     """{"top1", "loss", "samples"} of the joint model at `policy` over `batches` (top-1 as a fraction;
     loss with `criterion`, default the plain cross-entropy). With `calibration_batches`, BatchNorm
     statistics are recomputed on them first; every BatchNorm's state is restored before returning."""
-    check_policy(model, policy, source)
+    check_policy(model, policy)
     criterion = criterion or nn.CrossEntropyLoss()
     set_policy(model, policy)
     saved = None
@@ -115,23 +115,6 @@ def score_policy(model: nn.Module, policy: BitAssignment, batches: Batches, crit
     return {"top1": result["top1"], "loss": result["loss"], "samples": result["samples"]}
 
 
-def score_policies(model: nn.Module, policies: Sequence[tuple[str, BitAssignment]], costs: CostTable,
-                   batches_fn, calibration_fn=None, criterion: nn.Module | None = None,
-                   bf16: bool = False) -> list[dict]:
-    """One row per (label, policy): {"policy", "bitops_g", "size_mb", "top1", "loss", "samples"}; every
-    policy is checked before any is scored. `batches_fn()` / `calibration_fn()` give a fresh pass over
-    the val / calibration batches."""
-    for label, policy in policies:
-        check_policy(model, policy, label)
-    rows = []
-    for label, policy in policies:
-        totals = policy_cost(costs, policy)
-        score = score_policy(model, policy, batches_fn(), criterion,
-                             calibration_fn() if calibration_fn is not None else None, bf16, label)
-        rows.append({"policy": label, "bitops_g": totals.bitops_g, "size_mb": totals.size_mb, **score})
-    return rows
-
-
 def loader_batches(dataset: Dataset, batch_size: int, seed: int, count: int | None = None, shuffle: bool = False,
                    device: torch.device | str = "cpu") -> Batches:
     """(images, labels) batches of `dataset` on `device`: in order, or shuffled in an order fixed by
@@ -143,18 +126,39 @@ def loader_batches(dataset: Dataset, batch_size: int, seed: int, count: int | No
         yield images.to(device), labels.to(device)
 
 
-def score_on_datasets(model: nn.Module, policies: Sequence[tuple[str, BitAssignment]], costs: CostTable,
-                      train_set: Dataset, val_set: Dataset, *, batch_size: int, seed: int, calibration_batches: int,
-                      criterion: nn.Module | None = None, bf16: bool = False,
-                      device: torch.device | str = "cpu") -> list[dict]:
-    """`score_policies` over in-process datasets: every sample of `val_set`; with `calibration_batches`
-    > 0, BN statistics recomputed per policy on that many `train_set` batches in an order fixed by `seed`
-    (the same batches for every policy)."""
-    def calibration() -> Batches:
-        return loader_batches(train_set, batch_size, seed, calibration_batches, shuffle=True, device=device)
+@dataclass(frozen=True)
+class ScoringData:
+    """What one-shot scoring reads: every sample of `val`; with `calibration_batches` > 0, that many
+    `train` batches per policy for BN recalibration, in an order fixed by `seed` (the same batches for
+    every policy)."""
 
-    def validation() -> Batches:
-        return loader_batches(val_set, batch_size, seed, device=device)
+    train: Dataset
+    val: Dataset
+    batch_size: int
+    seed: int
+    calibration_batches: int = 0
+    device: torch.device | str = "cpu"
 
-    return score_policies(model.to(device), policies, costs, validation, calibration if calibration_batches else None,
-                          criterion, bf16)
+    def validation(self) -> Batches:
+        return loader_batches(self.val, self.batch_size, self.seed, device=self.device)
+
+    def calibration(self) -> Batches | None:
+        if not self.calibration_batches:
+            return None
+        return loader_batches(self.train, self.batch_size, self.seed, self.calibration_batches, shuffle=True,
+                              device=self.device)
+
+
+def score_policies(model: nn.Module, policies: Sequence[tuple[str, BitAssignment]], costs: CostTable,
+                   data: ScoringData, criterion: nn.Module | None = None, bf16: bool = False) -> list[dict]:
+    """One row per (label, policy): {"policy", "bitops_g", "size_mb", "top1", "loss", "samples"}, the
+    model moved to `data.device`; every policy is checked (naming its label) before any is scored."""
+    for label, policy in policies:
+        check_policy(model, policy, label)
+    model = model.to(data.device)
+    rows = []
+    for label, policy in policies:
+        totals = policy_cost(costs, policy)
+        score = score_policy(model, policy, data.validation(), criterion, data.calibration(), bf16)
+        rows.append({"policy": label, "bitops_g": totals.bitops_g, "size_mb": totals.size_mb, **score})
+    return rows

@@ -1,6 +1,8 @@
 """The sweep's result: one summary row per trial, read from the trial runs in MLflow (so an
 interrupted or failed trial can never show up as a result), logged to the sweep run as CSV, Parquet,
-an MLflow table, a report, the Pareto plot and bits-per-layer charts; and the table the pipeline prints.
+an MLflow table, a report, the Pareto plot and bits-per-layer charts, with the best-top1 aliases; and
+the table the pipeline prints. MLflow work only: the Tune sweep (`orchestrator.distributed.sweep`)
+calls it when its trials are done.
 """
 
 from __future__ import annotations
@@ -14,18 +16,13 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from orchestrator.config.schema import PipelineConfig
-from orchestrator.tracking.onnx_models import ONNX_COLUMNS, onnx_row, set_onnx_alias
-from orchestrator.distributed.trial import (
-    ONE_SHOT,
-    TrialSpec,
-    evaluation_kind,
-    registered_model_name,
-)
 from orchestrator.common.fileio import write_text_atomic
 from orchestrator.common.plots import pareto_plot, policy_bits_chart
-from orchestrator.tracking.models import model_versions_of_run
+from orchestrator.config.schema import PipelineConfig
+from orchestrator.tracking.models import registered_model_name
+from orchestrator.tracking.onnx_models import ONNX_COLUMNS, onnx_row, set_onnx_alias
 from orchestrator.tracking.runs import TAG_ERROR, Tracker
+from orchestrator.tracking.trials import ONE_SHOT, TrialSpec, evaluation_kind
 
 SUMMARY_COLUMNS = ("budget", "kind", "status", "bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
                    "top1", "top5", *ONNX_COLUMNS, "epochs", "evaluation", "model_version", "run_id", "error")
@@ -47,7 +44,7 @@ def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: 
             error = (run.data.tags.get(TAG_ERROR) if run is not None else None) or (errors or {}).get(spec.label) \
                 or ("trial did not finish" if run is not None else "trial did not run")
         ok = status == "FINISHED"
-        versions = model_versions_of_run(tracker, registered_model_name(cfg), run.info.run_id) if ok else []
+        versions = tracker.model_versions(registered_model_name(cfg), run.info.run_id) if ok else []
         rows.append({
             "budget": spec.label, "kind": spec.kind, "status": "ok" if ok else "failed",
             "bitops_g": metrics.get("bitops_g"), "size_mb": metrics.get("size_mb"),
@@ -74,21 +71,33 @@ def log_summary(cfg: PipelineConfig, tracker: Tracker, run_id: str, rows: list[d
                 title=f"{cfg.model.arch} on {Path(cfg.data.path).name}: top-1 vs BitOps{label}")
     write_text_atomic(out / "report.txt", format_report(rows))
     for name in ("summary.csv", "summary.parquet", "report.txt"):
-        tracker.client.log_artifact(run_id, str(out / name))
-    # an MLflow table: shown in the run's artifact view and the UI's evaluation tab
-    tracker.client.log_table(run_id, {column: [row[column] for row in rows] for column in SUMMARY_COLUMNS},
-                             "summary_table.json")
-    tracker.client.log_artifact(run_id, str(out / "pareto.png"), "plots")
+        tracker.log_artifact(run_id, out / name)
+    tracker.log_table(run_id, {column: [row[column] for row in rows] for column in SUMMARY_COLUMNS},
+                      "summary_table.json")
+    tracker.log_artifact(run_id, out / "pareto.png", "plots")
     for row in rows:
         if row["status"] == "ok":
             _log_bits_chart(cfg, tracker, run_id, row, out)
     finished = [row for row in rows if row["top1"] is not None and row["model_version"]]
     if finished:
         best = max(finished, key=lambda row: row["top1"])
-        tracker.client.set_registered_model_alias(registered_model_name(cfg), "best-top1", best["model_version"])
+        tracker.set_model_alias(registered_model_name(cfg), "best-top1", best["model_version"])
         set_onnx_alias(tracker, registered_model_name(cfg), best["run_id"], "best-top1")
     failed = [row for row in rows if row["status"] == "failed"]
     tracker.set_tags(run_id, {"limpq.failed_trials": ",".join(r["budget"] for r in failed) or "none"})
+
+
+def observed_concurrency(tracker: Tracker, sweep_run_id: str) -> int:
+    """The most trial runs that were running at the same time (from their start and end times)."""
+    events = []
+    for run in tracker.child_runs(sweep_run_id):
+        if run.info.start_time and run.info.end_time:
+            events += [(run.info.start_time, 1), (run.info.end_time, -1)]
+    running = peak = 0
+    for _, change in sorted(events):
+        running += change
+        peak = max(peak, running)
+    return peak
 
 
 def read_finished_sweep(cfg: PipelineConfig, tracker: Tracker, root_run_id: str) -> list[dict[str, Any]]:
@@ -106,7 +115,7 @@ def _log_bits_chart(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, ro
     chart = out / "policies" / f"{label}.png"
     policy_bits_chart([la["name"] for la in layers], [la["wbits"] for la in layers], [la["abits"] for la in layers],
                       chart, title=f"{cfg.model.arch} {label}")
-    tracker.client.log_artifact(sweep_run_id, str(chart), "plots/bits")
+    tracker.log_artifact(sweep_run_id, chart, "plots/bits")
 
 
 def read_summary(path: Path) -> list[dict[str, Any]]:
