@@ -1,4 +1,5 @@
-"""Shared fixtures: a small slice of the real digits demo data for the Ray tests."""
+"""Shared fixtures: a small slice of the real digits demo data for the Ray tests, and the plugins
+holding the other shared ones."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 
 from orchestrator.data.demo import write_digits_dataset
 
-# s3_server / s3_env / s3_bucket: a real S3-compatible server (moto) on 127.0.0.1.
-pytest_plugins = ["s3_fixtures"]
+# s3_server / s3_env / s3_bucket: a real S3-compatible server (moto) on 127.0.0.1; sweep / resubmitted:
+# the pipelines that tests of several modules read, each run once per session.
+pytest_plugins = ["s3_fixtures", "pipelines"]
 
 
 # Cost tables traced by the tests (also inside Ray workers, which inherit this environment) stay out of

@@ -511,9 +511,15 @@ def test_model_check_runs_every_stage_or_names_the_one_that_fails(in_user_dir: P
 
 @pytest.mark.timeout(2400)
 def test_user_model_runs_the_pipeline_from_its_directory(user_dir: Path, digits_slice: Path, tmp_path: Path) -> None:
-    """`limpq run` started where `limpq_test_usernet.py` lives (not on PYTHONPATH): FP training and joint
-    training in Ray Train workers, one-shot scoring in Ray Tune trials; the logged model loads elsewhere."""
-    config = _config(tmp_path, "limpq_test_usernet:build", digits_slice)
+    """`limpq run` started where `limpq_test_usernet.py` lives (not on PYTHONPATH): the FP model built and
+    logged by the driver, joint training in Ray Train workers, one-shot scoring in a Ray Tune trial; the
+    logged model loads elsewhere."""
+    # the smallest run that still has every process import the module: an untrained FP model (FP
+    # training would build it in a Ray Train worker as joint training does), one searched budget
+    raw = tiny_raw(tmp_path, digits_slice, "usernet", model={"arch": "limpq_test_usernet:build"},
+                   indicators={"bits": [4, 3, 2]}, search={"budgets": [{"target_wbits": 3, "target_abits": 3}]},
+                   finetune={"bn_recalibration_batches": 2})
+    config = write_config(tmp_path / "usernet.yaml", raw)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     limpq = Path(sys.executable).with_name("limpq")

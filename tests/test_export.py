@@ -1,4 +1,4 @@
-"""ONNX QDQ export (SPEC 1.8): the integers a low-bit layer exports, `limpq export` of the smoke
+"""ONNX QDQ export (SPEC 1.8): the integers a low-bit layer exports, `limpq export` of a one-shot
 pipeline's best model checked in ONNX Runtime on the val split, the sweep's registered ONNX version
 through pyfunc and a real `mlflow models serve`, and the refusals (one line, exit 2)."""
 
@@ -21,11 +21,10 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-import ray
 import torch
 from cluster import free_port
 from onnx import numpy_helper
-from pipelines import write_smoke_config
+from pipelines import Resubmitted
 from torch import nn
 
 from orchestrator.cli import main
@@ -39,7 +38,7 @@ from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.tracking.runs import Tracker
 
-PYTORCH_NAME, ONNX_NAME = "smoke-resnet18", "smoke-resnet18-onnx"
+PYTORCH_NAME, ONNX_NAME = "faults-resnet18", "faults-resnet18-onnx"
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -163,35 +162,25 @@ def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: 
     assert not tracker.client.search_model_versions("name = 'wide-resnet18-onnx'")
 
 
-# --- the smoke pipeline, its registered models and `limpq export` ----------------------------------------
+# --- a finished one-shot pipeline, its registered models and `limpq export` ------------------------------
 
 
-@pytest.fixture(scope="module")
-def smoke(digits_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke pipeline (jobs/configs/smoke.yaml) on the digits slice, kept small: an untrained FP
-    model (the export holds for any weights), one searched budget scored with the joint model (no
-    fine-tuning run). Returns its config file."""
-    from orchestrator.distributed.run import run_pipeline
-    from orchestrator.checks.preflight import preflight
-
-    config = write_smoke_config(digits_slice, tmp_path_factory.mktemp("export"), fp={"epochs": 0},
-                                search={"budgets": [{"target_wbits": 3, "target_abits": 3}]},
-                                finetune={"epochs": 0, "baselines": [], "bn_recalibration_batches": 1})
-    ray.init(address="local", num_cpus=3, include_dashboard=False)  # never join a `ray start` cluster
-    try:
-        run_pipeline(preflight(load_config(config)))
-    finally:
-        ray.shutdown()
-    return config
+@pytest.fixture
+def pipeline(resubmitted: Resubmitted) -> Path:
+    """The config of the session's `resubmitted` pipeline (pipelines.py), finished in the end: budget
+    W3A3 and the uniform W2A2 baseline scored with the joint model (no fine-tuning run) from an
+    untrained FP model (the export holds for any weights). Only read here."""
+    return resubmitted.config
 
 
 def _tracking_uri(config: Path) -> str:
     return load_config(config).with_absolute_paths().mlflow.tracking_uri
 
 
-def test_export_of_the_best_model_is_full_checked_int4_qdq_and_agrees_on_val(smoke: Path, tmp_path: Path,
+@pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`
+def test_export_of_the_best_model_is_full_checked_int4_qdq_and_agrees_on_val(pipeline: Path, tmp_path: Path,
                                                                               capsys) -> None:
-    uri = _tracking_uri(smoke)
+    uri = _tracking_uri(pipeline)
     out = tmp_path / "best.onnx"
     assert main(["export", "--model-uri", f"models:/{PYTORCH_NAME}@best-top1", "--out", str(out),
                  "--tracking-uri", uri]) == 0
@@ -217,16 +206,17 @@ def test_export_of_the_best_model_is_full_checked_int4_qdq_and_agrees_on_val(smo
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"models:/{PYTORCH_NAME}@best-top1")
-    cfg = load_config(smoke).with_absolute_paths()
+    cfg = load_config(pipeline).with_absolute_paths()
     check = compare_with_torch(model, out, val_batches(cfg, index_dataset(cfg.data)))
     assert check.samples == 40
     assert check.agreement >= 0.999, check.summary()
 
 
-def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_and_aliases(smoke: Path) -> None:
-    client = mlflow.MlflowClient(_tracking_uri(smoke))
+@pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`
+def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_and_aliases(pipeline: Path) -> None:
+    client = mlflow.MlflowClient(_tracking_uri(pipeline))
     pytorch, exported = (client.get_registered_model(name) for name in (PYTORCH_NAME, ONNX_NAME))
-    assert set(exported.aliases) == set(pytorch.aliases) == {"best-top1", "budget-w3a3"}
+    assert set(exported.aliases) == set(pytorch.aliases) == {"best-top1", "budget-w3a3", "budget-uniform-w2a2"}
     version = client.get_model_version_by_alias(ONNX_NAME, "best-top1")
     pytorch_version = client.get_model_version_by_alias(PYTORCH_NAME, "best-top1")
     assert version.run_id == pytorch_version.run_id
@@ -235,19 +225,20 @@ def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_a
     assert metrics["onnx_agreement"] >= 0.999 and metrics["onnx_max_logit_diff"] < 1e-3
     assert 0 <= metrics["onnx_top1"] <= 1 and metrics["onnx_size_mb"] > 0
     sweep = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
-    report = Path(client.download_artifacts(sweep.info.run_id, "report.txt", str(smoke.parent))).read_text()
+    report = Path(client.download_artifacts(sweep.info.run_id, "report.txt", str(pipeline.parent))).read_text()
     assert "ONNX top-1 %" in report.splitlines()[0] and "100.00" in report.splitlines()[1]
 
 
-def test_registered_onnx_model_predicts_through_pyfunc_and_mlflow_models_serve(smoke: Path, tmp_path: Path) -> None:
-    uri = _tracking_uri(smoke)
+@pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`
+def test_registered_onnx_model_predicts_through_pyfunc_and_mlflow_models_serve(pipeline: Path, tmp_path: Path) -> None:
+    uri = _tracking_uri(pipeline)
     mlflow.set_tracking_uri(uri)
     # Served means: the registered graph, run by ONNX Runtime. That graph's agreement with the PyTorch
     # model is checked on the whole val split above, not here: a low-bit activation within float
     # rounding of a level boundary rounds one way after torch's convolution and the other after ONNX
     # Runtime's (measured: 1 in 1,280 noise images moved its logits, at every ORT optimization level),
     # and an argmax over a few images would test that luck rather than the serving.
-    cfg = load_config(smoke).with_absolute_paths()
+    cfg = load_config(pipeline).with_absolute_paths()
     images = next(iter(val_batches(cfg, index_dataset(cfg.data))))[0][:8]
     registered = mlflow.artifacts.download_artifacts(f"models:/{ONNX_NAME}@best-top1", dst_path=str(tmp_path))
     [onnx_file] = Path(registered).rglob("*.onnx")
@@ -294,13 +285,14 @@ def _one_line_error(capsys, argv: list[str]) -> str:
     return lines[0]
 
 
-def test_what_cannot_be_exported_is_one_line_and_exit_2(smoke: Path, tmp_path: Path, capsys) -> None:
-    uri = _tracking_uri(smoke)
+@pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`
+def test_what_cannot_be_exported_is_one_line_and_exit_2(pipeline: Path, tmp_path: Path, capsys) -> None:
+    uri = _tracking_uri(pipeline)
     out = str(tmp_path / "x.onnx")
     base = ["export", "--tracking-uri", uri, "--out", out]
     assert "models:/nope-resnet18@best-top1: not found in MLflow" in _one_line_error(
         capsys, [*base, "--model-uri", "models:/nope-resnet18@best-top1"])
-    tracker = Tracker.from_config(load_config(smoke).with_absolute_paths())
+    tracker = Tracker.from_config(load_config(pipeline).with_absolute_paths())
     runs = {run.data.tags["limpq.stage"]: run.info.run_id
             for run in tracker.client.search_runs([tracker.experiment_id], "")}
     assert f"--run-id {runs['sweep']}: run 'sweep' has no logged model" in _one_line_error(

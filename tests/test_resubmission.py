@@ -1,56 +1,19 @@
 """Faults injected into real `limpq` processes (real Ray, Tune, Train, MLflow): exit status, MLflow
-run status and what a resubmission reruns."""
+run status and what a resubmission reruns. The CI one checks what the session's `resubmitted`
+(pipelines.py) recorded; the export tests read the store it leaves."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from faults import fail_once
 from mlflow.tracking import MlflowClient
-
-LIMPQ = [str(Path(sys.executable).parent / "limpq")]  # the console script, as a user runs it
-
-
-def _write_config(tmp_path: Path, data: Path, **sections) -> Path:
-    raw = {
-        "name": "faults", "output_dir": str(tmp_path / "runs"),
-        "model": {"arch": "resnet18", "num_classes": 10, "input_size": 16},
-        "data": {"path": str(data), "batch_size": 16, "min_crop_scale": 0.6, "hflip": False},
-        "fp": {"epochs": 0},
-        "indicators": {"bits": [4, 2], "epochs": 1, "train_fraction": 1.0},
-        "search": {"budgets": [{"target_wbits": 4, "target_abits": 4}, {"target_wbits": 3, "target_abits": 3}]},
-        "finetune": {"epochs": 1, "train_fraction": 0.5, "baselines": [2]},
-        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray"), "max_failures": 0,
-                "max_concurrent_trials": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "faults"},
-    }
-    for section, values in sections.items():
-        raw[section].update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    log = open(tmp_path / f"limpq-{time.monotonic_ns()}.log", "w")
-    return subprocess.Popen([*LIMPQ, *args], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
-
-
-def _runs(tmp_path: Path, stage: str | None = None) -> list:
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("faults")
-    if experiment is None:
-        return []
-    query = f"tags.`limpq.stage` = '{stage}'" if stage else ""
-    return client.search_runs([experiment.experiment_id], query)
+from pipelines import Resubmitted, faults_runs, finish, start_limpq, write_faults_config
 
 
 def _wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
@@ -64,40 +27,32 @@ def _wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
     pytest.fail("timed out waiting for the moment to inject the fault")
 
 
-def _finish(process: subprocess.Popen, timeout: float = 600) -> int:
-    try:
-        return process.wait(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_sigint_during_sweep_then_resubmission_reuses_finished_trials(tmp_path: Path, digits_slice: Path) -> None:
-    config = _write_config(tmp_path, digits_slice)
-    first = _start(["run", "--config", str(config)], tmp_path)
+    config = write_faults_config(tmp_path, digits_slice)
+    first = start_limpq(["run", "--config", str(config)], tmp_path)
 
     def one_trial_done_and_another_running() -> bool:
-        statuses = [run.info.status for run in _runs(tmp_path, "trial")]
+        statuses = [run.info.status for run in faults_runs(tmp_path, "trial")]
         return "FINISHED" in statuses and "RUNNING" in statuses
 
     _wait_for(one_trial_done_and_another_running, 900, first)
     first.send_signal(signal.SIGINT)
-    assert _finish(first, 180) == 130
-    [sweep] = _runs(tmp_path, "sweep")
+    assert finish(first, 180) == 130
+    [sweep] = faults_runs(tmp_path, "sweep")
     assert sweep.info.status == "KILLED"
-    [root] = _runs(tmp_path, "pipeline")
+    [root] = faults_runs(tmp_path, "pipeline")
     assert root.info.status == "KILLED"
-    trials = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
+    trials = {run.info.run_name: run for run in faults_runs(tmp_path, "trial")}
     finished = {name for name, run in trials.items() if run.info.status == "FINISHED"}
     assert finished and all(run.info.status in ("FINISHED", "KILLED") for run in trials.values())
 
-    second = _start(["run", "--config", str(config)], tmp_path)
-    assert _finish(second) == 0
-    [sweep] = _runs(tmp_path, "sweep")
+    second = start_limpq(["run", "--config", str(config)], tmp_path)
+    assert finish(second) == 0
+    [sweep] = faults_runs(tmp_path, "sweep")
     assert sweep.info.status == "FINISHED" and sweep.data.tags["limpq.attempts"] == "2"
-    trials_after = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
+    trials_after = {run.info.run_name: run for run in faults_runs(tmp_path, "trial")}
     assert set(trials_after) == {"W4A4", "W3A3", "uniform-W2A2"}
     assert all(run.info.status == "FINISHED" for run in trials_after.values())
     for name in finished:  # reused from MLflow, not trained again
@@ -109,83 +64,76 @@ def _sigterm_ends_143_with_nothing_running(process: subprocess.Popen, tmp_path: 
     """SIGTERM to the driver alone (as `ray job stop` and a scheduler send it): exit 143, no native
     abort on the console, and no run of the tree left RUNNING."""
     process.send_signal(signal.SIGTERM)
-    assert _finish(process, 300) == 143
+    assert finish(process, 300) == 143
     console = next(tmp_path.glob("limpq-*.log")).read_text()
     assert "limpq: stopped by signal SIGTERM" in console and "Aborted" not in console, console[-2000:]
-    runs = _runs(tmp_path)
+    runs = faults_runs(tmp_path)
     assert runs and not [run.info.run_name for run in runs if run.info.status == "RUNNING"]
 
 
 @pytest.mark.timeout(900)
 def test_sigterm_during_indicator_training_exits_143_and_leaves_no_run_running(tmp_path: Path,
                                                                               digits_slice: Path) -> None:
-    config = _write_config(tmp_path, digits_slice, indicators={"epochs": 20})
-    first = _start(["run", "--config", str(config)], tmp_path)
+    config = write_faults_config(tmp_path, digits_slice, indicators={"epochs": 20})
+    first = start_limpq(["run", "--config", str(config)], tmp_path)
 
     def training() -> bool:  # the Train fit is running on its helper thread
-        runs = _runs(tmp_path, "indicators")
+        runs = faults_runs(tmp_path, "indicators")
         return bool(runs) and "epoch" in runs[0].data.metrics
 
     _wait_for(training, 600, first)
     _sigterm_ends_143_with_nothing_running(first, tmp_path)
-    [indicators] = _runs(tmp_path, "indicators")
+    [indicators] = faults_runs(tmp_path, "indicators")
     assert indicators.info.status == "KILLED" and "Terminated" in indicators.data.tags["limpq.error"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_sigterm_while_trials_run_exits_143_and_marks_every_trial_killed(tmp_path: Path, digits_slice: Path) -> None:
-    config = _write_config(tmp_path, digits_slice, ray={"max_concurrent_trials": 2})
-    first = _start(["run", "--config", str(config)], tmp_path)
-    _wait_for(lambda: "RUNNING" in [run.info.status for run in _runs(tmp_path, "trial")], 900, first)
+    config = write_faults_config(tmp_path, digits_slice, ray={"max_concurrent_trials": 2})
+    first = start_limpq(["run", "--config", str(config)], tmp_path)
+    _wait_for(lambda: "RUNNING" in [run.info.status for run in faults_runs(tmp_path, "trial")], 900, first)
     _sigterm_ends_143_with_nothing_running(first, tmp_path)
-    assert {run.info.status for run in _runs(tmp_path, "trial")} <= {"KILLED", "FINISHED"}
-    assert [run.info.status for run in _runs(tmp_path, "sweep")] == ["KILLED"]
+    assert {run.info.status for run in faults_runs(tmp_path, "trial")} <= {"KILLED", "FINISHED"}
+    assert [run.info.status for run in faults_runs(tmp_path, "sweep")] == ["KILLED"]
 
 
-@pytest.mark.timeout(1800)  # in CI: the fault-injection test
-def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(tmp_path: Path,
-                                                                               digits_slice: Path) -> None:
-    config = _write_config(tmp_path, digits_slice, finetune={"epochs": 0})  # one-shot trials: quick
-    marker = tmp_path / "failed"
-    faults = fail_once(tmp_path / "faults", "orchestrator.distributed.trial", "_policy_metrics",
-                       "args[0].label == 'W3A3'", marker)
-    first = _start(["run", "--config", str(config)], tmp_path, env={"PYTHONPATH": faults})
-    assert _finish(first) == 1
-    assert marker.exists()
-    trials = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
+@pytest.mark.timeout(1800)  # in CI: the fault-injection test (its set-up is the session's `resubmitted`)
+def test_trial_failing_past_its_retries_exits_1_and_resubmission_reruns_only_it(resubmitted: Resubmitted) -> None:
+    assert resubmitted.first_exit == 1
+    assert resubmitted.fault_injected
+    trials = resubmitted.trials_after_first
     assert trials["W3A3"].info.status == "FAILED" and "fails once" in trials["W3A3"].data.tags["limpq.error"]
-    [sweep] = _runs(tmp_path, "sweep")
+    [sweep] = resubmitted.sweeps_after_first
     assert sweep.info.status == "FAILED"
 
-    second = _start(["run", "--config", str(config)], tmp_path)
-    assert _finish(second) == 0
-    after = {run.info.run_name: run for run in _runs(tmp_path, "trial")}
+    assert resubmitted.second_exit == 0
+    after = resubmitted.trials
     assert after["W3A3"].info.status == "FINISHED" and after["W3A3"].data.tags["limpq.attempts"] == "2"
     for run in after.values():  # finetune.epochs 0: scored with the joint model, no Train run
         assert run.data.params["trial.evaluation"] == "joint model, no fine-tuning"
         assert "limpq.steps_per_epoch" not in run.data.tags and "val_top1" in run.data.metrics
-    assert {after[name].data.tags["limpq.attempts"] for name in ("W4A4", "uniform-W2A2")} == {"1"}
+    assert set(after) == {"W3A3", "uniform-W2A2"} and after["uniform-W2A2"].data.tags["limpq.attempts"] == "1"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_driver_killed_during_indicator_training_resumes_from_train_checkpoint(tmp_path: Path,
                                                                               digits_slice: Path) -> None:
-    config = _write_config(tmp_path, digits_slice, indicators={"epochs": 3})
-    first = _start(["indicators", "train", "--config", str(config)], tmp_path)
+    config = write_faults_config(tmp_path, digits_slice, indicators={"epochs": 3})
+    first = start_limpq(["indicators", "train", "--config", str(config)], tmp_path)
 
     def second_epoch_logged() -> bool:  # so epoch 1's checkpoint was surely reported
-        runs = _runs(tmp_path, "indicators")
+        runs = faults_runs(tmp_path, "indicators")
         return bool(runs) and runs[0].data.metrics.get("epoch", 0) >= 2
 
     _wait_for(second_epoch_logged, 900, first)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, with no chance to clean up
     first.wait()
 
-    second = _start(["indicators", "train", "--config", str(config), "--set", "ray.num_workers=2"], tmp_path)
-    assert _finish(second) == 0
-    [run] = _runs(tmp_path, "indicators")
+    second = start_limpq(["indicators", "train", "--config", str(config), "--set", "ray.num_workers=2"], tmp_path)
+    assert finish(second) == 0
+    [run] = faults_runs(tmp_path, "indicators")
     assert run.info.status == "FINISHED" and run.data.tags["limpq.attempts"] == "2"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     epochs = sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "epoch"))
@@ -202,16 +150,16 @@ def test_same_config_and_seed_give_the_same_indicators_and_top1(tmp_path: Path, 
     results = []
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
-        config = _write_config(tmp_path / name, digits_slice, search={"budgets": [{"target_wbits": 3, "target_abits": 3}]},
+        config = write_faults_config(tmp_path / name, digits_slice, search={"budgets": [{"target_wbits": 3, "target_abits": 3}]},
                                finetune={"epochs": 1, "baselines": []})
         raw = yaml.safe_load(config.read_text())
         raw["name"] = name
         config.write_text(yaml.safe_dump(raw))
-        assert _finish(_start(["run", "--config", str(config)], tmp_path / name)) == 0
+        assert finish(start_limpq(["run", "--config", str(config)], tmp_path / name)) == 0
         client = MlflowClient(raw["mlflow"]["tracking_uri"])
         experiment = client.get_experiment_by_name("faults")
-        [indicators] = client.search_runs([experiment.experiment_id], "tags.`limpq.stage` = 'indicators'")
-        [trial] = client.search_runs([experiment.experiment_id], "tags.`limpq.stage` = 'trial'")
+        [indicators] = client.searchfaults_runs([experiment.experiment_id], "tags.`limpq.stage` = 'indicators'")
+        [trial] = client.searchfaults_runs([experiment.experiment_id], "tags.`limpq.stage` = 'trial'")
         document = json.loads(Path(client.download_artifacts(indicators.info.run_id, "indicators.json",
                                                              str(tmp_path / name))).read_text())
         results.append((document["layers"], trial.data.metrics["val_top1"], indicators.data.metrics["loss_w2"]))

@@ -1,91 +1,28 @@
 """The whole pipeline with its budget sweep on real Ray Tune + Ray Train + MLflow (CPU, tiny data),
-run once (one trial fails once and Tune retries it) and submitted again; each test checks one
-behaviour of what that left: the run tree, trial metrics and the summary, registered models, a model
-loaded in a fresh process, and that a finished pipeline submitted again runs nothing. (A trial that
-fails past its retries, and the resubmission that reruns just it: test_resubmission.py.)"""
+run once (one trial fails once and Tune retries it) and submitted again: the session's `sweep`
+(pipelines.py; the MLflow UI test reads it too). Each test checks one behaviour of what that left:
+the run tree, trial metrics and the summary, registered models, a model loaded in a fresh process,
+and that a finished pipeline submitted again runs nothing. (A trial that fails past its retries, and
+the resubmission that reruns just it: test_resubmission.py.)"""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from faults import fail_once
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
-from pipelines import tiny_config
+from pipelines import Sweep
 
-from orchestrator.config.schema import PipelineConfig
-from orchestrator.distributed.run import run_pipeline
 from orchestrator.tracking.models import registered_model_name
 from orchestrator.models.info import build_model
-from orchestrator.checks.preflight import preflight
 from orchestrator.quant.surgery import quantize_model
-from orchestrator.tracking.runs import Tracker
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 
 pytestmark = pytest.mark.timeout(2400)  # in CI: the end-to-end test of the pipeline
-
-
-@dataclass
-class Sweep:
-    cfg: PipelineConfig
-    tmp_path: Path
-    tracker: Tracker
-    client: MlflowClient
-    rows: list[dict]
-    printed: str
-    runs: list[Run]  # after the first submission
-    by_stage: dict[str, list[Run]]
-    trials: dict[str, Run]
-    versions: dict
-    resubmitted: list[dict]
-    printed_again: str
-    runs_after: list[Run]  # after the resubmission
-    versions_after: list
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory, digits_slice: Path) -> Sweep:
-    tmp_path = tmp_path_factory.mktemp("sweep")
-    cfg = tiny_config(tmp_path, digits_slice, "sweep", fp={"epochs": 1, "train_fraction": 1.0},
-                      indicators={"bits": [4, 3, 2]},
-                      search={"budgets": [{"target_wbits": 3, "target_abits": 3}, {"bitops_g": 0.1}]},
-                      finetune={"epochs": 1, "train_fraction": 1.0, "baselines": [3]}, ray={"max_failures": 1},
-                      mlflow={"experiment": "test-sweep"})
-    marker = tmp_path / "failed-once"
-    printed, printed_again = io.StringIO(), io.StringIO()
-    try:
-        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-            # trial W3A3 raises once, after opening its run; the local Ray the pipeline starts passes PYTHONPATH on
-            patch.setenv("PYTHONPATH", fail_once(tmp_path / "faults", "orchestrator.distributed.trial",
-                                                 "_policy_metrics", "args[0].label == 'W3A3'", marker))
-            rows = run_pipeline(preflight(cfg))
-        assert marker.exists(), "the fault was not injected"
-        tracker = Tracker.from_config(cfg)
-        client = tracker.client
-        runs = client.search_runs([tracker.experiment_id], "")
-        by_stage: dict[str, list[Run]] = {}
-        for run in runs:
-            by_stage.setdefault(run.data.tags["limpq.stage"], []).append(run)
-        name = registered_model_name(cfg)
-        versions = {v.tags["budget"]: v for v in client.search_model_versions(f"name = '{name}'")}
-        with contextlib.redirect_stdout(printed_again):
-            again = run_pipeline(preflight(cfg))
-    finally:
-        ray.shutdown()
-    return Sweep(cfg, tmp_path, tracker, client, rows, printed.getvalue(), runs, by_stage,
-                 {run.info.run_name: run for run in by_stage["trial"]}, versions, again, printed_again.getvalue(),
-                 client.search_runs([tracker.experiment_id], ""),
-                 client.search_model_versions(f"name = '{name}'"))
 
 
 def test_a_trial_that_failed_once_is_retried_in_its_run_and_every_trial_finishes(sweep: Sweep) -> None:
