@@ -68,7 +68,7 @@ def score_on_this_node(cfg: PipelineConfig, dataset: DatasetIndex, costs: CostTa
                                         cfg.seed, cfg.indicators.train_fraction)
     return score_on_datasets(model, policies, costs, train_set, val_set, batch_size=cfg.data.batch_size, seed=cfg.seed,
                              calibration_batches=calibration_batches, criterion=make_criterion(cfg.indicators),
-                             bf16=cfg.ray.bf16, device=device_for(cfg.ray.use_gpu))
+                             bf16=cfg.training.bf16, device=device_for(cfg.ray.use_gpu))
 
 
 def scored_joint_model(cfg: PipelineConfig, dataset: DatasetIndex, state: dict, policy: BitAssignment,

@@ -30,6 +30,7 @@ from orchestrator.data.layout import DatasetIndex
 from orchestrator.distributed.evaluate import score_on_this_node, scored_joint_model
 from orchestrator.tracking.onnx_models import log_trial_onnx
 from orchestrator.distributed.train import (
+    StageInputs,
     example_input,
     log_dataset_inputs,
     train_on_ray,
@@ -156,10 +157,11 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
                                        cfg.finetune.bn_recalibration_batches)
         else:
             log_dataset_inputs(cfg, inputs.dataset, tracker, run.run_id, "finetune")
-            weights = {"fp_weights": inputs.fp_weights, "joint_weights": inputs.joint_weights, "policy": bits,
-                       "report_extra": _policy_metrics(policy)}
+            finetune_inputs = StageInputs(fp_weights=inputs.fp_weights, joint_weights=inputs.joint_weights, policy=bits,
+                                          report_extra=_policy_metrics(policy))
             state, metrics = train_on_ray(cfg, inputs.dataset, "finetune", tracker, run.run_id,
-                                          f"{cfg.name}-trial-{spec.label}-{inputs.sweep_key}", weights, label=spec.label)
+                                          f"{cfg.name}-trial-{spec.label}-{inputs.sweep_key}", finetune_inputs,
+                                          label=spec.label)
             model = finetune_model(cfg.model, cfg.indicators.bits, inputs.fp_weights, bits)
             restore_model(model, state, f"fine-tuned checkpoint of trial {spec.label}")
         _log_trial_outputs(inputs, spec, run.run_id, model, policy, metrics)
