@@ -1,4 +1,4 @@
-"""End to end: the demo config's indicator training and fine-tuning with `ray.compile: off` and `on`,
+"""End to end: the demo config's indicator training and fine-tuning with `training.compile: off` and `on`,
 through the real pipeline (Ray Train, Ray Tune, MLflow); the compilation cost against the time it
 saves per epoch. Ratios and the break-even point are printed last.
 
@@ -58,7 +58,7 @@ def main() -> None:
             "name": f"bench-compile-{mode}-{int(time.time())}", "output_dir": str(out / mode),
             "fp.epochs": 0, "indicators.epochs": args.epochs, "finetune.epochs": args.epochs,
             "search.budgets": [base.search.budgets[0].model_dump(exclude_none=True)], "finetune.baselines": [],
-            "ray.compile": mode, "ray.storage_path": str(out / mode / "ray"),
+            "training.compile": mode, "ray.storage_path": str(out / mode / "ray"),
             "mlflow.tracking_uri": f"sqlite:///{out / mode / 'mlflow.db'}", "mlflow.experiment": "bench-compile",
         })
         started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 (a) quantized conv forward+backward vs plain conv, (b) our fused LSQ function vs the composed-op
 formulation (detach tricks), (c) one joint step vs (|B|+1) plain FP steps of resnet18 at 32x32.
-(a) and (c) run eagerly and compiled (torch.compile, inductor, as `ray.compile: on` trains); a
+(a) and (c) run eagerly and compiled (torch.compile, inductor, as `training.compile: on` trains); a
 compiled case's compile time is its first call less its median call.
 
     .venv/bin/python benchmarks/bench_quant.py [--repeats 5] [--no-compile]

@@ -5,7 +5,7 @@
 #   2. bf16: autocast forward/backward of ResNet18 runs and its step time against fp32;
 #   3. the joint indicator step (one FP pass + one per candidate bit-width, SPEC 1.3) of ResNet18 at
 #      224x224 on synthetic tensors against (|B|+1) plain FP steps of the same model and batch,
-#      eager (fp32, bf16), eager in channels_last (bf16), and compiled (ray.compile: on, bf16), with
+#      eager (fp32, bf16), eager in channels_last (bf16), and compiled (training.compile: on, bf16), with
 #      each compilation's seconds;
 #   4. a W4A4 quantized conv forward+backward against the plain conv, eager and compiled (bf16).
 # Ratios are printed last. Without a GPU it says so and exits 0.
@@ -105,7 +105,7 @@ def seconds_per_step(step, inputs=images) -> float:
 def config(bf16: bool, compile_mode: str = "off") -> PipelineConfig:
     return PipelineConfig.model_validate({
         "model": {"arch": "resnet18", "num_classes": 1000, "input_size": 224},
-        "data": {"demo": True}, "ray": {"bf16": bf16, "use_gpu": True, "compile": compile_mode},
+        "data": {"demo": True}, "training": {"bf16": bf16, "compile": compile_mode}, "ray": {"use_gpu": True},
     })
 
 
@@ -118,10 +118,10 @@ for name, bf16, compile_mode, channels_last in variants:
     inputs = images.contiguous(memory_format=layout)
     torch.manual_seed(0)
     fp = build_model("resnet18", 1000).to(device, memory_format=layout)
-    fp_run = plain_training(fp, cfg.fp, 1000, cfg.ray.bf16, cfg.ray.compile)
+    fp_run = plain_training(fp, cfg.fp, 1000, cfg.training.bf16, cfg.training.compile)
     fp_step = seconds_per_step(fp_run.step, inputs)
     joint = joint_model(cfg.model, cfg.indicators.bits, build_model("resnet18", 1000)).to(device, memory_format=layout)
-    joint_run = joint_training(joint, cfg.indicators, 1000, cfg.seed, cfg.ray.bf16, cfg.ray.compile)
+    joint_run = joint_training(joint, cfg.indicators, 1000, cfg.seed, cfg.training.bf16, cfg.training.compile)
     joint_step = seconds_per_step(joint_run.step, inputs)
     bits = len(cfg.indicators.bits)
     results[name] = (fp_step, joint_step, bits)

@@ -56,7 +56,7 @@ from orchestrator.data.local import build_datasets
 from orchestrator.data.transforms import transforms_for
 from orchestrator.distributed.run import run_indicators
 from orchestrator.tracking.stages import finished_stage
-from orchestrator.distributed.train import train_on_ray
+from orchestrator.distributed.train import StageInputs, train_on_ray
 from orchestrator.search.indicators import load_indicators
 from orchestrator.checks.preflight import preflight
 from orchestrator.search.ilp import Searcher
@@ -277,7 +277,7 @@ def finetune(args, cfg, dataset: DatasetIndex, label: str, policy: dict, fp_stat
     tracker = Tracker.from_config(cfg)
     key = stage_keys(cfg, dataset.fingerprint).sweep
     with tracker.open_stage_run(cfg, "trial", key, run_name=label, extra_tags={"limpq.kind": "policy-quality"}) as run:
-        inputs = {"fp_weights": ray.put(fp_state), "joint_weights": ray.put(joint_state), "policy": policy}
+        inputs = StageInputs(fp_weights=ray.put(fp_state), joint_weights=ray.put(joint_state), policy=policy)
         state, _ = train_on_ray(cfg, dataset, "finetune", tracker, run.run_id, f"{cfg.name}-ft-{label}-{key}", inputs,
                                 label=label)
     model = finetune_model(cfg.model, cfg.indicators.bits, fp_state, policy)

@@ -429,15 +429,17 @@ def test_bad_input_is_one_line_before_any_work(index: int, digits_slice: Path, b
 
 
 def test_config_with_numerics_on_is_another_stage(digits_slice: Path) -> None:
-    """ray.bf16 changes what training computes: its stages are not the bf16-off ones (resources are)."""
+    """training.bf16 changes what training computes: its stages are not the bf16-off ones (resources
+    and training.compile, the same numbers to float tolerance, are)."""
     from orchestrator.data.layout import index_dataset
     from orchestrator.checks.stage_keys import stage_keys
 
-    def keys(**ray_settings):
-        cfg = PipelineConfig.model_validate({"data": {"path": str(digits_slice)}, "ray": ray_settings})
+    def keys(**sections):
+        cfg = PipelineConfig.model_validate({"data": {"path": str(digits_slice)}, **sections})
         return stage_keys(cfg, index_dataset(cfg.data).fingerprint)
 
     plain = keys()
-    assert keys(num_workers=4, cpus_per_worker=2) == plain
-    bf16 = keys(bf16=True)
+    assert keys(ray={"num_workers": 4, "cpus_per_worker": 2}) == plain
+    assert keys(training={"compile": "off"}) == keys(training={"compile": "on"}) == plain
+    bf16 = keys(training={"bf16": True})
     assert bf16.fp != plain.fp and bf16.indicators != plain.indicators and bf16.sweep != plain.sweep

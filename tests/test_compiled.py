@@ -1,6 +1,6 @@
 """Compiled training steps (torch.compile) against the eager ones: the quantized forward compiles to
 one graph, without breaks and without a recompile per policy; compiled joint and fine-tuning steps
-give the eager steps' losses, gradients, step sizes and BatchNorm statistics; the `ray.compile`
+give the eager steps' losses, gradients, step sizes and BatchNorm statistics; the `training.compile`
 switch and its errors."""
 
 from __future__ import annotations
@@ -155,12 +155,12 @@ def test_compile_switch_and_its_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     auto = decide_compile("auto", "cpu")
     assert not auto.enabled and "eager on cpu" in auto.reason
     assert decide_compile("on", "cpu").enabled  # this machine has a C++ compiler
-    cfg = PipelineConfig.model_validate({"data": {"demo": True}, "ray": {"compile": "on"}})
+    cfg = PipelineConfig.model_validate({"data": {"demo": True}, "training": {"compile": "on"}})
     # a machine without a C++ compiler: inductor's own compiler setting points nowhere
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
-    with pytest.raises(UserError, match=r"^ray.compile: on, but no C\+\+ compiler"):
+    with pytest.raises(UserError, match=r"^training.compile: on, but no C\+\+ compiler"):
         decide_compile("on", "cpu")
     assert not decide_compile("auto", "cpu").enabled
-    with pytest.raises(ConfigError, match=r"^ray.compile: on, but no C\+\+ compiler .*; install it or set "
-                                          r"ray.compile: auto or off$"):
+    with pytest.raises(ConfigError, match=r"^training.compile: on, but no C\+\+ compiler .*; install it or set "
+                                          r"training.compile: auto or off$"):
         preflight(cfg)

@@ -1,4 +1,4 @@
-"""`ray.compile: off` and `on` through the real indicator pipeline (Ray Train + MLflow, CPU, the
+"""`training.compile: off` and `on` through the real indicator pipeline (Ray Train + MLflow, CPU, the
 digits slice): both finish, the worker records what it did, and both learn the same indicators."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def ray_cluster():
 
 def _config(tmp_path: Path, data: Path, mode: str) -> PipelineConfig:
     return tiny_config(tmp_path, data, f"compile-{mode}", indicators={"bits": [4, 3, 2]},
-                       ray={"compile": mode})
+                       training={"compile": mode})
 
 
 def test_indicator_stage_compiled_and_eager_learn_the_same_indicators(tmp_path: Path, digits_slice: Path) -> None:
@@ -42,9 +42,9 @@ def test_indicator_stage_compiled_and_eager_learn_the_same_indicators(tmp_path: 
         [runs[mode]] = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
 
     off, on = runs["off"].data, runs["on"].data
-    assert off.tags["limpq.compile"] == "ray.compile: off"
+    assert off.tags["limpq.compile"] == "training.compile: off"
     assert "compile_seconds" not in off.metrics and "compiled_passes" not in off.metrics
-    assert on.tags["limpq.compile"] == "ray.compile: on"
+    assert on.tags["limpq.compile"] == "training.compile: on"
     # 80 images in steps of 16: the first step's uniform passes initialise the step sizes eagerly
     assert on.metrics["compiled_passes"] == 1 + 4 * 4
     assert on.metrics["compile_seconds"] > 0

@@ -32,6 +32,17 @@ def test_config_validate_prints_ok_or_the_one_line_error(tmp_path: Path, capsys:
     assert err == f"limpq: error: {bad}: ray.num_workers: Input should be greater than or equal to 1\n"
 
 
+@pytest.mark.parametrize("section", ["ray: {compile: \"on\"}", "ray: {num_workers: 2, bf16: true}"])
+def test_a_moved_key_is_refused_with_its_new_name(section: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "old.yaml"
+    config.write_text(f"data: {{demo: true}}\n{section}\n")
+    assert main(["config", "validate", str(config)]) == 2
+    key = "compile" if "compile" in section else "bf16"
+    assert capsys.readouterr().err == (f"limpq: error: {config}: ray.{key}: moved to training.{key}; "
+                                       f"set training.{key} instead\n")
+
+
 def test_readme_configuration_reference_is_up_to_date() -> None:
     assert current_reference(REPO / "README.md") == render_reference(), (
         "README.md's configuration reference differs from the schema; run: limpq config reference --update README.md"

@@ -211,6 +211,7 @@ def test_non_utf8_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> N
     ("model.arch.depth=3", "--set model.arch.depth: model.arch is a value, not a section"),
     ("seed=abc", "limpq: error: --set: seed: Input should be a valid integer"),
     ("ray.num_workers=0", "limpq: error: --set: ray.num_workers: Input should be greater than or equal to 1"),
+    ("ray.bf16=true", "limpq: error: --set: ray.bf16: moved to training.bf16; set training.bf16 instead\n"),
 ])
 def test_malformed_set(override: str, message: str, workdir: Path, digits_slice: Path,
                        capsys: pytest.CaptureFixture[str]) -> None:

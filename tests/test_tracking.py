@@ -75,11 +75,12 @@ def test_stage_run_is_tagged_and_holds_the_whole_config(make_config, client, sto
     assert stored.data.tags["limpq.stage_key"] == KEY
     assert stored.data.tags["limpq.ray.num_workers"] == "1"
     params = stored.data.params
-    # params are the settings that define results; placement (ray.*) and logging settings are tags,
-    # except ray.bf16, which changes the numbers
+    # params are the settings that define results (training.bf16 among them); placement (ray.*,
+    # training.compile, which computes the same numbers to float tolerance) and logging settings are tags
     assert set(params) == {key for key in cfg.flat()
-                           if not key.startswith(("ray.", "mlflow.", "output_dir", "name"))} | {"ray.bf16"}
-    assert "limpq.ray.bf16" not in stored.data.tags
+                           if not key.startswith(("ray.", "training.compile", "mlflow.", "output_dir", "name"))}
+    assert "training.bf16" in params and "limpq.training.bf16" not in stored.data.tags
+    assert stored.data.tags["limpq.training.compile"] == "auto" and "training.compile" not in params
     assert params["model.arch"] == "resnet18"
     assert params["seed"] == "0"
     assert json.loads(params["indicators.bits"]) == [6, 5, 4, 3, 2]

@@ -208,13 +208,13 @@ def _not_ray(target: str, ray_client: bool) -> str | None:
 
 
 def _check_compile(cfg: PipelineConfig) -> None:
-    """`ray.compile: on` needs inductor's code generator for the workers' device; checked here when
+    """`training.compile: on` needs inductor's code generator for the workers' device; checked here when
     the workers run on this machine (a cluster's nodes are checked by the workers themselves)."""
-    if cfg.ray.compile != "on" or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if cfg.training.compile != "on" or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         return
     missing = compiler_missing("cuda" if cfg.ray.use_gpu else "cpu")
     if missing:
-        raise ConfigError(f"ray.compile: on, but {missing}; install it or set ray.compile: auto or off")
+        raise ConfigError(f"training.compile: on, but {missing}; install it or set training.compile: auto or off")
 
 
 def check_cluster_resources(cfg: PipelineConfig, capacity: dict[str, float]) -> None:

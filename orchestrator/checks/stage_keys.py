@@ -3,7 +3,7 @@
 A stage is skipped when MLflow holds a finished run with its key, so the key must change exactly
 when the output would: it covers the stage's settings and the *content identity* of what it reads
 (the FP checkpoint's and latency table's digests, a fingerprint of the dataset's file listing), and
-the key of the stage before it, and the settings that change numerics (`ray.bf16`). It never covers
+the key of the stage before it, and the settings that change numerics (`training.bf16`). It never covers
 where things are (absolute paths, the job's per-upload working directory), nor how the work is
 spread (Ray resources), nor where it is logged.
 
@@ -35,11 +35,6 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-# Settings under `ray` say where work runs, except these, which change what training computes: they
-# are in the stage keys and MLflow params, not placement tags.
-NUMERICS_KEYS = ("ray.bf16",)
-
-
 @dataclass(frozen=True)
 class StageKeys:
     fp: str
@@ -67,7 +62,7 @@ def stage_keys(cfg: PipelineConfig, dataset_fingerprint: dict) -> StageKeys:
     data_settings = {k: v for k, v in settings["data"].items() if k not in ("path", "demo")}
     data_identity = {"settings": data_settings, "fingerprint": dataset_fingerprint}
     # They join the payloads only when set, so the keys of runs without them stay as they were.
-    numerics = {"bf16": True} if cfg.ray.bf16 else {}
+    numerics = {"bf16": True} if cfg.training.bf16 else {}
     if cfg.fp.source == "train":
         fp_payload.update(data=data_identity, **numerics)
     fp = _hash(fp_payload)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.config.schema import MAX_BUDGETS, PipelineConfig
+from orchestrator.config.schema import MAX_BUDGETS, MOVED_KEYS, PipelineConfig
 from orchestrator.common.errors import ConfigError, UserError
 from orchestrator.common.fileio import readable_file
 
@@ -37,8 +37,17 @@ def _format_error(source: str, error: ValidationError, overridden: tuple[str, ..
     return f"{where}: {message}{more}"
 
 
+def _refuse_moved_keys(raw: dict[str, Any], source: str, overridden: tuple[str, ...]) -> None:
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            where = "--set" if old in overridden else source
+            raise ConfigError(f"{where}: {old}: moved to {new}; set {new} instead")
+
+
 def parse_config(raw: dict[str, Any], source: str = "config", overridden: tuple[str, ...] = ()) -> PipelineConfig:
     """Validate a raw config; errors name `source`, or `--set` for a key in `overridden`."""
+    _refuse_moved_keys(raw, source, overridden)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as error:

@@ -1,5 +1,5 @@
-"""The one pipeline config schema: every stage (data, FP, indicators, search, fine-tuning, Ray,
-MLflow) reads its settings from a `PipelineConfig` (loaded from YAML by `orchestrator.config.loading`).
+"""The one pipeline config schema: every stage (data, FP, indicators, search, fine-tuning, training
+numerics, Ray, MLflow) reads its settings from a `PipelineConfig` (loaded from YAML by `orchestrator.config.loading`).
 
 Layer-neutral: pydantic only, so every layer may import it.
 """
@@ -56,6 +56,11 @@ def _check_bits(values: list[int] | None) -> list[int] | None:
     if len(set(values)) != len(values):
         raise ValueError(f"duplicate bit-widths in {values}")
     return values
+
+
+# Keys that moved to another section, refused with their new name (a plain "unknown key" would leave the
+# user to guess where they went).
+MOVED_KEYS = {"ray.bf16": "training.bf16", "ray.compile": "training.compile"}
 
 
 class _Section(BaseModel):
@@ -215,16 +220,22 @@ class FinetuneConfig(RecipeConfig):
     _bits = field_validator("baselines")(lambda v: _check_bits(v) if v else v)
 
 
+class TrainingConfig(_Section):
+    """How every training stage (FP, indicators, fine-tuning) computes its steps; `ray` says where they run."""
+
+    bf16: bool = Field(False, description="bf16 autocast on CUDA. Part of the stage keys: it changes the numbers.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the training steps (inductor). auto: on CUDA; eager on CPU, where "
+        "compiling costs more time than it saves. on: wherever inductor has a code generator. off: eager. The "
+        "same numbers to float tolerance, so not part of the stage keys.")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Cluster address; default: join RAY_ADDRESS or start local Ray.")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
-    bf16: bool = Field(False, description="bf16 autocast on CUDA.")
-    compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the training steps (inductor). auto: on CUDA; eager on CPU, where "
-        "compiling costs more time than it saves. on: wherever inductor has a code generator. off: eager.")
     storage_path: str = Field("runs/ray", description="Checkpoints and results: a local dir, shared path or s3:// URI.")
     max_failures: int = Field(2, ge=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
@@ -246,6 +257,7 @@ class PipelineConfig(_Section):
     indicators: IndicatorConfig = Field(default_factory=IndicatorConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 

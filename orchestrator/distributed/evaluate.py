@@ -68,7 +68,7 @@ def score_joint_weights_here(context: RunContext, state: dict, policies: Labelle
     data = ScoringData(train_set, val_set, batch_size=cfg.data.batch_size, seed=cfg.seed,
                        calibration_batches=calibration_batches, device=device_for(cfg.ray.use_gpu))
     return score_policies(_joint_model(context, state), policies, context.costs, data,
-                          criterion=make_criterion(cfg.indicators), bf16=cfg.ray.bf16)
+                          criterion=make_criterion(cfg.indicators), bf16=cfg.training.bf16)
 
 
 def joint_model_at_policy(context: RunContext, state: dict, policy: BitAssignment,

@@ -1,6 +1,7 @@
 """FP, joint indicator and fine-tuning training on Ray Train (TorchTrainer), fed by the ray.data
 pipeline (each worker reads its share of each epoch, `orchestrator.distributed.datasets`) and recorded
-in MLflow. This is the only training loop: a laptop runs it on local Ray.
+in MLflow. The epochs themselves are `orchestrator.train.loop`'s, and what sets a stage apart is its
+`orchestrator.train.stages.Stage`; this module is the Ray wiring around them. A laptop runs it on local Ray.
 
 The driver opens the stage's MLflow run; the rank-0 worker logs per-epoch metrics, Ray Data's
 stats and system metrics while training runs (the driver is blocked in `fit()` meanwhile); after
@@ -13,10 +14,10 @@ run from its (storage_path, name)).
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,10 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from orchestrator.config.schema import PipelineConfig, RecipeConfig
+from orchestrator.common.collective import sum_across_workers, world_size
+from orchestrator.common.errors import UserError, user_error_in
+from orchestrator.common.plots import indicator_heatmap
+from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import DatasetIndex
 from orchestrator.data.transforms import augments_for
 from orchestrator.compat import system_metrics_monitor
@@ -49,10 +53,8 @@ from orchestrator.distributed.datasets import (
 )
 from orchestrator.distributed.interrupts import run_off_main_thread
 from orchestrator.distributed.runtime import TRAIN_LOGGING, ensure_ray
-from orchestrator.common.errors import UserError, user_error_in
+from orchestrator.quant.policy import BitAssignment, extract_indicators
 from orchestrator.search.indicators import save_indicators
-from orchestrator.common.plots import indicator_heatmap
-from orchestrator.quant.policy import extract_indicators, uniform_policy
 from orchestrator.tracking.models import log_model
 from orchestrator.tracking.runs import Tracker
 from orchestrator.train.checkpoint import (
@@ -61,109 +63,63 @@ from orchestrator.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from orchestrator.train.compiled import CompiledPass
+from orchestrator.train.loop import Workers, train_one_epoch, validate
 from orchestrator.train.progress import Progress
 from orchestrator.train.stages import (
+    FP,
     FP_FILE,
     INDICATORS_FILE,
     JOINT_FILE,
-    finetune_model,
+    STAGES,
+    Stage,
+    StageStart,
     fp_meta,
-    initial_fp_model,
-    joint_from_fp,
-    joint_training,
-    plain_training,
     seed_epoch,
     untrained_joint_model,
 )
-from orchestrator.train.steps import evaluate_policies
 
 log = logging.getLogger("limpq")
 
 STATE_FILE = "state.pt"
 
 
-def stage_recipe(cfg: PipelineConfig, stage: str) -> RecipeConfig:
-    return {"fp": cfg.fp, "indicators": cfg.indicators, "finetune": cfg.finetune}[stage]
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage's workers start from beside the config: weights as values or as object refs into
+    the driver's object store, and fine-tuning's policy; `report_extra` joins every epoch's metrics."""
+
+    fp_weights: Any = None
+    joint_weights: Any = None
+    policy: BitAssignment | None = None
+    report_extra: Mapping[str, float] = field(default_factory=dict)
+
+    def start(self) -> StageStart:
+        """The weights fetched from the object store (on a worker)."""
+        return StageStart(_resolve(self.fp_weights), _resolve(self.joint_weights), self.policy)
 
 
-class MetricSums:
-    """Sample-weighted running sums of step metrics."""
+@dataclass(frozen=True)
+class WorkerInputs:
+    """Everything a Ray Train worker of one stage is given (`train_loop_config["inputs"]`)."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, metrics: dict[str, float], samples: int) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value * samples
-        self.count += samples
-
-    def means(self) -> dict[str, float]:
-        return {key: value / max(1, self.count) for key, value in self.sums.items()}
+    cfg: PipelineConfig
+    stage: Stage
+    steps_per_epoch: int
+    data: ray.ObjectRef  # TrainingData
+    tracker: Tracker
+    run_id: str
+    label: str
+    inputs: StageInputs
 
 
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
-def _mean_across_workers(metrics: dict[str, float]) -> dict[str, float]:
-    keys = sorted(metrics)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return {k: v / world for k, v in zip(keys, _all_reduce([metrics[k] for k in keys]))}
+def _resolve(value: Any) -> Any:
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def _every_worker_has_batch(has_batch: bool) -> bool:
     """Shards can differ by a few rows (skipped images): all workers stop at the shortest one,
     or DDP would wait forever for the worker that ran out."""
-    return _all_reduce([1.0 if has_batch else 0.0], op=dist.ReduceOp.MIN)[0] > 0
-
-
-def _validation(model, cfg: PipelineConfig, stage: str, criterion, device, val: ray.data.Dataset) -> dict[str, float]:
-    """Validation over every worker's share of the val set, aggregated by sample count. The joint
-    model is scored at every uniform bit-width on the same batches (the split is decoded once per
-    epoch); other models as they stand (FP, or their fixed policy)."""
-    policies = {f"_w{b}": uniform_policy(model, b) for b in cfg.indicators.bits} if stage == "indicators" else {"": None}
-    results = evaluate_policies(model, iter_batches(val, cfg.data.batch_size, device), criterion, policies,
-                                cfg.ray.bf16)
-    metrics = {}
-    for suffix, result in results.items():
-        n = result["samples"]
-        sums = _all_reduce([result[k] * n if n else 0.0 for k in ("loss", "top1", "top5")] + [float(n)])
-        for key, total in zip(("loss", "top1", "top5"), sums):
-            if key != "top5" or stage != "indicators":
-                metrics[f"val_{key}{suffix}"] = total / max(sums[-1], 1)
-    return metrics
-
-
-def _compile_metrics(compiled: CompiledPass | None) -> dict[str, float]:
-    """This worker's compilation cost so far (seconds, the same every epoch once compiled; counted in
-    the epoch's images_per_second) and how many passes ran compiled; nothing when eager."""
-    if compiled is None:
-        return {}
-    metrics = {"compiled_passes": float(compiled.calls)}
-    if compiled.compile_seconds is not None:
-        metrics["compile_seconds"] = compiled.compile_seconds
-    return metrics
-
-
-def _worker_model(cfg: PipelineConfig, stage: str, config: dict[str, Any]) -> torch.nn.Module:
-    if stage == "fp":
-        return initial_fp_model(cfg.model, cfg.fp, cfg.seed)
-    fp_state = _resolve(config["fp_weights"])
-    if stage == "finetune":
-        return finetune_model(cfg.model, cfg.indicators.bits, fp_state, config["policy"],
-                              _resolve(config.get("joint_weights")))
-    return joint_from_fp(cfg.model, cfg.indicators.bits, fp_state)
-
-
-def _resolve(value: Any) -> Any:
-    """Weights arrive as object refs (from the driver's object store) or as values."""
-    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+    return sum_across_workers([1.0 if has_batch else 0.0], dist.ReduceOp.MIN)[0] > 0
 
 
 def _system_metrics(tracker: Tracker | None, run_id: str | None):
@@ -180,17 +136,16 @@ def _system_metrics(tracker: Tracker | None, run_id: str | None):
     return monitor
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker of the FP, indicator or fine-tuning stage."""
-    cfg: PipelineConfig = config["pipeline"]
-    stage: str = config["stage"]
+def train_loop_per_worker(config: dict[str, WorkerInputs]) -> None:
+    """One Ray Train worker of a stage: `orchestrator.train.loop` over this worker's shard of each
+    epoch, with metrics reduced over the worker group, a checkpoint reported every epoch."""
+    worker: WorkerInputs = config["inputs"]
+    cfg, stage = worker.cfg, worker.stage
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    data: TrainingData = _resolve(config["data"])
+    data: TrainingData = ray.get(worker.data)
     device = ray.train.torch.get_device()
-    recipe = stage_recipe(cfg, stage)
-    per_epoch: int = config["steps_per_epoch"]
-    model = _worker_model(cfg, stage, config)
+    model = stage.build_model(cfg, worker.inputs.start())
     payload = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -198,51 +153,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             payload = load_checkpoint(Path(directory) / STATE_FILE)
         restore_model(model, payload["model"], f"checkpoint of run {cfg.name}")
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    training = (joint_training(model, cfg.indicators, per_epoch, cfg.seed, cfg.ray.bf16, cfg.ray.compile)
-                if stage == "indicators"
-                else plain_training(model, recipe, per_epoch, cfg.ray.bf16, cfg.ray.compile))
+    training = stage.training(model, cfg, worker.steps_per_epoch)
     start_epoch = 0
     if payload is not None:
         training.optimizer.load_state_dict(payload["optimizer"])
         training.scheduler.load_state_dict(payload["scheduler"])
         restore_rng(payload["rng"], training.policy_rng)
         start_epoch = payload["epoch"]
-        log.info("%s: resuming at epoch %d from the last checkpoint", stage, start_epoch + 1)
+        log.info("%s: resuming at epoch %d from the last checkpoint", stage.name, start_epoch + 1)
 
-    tracker: Tracker | None = config.get("tracker") if rank == 0 else None
+    tracker = worker.tracker if rank == 0 else None
     if tracker is not None:
-        tracker.set_tags(config["run_id"], {"limpq.compile": training.compile.reason})
-    monitor = _system_metrics(tracker, config.get("run_id"))
+        tracker.set_tags(worker.run_id, {"limpq.compile": training.compile.reason})
+    monitor = _system_metrics(tracker, worker.run_id)
+    workers = Workers(world_size(), sum_across_workers, _every_worker_has_batch)
     val = epoch_dataset(data, "val", rank=rank, world=world)  # the same in every epoch
-    progress = Progress(config.get("label", stage), recipe.epochs, per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
-    keep_partial = stage == "indicators"  # the reference keeps an epoch's last partial batch
+    epochs = stage.recipe(cfg).epochs
+    progress = Progress(worker.label, epochs, worker.steps_per_epoch, bar=tqdm_ray.tqdm, enabled=rank == 0)
     try:
-        for epoch in range(start_epoch, recipe.epochs):
-            seed_epoch(cfg.seed, stage, rank, epoch)
-            model.train()
-            sums, started, images = MetricSums(), time.monotonic(), 0
+        for epoch in range(start_epoch, epochs):
+            seed_epoch(cfg.seed, stage.name, rank, epoch)
             train = epoch_dataset(data, "train", epoch, rank, world)  # what an uninterrupted run reads in this epoch
-            batches = iter_batches(train, cfg.data.batch_size, device, drop_last=not keep_partial)
-            for step in range(per_epoch):
-                batch = next(batches, None)
-                # a kept last batch of one image cannot go through BatchNorm in training mode: it ends the epoch
-                if not _every_worker_has_batch(batch is not None and len(batch[1]) > 1):
-                    break
-                x, y = batch
-                metrics = training.step(x, y)
-                training.scheduler.step()  # per step; a per-epoch schedule holds its rate within the epoch
-                sums.add(metrics, len(y))
-                images += len(y)
-                progress.update(epoch, step, len(y), metrics)
-            batches.close()  # the other workers may stop at a shorter share: the rest is not read
-            progress.close()  # the epoch's bar ends with its steps, before validation
-            seconds = time.monotonic() - started
-            metrics = _mean_across_workers(sums.means())
-            metrics["images_per_second"] = _all_reduce([images / max(seconds, 1e-9)])[0]
-            metrics.update(_compile_metrics(training.compiled))
-            metrics.update(_validation(model, cfg, stage, training.criterion, device, val))
+            # closed after the epoch: the other workers may stop at a shorter share, the rest is not read
+            with closing(iter_batches(train, cfg.data.batch_size, device,
+                                      drop_last=not stage.keep_partial_batch)) as batches:
+                metrics = train_one_epoch(model, training, batches, worker.steps_per_epoch, epoch, workers, progress)
+            metrics.update(validate(model, iter_batches(val, cfg.data.batch_size, device), training.criterion,
+                                    stage.validation_policies(model, cfg), stage.validation_metrics,
+                                    cfg.training.bf16, workers))
             metrics["epoch"] = epoch + 1
-            metrics.update(config.get("report_extra", {}))
+            metrics.update(worker.inputs.report_extra)
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None
                 if rank == 0:
@@ -251,8 +191,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     meta=fp_meta(cfg.model))
                     checkpoint = ray.train.Checkpoint.from_directory(directory)
                     if tracker is not None:
-                        tracker.log_metrics(config["run_id"], metrics, step=epoch + 1)
-                        tracker.client.log_text(config["run_id"], train.stats(),
+                        tracker.log_metrics(worker.run_id, metrics, step=epoch + 1)
+                        tracker.client.log_text(worker.run_id, train.stats(),
                                                 f"data_stats/epoch_{epoch + 1:03d}.txt")
                 ray.train.report(metrics, checkpoint=checkpoint)
     finally:
@@ -275,11 +215,10 @@ def storage_path(cfg: PipelineConfig) -> str:
 
 
 def steps_per_epoch(cfg: PipelineConfig, dataset: DatasetIndex, stage: str) -> int:
-    """Steps per epoch of a worker: the schedule's length. The loop itself stops at the shortest
-    shard, so skipped images only end an epoch a step early. The indicator stage keeps the last
-    partial batch; the others drop it (a batch of one breaks BatchNorm)."""
-    per_worker = dataset.count("train", stage_recipe(cfg, stage).train_fraction, cfg.seed) / cfg.ray.num_workers
-    steps = math.ceil(per_worker / cfg.data.batch_size) if stage == "indicators" else int(per_worker // cfg.data.batch_size)
+    """Steps per epoch of a worker of the stage named `stage`: the schedule's length. The loop itself
+    stops at the shortest shard, so skipped images only end an epoch a step early."""
+    per_worker = dataset.count("train", STAGES[stage].recipe(cfg).train_fraction, cfg.seed) / cfg.ray.num_workers
+    steps = STAGES[stage].steps_per_epoch(per_worker, cfg.data.batch_size)
     if steps < 1:
         raise UserError(f"data.batch_size: {cfg.data.batch_size} is larger than a worker's share of the {stage} "
                         f"training data ({int(per_worker)} images); lower it or use fewer ray.num_workers")
@@ -303,31 +242,29 @@ def fit_with_retries(trainer: Callable[[], TorchTrainer], max_failures: int, lab
 
 
 def train_on_ray(cfg: PipelineConfig, dataset: DatasetIndex, stage: str, tracker: Tracker, run_id: str,
-                 run_name: str, inputs: dict[str, Any] | None = None,
+                 run_name: str, inputs: StageInputs | None = None,
                  label: str | None = None) -> tuple[dict, dict[str, float]]:
-    """Run one stage's TorchTrainer (FP, indicators or fine-tuning) on `dataset`; returns the final
-    model state and the last epoch's metrics.
+    """Run the TorchTrainer of the stage named `stage` ("fp", "indicators", "finetune") on `dataset`;
+    returns the final model state and the last epoch's metrics.
 
-    `inputs` go to every worker (weights as object refs, a policy); the same `run_name` under the
-    same storage path resumes a crashed run from its last checkpoint. The skipped-image count is
-    logged to `run_id`.
+    `inputs` go to every worker; the same `run_name` under the same storage path resumes a crashed
+    run from its last checkpoint. The skipped-image count is logged to `run_id`.
     """
     ensure_ray(cfg)
-    recipe = stage_recipe(cfg, stage)
+    recipe = STAGES[stage].recipe(cfg)
     counter = SkipCounter()
     data = training_data(dataset, augments_for(cfg.data, cfg.model.input_size), input_size=cfg.model.input_size,
                          num_classes=cfg.model.num_classes, seed=cfg.seed, skip_counter=counter,
                          train_fraction=recipe.train_fraction)
     per_epoch = steps_per_epoch(cfg, dataset, stage)
     tracker.set_tags(run_id, {"limpq.steps_per_epoch": per_epoch})
-    loop_config: dict[str, Any] = {
-        "pipeline": cfg, "stage": stage, "steps_per_epoch": per_epoch, "tracker": tracker, "run_id": run_id,
-        "label": label or stage, "data": ray.put(data), **(inputs or {}),
-    }
+    worker = WorkerInputs(cfg, STAGES[stage], per_epoch, ray.put(data), tracker, run_id, label or stage,
+                          inputs or StageInputs())
+
     def trainer() -> TorchTrainer:
         return TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=loop_config,
+            train_loop_config={"inputs": worker},
             scaling_config=_scaling(cfg),
             torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
             run_config=RunConfig(
@@ -353,7 +290,7 @@ def log_dataset_inputs(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Trac
     once for its training subset and once for the validation split."""
     fingerprint = dataset.fingerprint
     name = dataset.source.rstrip("/").rsplit("/", 1)[-1] or dataset.source
-    fraction = stage_recipe(cfg, stage).train_fraction
+    fraction = STAGES[stage].recipe(cfg).train_fraction
     for split, context, extra in (("train", "training", {"train_fraction": fraction,
                                                           "images": dataset.count("train", fraction, cfg.seed)}),
                                   ("val", "validation", {"images": dataset.count("val")})):
@@ -373,7 +310,7 @@ def run_fp(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id:
            train_name: str) -> Path:
     """The FP stage into `directory`: trained on Ray Train, or taken from torchvision/a checkpoint."""
     ensure_ray(cfg)
-    model = initial_fp_model(cfg.model, cfg.fp, cfg.seed)
+    model = FP.build_model(cfg, StageStart())
     if cfg.fp.source == "train" and cfg.fp.epochs > 0:
         log_dataset_inputs(cfg, dataset, tracker, run_id, "fp")
         state, _ = train_on_ray(cfg, dataset, "fp", tracker, run_id, train_name)
@@ -392,7 +329,7 @@ def run_indicators_training(cfg: PipelineConfig, dataset: DatasetIndex, tracker:
     all logged to `run_id`, with the joint model as an MLflow model."""
     ensure_ray(cfg)
     log_dataset_inputs(cfg, dataset, tracker, run_id, "indicators")
-    inputs = {"fp_weights": ray.put(load_checkpoint(fp_path)["model"])}
+    inputs = StageInputs(fp_weights=ray.put(load_checkpoint(fp_path)["model"]))
     state, _ = train_on_ray(cfg, dataset, "indicators", tracker, run_id, train_name, inputs)
     model = untrained_joint_model(cfg.model, cfg.indicators.bits)
     restore_model(model, state, "final joint checkpoint")

@@ -25,6 +25,7 @@ from orchestrator.common.plots import policy_bits_chart
 from orchestrator.config.schema import Budget, PipelineConfig, budget_alias
 from orchestrator.distributed.evaluate import joint_model_at_policy, score_joint_weights_here
 from orchestrator.distributed.train import (
+    StageInputs,
     example_input,
     log_dataset_inputs,
     train_on_ray,
@@ -117,10 +118,10 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
             model = joint_model_at_policy(inputs.context, inputs.joint_weights, bits, cfg.finetune.bn_recalibration_batches)
         else:
             log_dataset_inputs(cfg, inputs.context.dataset, tracker, run.run_id, "finetune")
-            weights = {"fp_weights": inputs.fp_weights, "joint_weights": inputs.joint_weights, "policy": bits,
-                       "report_extra": _policy_metrics(policy)}
+            finetune_inputs = StageInputs(fp_weights=inputs.fp_weights, joint_weights=inputs.joint_weights, policy=bits,
+                                          report_extra=_policy_metrics(policy))
             state, metrics = train_on_ray(cfg, inputs.context.dataset, "finetune", tracker, run.run_id,
-                                          f"{cfg.name}-trial-{spec.label}-{sweep_key}", weights, label=spec.label)
+                                          f"{cfg.name}-trial-{spec.label}-{sweep_key}", finetune_inputs, label=spec.label)
             model = finetune_model(cfg.model, cfg.indicators.bits, inputs.fp_weights, bits)
             restore_model(model, state, f"fine-tuned checkpoint of trial {spec.label}")
         _log_trial_outputs(inputs, spec, run.run_id, model, policy, metrics)

@@ -112,7 +112,7 @@ def check_model_stages(cfg: PipelineConfig, batch_size: int = 4, seed: int = 0) 
     def joint_step() -> None:
         joint = state["model"] = joint_model(cfg.model, cfg.indicators.bits, state.pop("model"))
         joint.train()
-        training = joint_training(joint, cfg.indicators, per_epoch=1, seed=cfg.seed, bf16=cfg.ray.bf16)
+        training = joint_training(joint, cfg.indicators, per_epoch=1, seed=cfg.seed, bf16=cfg.training.bf16)
         metrics = training.step(images, labels)
         check.joint_loss = _finite(metrics[f"loss_w{cfg.indicators.bits[-1]}"], "joint")
 
@@ -128,7 +128,7 @@ def check_model_stages(cfg: PipelineConfig, batch_size: int = 4, seed: int = 0) 
         tuned = finetune_model(cfg.model, cfg.indicators.bits, state.pop("fp_state"), state["policy"], joint_state)
         del joint_state
         tuned.train()
-        training = plain_training(tuned, cfg.finetune, 1, cfg.ray.bf16)
+        training = plain_training(tuned, cfg.finetune, 1, cfg.training.bf16)
         check.finetune_loss = _finite(training.step(images, labels)["loss"], "fine-tuning")
 
     steps: dict[str, Callable[[], None]] = {"trace": trace, "joint_step": joint_step, "search": search,

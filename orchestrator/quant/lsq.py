@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from orchestrator.common.collective import mean_across_workers, reduced
+
 STEP_MIN, STEP_MAX = 1e-5, 1.0
 
 
@@ -84,14 +86,6 @@ def lsq_fake_quant_traceable(x: torch.Tensor, step: torch.Tensor, bits: torch.Te
     return (codes + (v - v.detach()) * inside) * s  # value codes * s; d/dx = inside, d/ds = codes - v * inside
 
 
-def _mean_across_workers(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
-
-
 class LsqQuantizer(nn.Module):
     """Per-tensor LSQ quantizer holding a step size s[b] for every candidate bit-width b.
 
@@ -139,9 +133,7 @@ class LsqQuantizer(nn.Module):
 
     @torch.no_grad()
     def _detect_sign(self, x: torch.Tensor) -> None:
-        has_negative = (x.min() < 0).float()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(has_negative, op=dist.ReduceOp.MAX)
+        has_negative = reduced((x.min() < 0).float(), dist.ReduceOp.MAX)
         self.signed_state.fill_(int(has_negative.item() > 0))
 
     @torch.no_grad()
@@ -151,7 +143,7 @@ class LsqQuantizer(nn.Module):
             mean, std = x.mean(), x.std()
             value = torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs()) / 2 ** (bits - 1)
         else:
-            value = _mean_across_workers(2 * x.abs().mean() / math.sqrt(qp))
+            value = mean_across_workers(2 * x.abs().mean() / math.sqrt(qp))
         self.step[str(bits)].copy_(value)  # not clamped (SPEC 1.1): an init above 1 keeps its rank
         self.initialized[self.bits.index(bits)] = True
 

@@ -53,7 +53,6 @@ from orchestrator.compat import (
 from orchestrator.common.source import git_commit
 from orchestrator.common.errors import UserError
 from orchestrator.common.redact import redact, redact_params
-from orchestrator.checks.stage_keys import NUMERICS_KEYS
 from orchestrator.tracking.ui import (
     EXPERIMENT_KIND_TAG,
     MODEL_DEVELOPMENT,
@@ -75,7 +74,9 @@ TAG_RAY_JOB = "limpq.ray_job_submission_id"
 TAG_NOTE = "mlflow.note.content"
 
 # Settings that say where and how work runs, not what it computes: tags, so they may change.
-_PLACEMENT_SECTIONS = ("ray.", "mlflow.", "output_dir", "name")
+# `training.compile` computes the same numbers to float tolerance (it is no part of the stage keys).
+_PLACEMENT_TAGS = ("ray.", "training.compile")
+_PLACEMENT_SECTIONS = (*_PLACEMENT_TAGS, "mlflow.", "output_dir", "name")
 
 UNFINISHED_STATUSES = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
 
@@ -104,13 +105,13 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
 def result_params(cfg: PipelineConfig) -> dict[str, Any]:
     """The settings that define results, for MLflow params (credentials redacted)."""
     return redact_params({key: value for key, value in cfg.flat().items()
-                          if not key.startswith(_PLACEMENT_SECTIONS) or key in NUMERICS_KEYS})
+                          if not key.startswith(_PLACEMENT_SECTIONS)})
 
 
 def placement_tags(cfg: PipelineConfig) -> dict[str, str]:
-    """Where and how a run's work is placed (`ray.*`): tags, rewritten on every attempt."""
+    """Where and how a run's work is placed (`ray.*`, `training.compile`): tags, rewritten on every attempt."""
     return redact_params({f"limpq.{key}": str(value) for key, value in cfg.flat().items()
-                          if key.startswith("ray.") and key not in NUMERICS_KEYS})
+                          if key.startswith(_PLACEMENT_TAGS)})
 
 
 def ray_job_submission_id() -> str | None:

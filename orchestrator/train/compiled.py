@@ -74,18 +74,18 @@ def decide_compile(mode: CompileMode, device_type: str) -> CompileDecision:
     starts); `off` never touches the compiler.
     """
     if mode == "off":
-        return CompileDecision(False, "ray.compile: off")
+        return CompileDecision(False, "training.compile: off")
     missing = compiler_missing(device_type)
     if mode == "on":
         if missing:
-            raise UserError(f"ray.compile: on, but {missing}; install it or set ray.compile: auto or off")
-        return CompileDecision(True, "ray.compile: on")
+            raise UserError(f"training.compile: on, but {missing}; install it or set training.compile: auto or off")
+        return CompileDecision(True, "training.compile: on")
     if device_type != "cuda":
-        return CompileDecision(False, f"ray.compile: auto, eager on {device_type} (compiling costs more than it "
+        return CompileDecision(False, f"training.compile: auto, eager on {device_type} (compiling costs more than it "
                                       "saves at CPU speeds)")
     if missing:
-        return CompileDecision(False, f"ray.compile: auto, eager: {missing}")
-    return CompileDecision(True, "ray.compile: auto, compiled on cuda")
+        return CompileDecision(False, f"training.compile: auto, eager: {missing}")
+    return CompileDecision(True, "training.compile: auto, compiled on cuda")
 
 
 class CompiledPass:
@@ -127,7 +127,7 @@ class CompiledPass:
             if not (first and self._fallback):
                 raise
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            log.warning("ray.compile: auto: the model did not compile (%s); training eagerly", self.failed)
+            log.warning("training.compile: auto: the model did not compile (%s); training eagerly", self.failed)
             return None
         if first:
             self._shape = images.shape

@@ -1,14 +1,18 @@
-"""The models and training recipes of the FP, joint indicator-training and fine-tuning stages as
-plain functions of their config sections (`model`, a stage's recipe) and values.
+"""The FP, joint indicator-training and fine-tuning stages: their models and training recipes as plain
+functions of their config sections (`model`, a stage's recipe) and values, and one `Stage` object per
+stage (`FP`, `INDICATORS`, `FINETUNE`) that says what sets it apart: its recipe, model, step,
+partial-batch rule and validation.
 
-Layer 1: they build models, optimizers and step functions; the Ray Train workers
-(orchestrator.distributed.train) drive them on their own shards.
+Layer 1: they build models, optimizers and step functions; `orchestrator.train.loop` runs their
+epochs, in one process or in each Ray Train worker on its own shard (orchestrator.distributed.train).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +25,12 @@ from orchestrator.config.schema import (
     FPConfig,
     IndicatorConfig,
     ModelConfig,
+    PipelineConfig,
     RecipeConfig,
 )
 from orchestrator.common.errors import UserError
 from orchestrator.models.info import build_configured_model
-from orchestrator.quant.policy import BitAssignment, load_step_sizes
+from orchestrator.quant.policy import BitAssignment, load_step_sizes, uniform_policy
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.common.seeds import derived_seed
 from orchestrator.train import recipe as recipes
@@ -126,7 +131,7 @@ class Training:
 
 def compiled_pass(model: nn.Module, criterion: nn.Module, compile_mode: CompileMode,
                   bf16: bool) -> tuple[CompileDecision, CompiledPass | None]:
-    """`compile_mode` (`ray.compile`) decided for the device `model` is on, and the compiled pass
+    """`compile_mode` (`training.compile`) decided for the device `model` is on, and the compiled pass
     when it compiles."""
     decision = decide_compile(compile_mode, next(model.parameters()).device.type)
     if not decision.enabled:
@@ -157,3 +162,79 @@ def joint_training(model: nn.Module, recipe: IndicatorConfig, per_epoch: int, se
                              policy_rng=policy_rng, grad_clip=recipe.grad_clip, bf16=bf16, compiled=compiled)
     return Training(optimizer, recipes.make_scheduler(optimizer, recipe, per_epoch), criterion, step, decision,
                     compiled, policy_rng)
+
+
+@dataclass(frozen=True)
+class StageStart:
+    """What a stage's model starts from beside the config: the FP weights (indicators, fine-tuning), and
+    for fine-tuning its fixed policy and, optionally, the joint model's weights."""
+
+    fp_weights: dict | None = None
+    joint_weights: dict | None = None
+    policy: BitAssignment | None = None
+
+
+class Stage(ABC):
+    """One training stage: what sets it apart from the others. The FP stage and fine-tuning take plain
+    steps and drop an epoch's last partial batch; indicator training takes the joint step (SPEC 1.3),
+    keeps that batch, as the reference does, and validates at every uniform bit-width."""
+
+    name: str
+    # the reference's indicator training keeps an epoch's last partial batch; the others drop it
+    keep_partial_batch = False
+    validation_metrics: tuple[str, ...] = ("loss", "top1", "top5")
+
+    def recipe(self, cfg: PipelineConfig) -> RecipeConfig:
+        return getattr(cfg, self.name)
+
+    @abstractmethod
+    def build_model(self, cfg: PipelineConfig, start: StageStart) -> nn.Module:
+        """The stage's model before training (on the CPU)."""
+
+    def training(self, model: nn.Module, cfg: PipelineConfig, steps_per_epoch: int) -> Training:
+        """Optimizer, schedule and step of `model` (on its device, DDP-wrapped or not) under `cfg.training`."""
+        return plain_training(model, self.recipe(cfg), steps_per_epoch, cfg.training.bf16, cfg.training.compile)
+
+    def validation_policies(self, model: nn.Module, cfg: PipelineConfig) -> dict[str, BitAssignment | None]:
+        """Metric-name suffix -> the policy validated under it (None: the model as it stands)."""
+        return {"": None}
+
+    def steps_per_epoch(self, images_per_worker: float, batch_size: int) -> int:
+        """The schedule's length of one worker's epoch over `images_per_worker` images."""
+        if self.keep_partial_batch:
+            return math.ceil(images_per_worker / batch_size)
+        return int(images_per_worker // batch_size)
+
+
+class FPStage(Stage):
+    name = "fp"
+
+    def build_model(self, cfg: PipelineConfig, start: StageStart) -> nn.Module:
+        return initial_fp_model(cfg.model, cfg.fp, cfg.seed)
+
+
+class IndicatorStage(Stage):
+    name = "indicators"
+    keep_partial_batch = True
+    validation_metrics = ("loss", "top1")
+
+    def build_model(self, cfg: PipelineConfig, start: StageStart) -> nn.Module:
+        return joint_from_fp(cfg.model, cfg.indicators.bits, start.fp_weights)
+
+    def training(self, model: nn.Module, cfg: PipelineConfig, steps_per_epoch: int) -> Training:
+        return joint_training(model, cfg.indicators, steps_per_epoch, cfg.seed, cfg.training.bf16,
+                              cfg.training.compile)
+
+    def validation_policies(self, model: nn.Module, cfg: PipelineConfig) -> dict[str, BitAssignment | None]:
+        return {f"_w{b}": uniform_policy(model, b) for b in cfg.indicators.bits}
+
+
+class FinetuneStage(Stage):
+    name = "finetune"
+
+    def build_model(self, cfg: PipelineConfig, start: StageStart) -> nn.Module:
+        return finetune_model(cfg.model, cfg.indicators.bits, start.fp_weights, start.policy, start.joint_weights)
+
+
+FP, INDICATORS, FINETUNE = FPStage(), IndicatorStage(), FinetuneStage()
+STAGES = {stage.name: stage for stage in (FP, INDICATORS, FINETUNE)}
