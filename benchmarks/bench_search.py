@@ -1,4 +1,4 @@
-"""Bit-width search speed on the ResNet50 conformance case (SPEC 2): our solver against a straightforward
+"""Bit-width search speed on the ResNet50 conformance case (docs/method.md §7.6): our solver against a straightforward
 PuLP + CBC build of the same ILP, in one process; then `limpq search` end to end and a 200-budget sweep.
 
     .venv/bin/python benchmarks/bench_search.py [--solves 50] [--baseline-runs 5] [--cli-runs 5]

@@ -3,7 +3,7 @@
 #   1. Ray Train on CUDA with the NCCL backend: a TorchTrainer over every GPU does an all-reduce and a
 #      DDP step, and each worker reports its device;
 #   2. bf16: autocast forward/backward of ResNet18 runs and its step time against fp32;
-#   3. the joint indicator step (one FP pass + one per candidate bit-width, SPEC 1.3) of ResNet18 at
+#   3. the joint indicator step (one FP pass + one per candidate bit-width, docs/method.md §3) of ResNet18 at
 #      224x224 on synthetic tensors against (|B|+1) plain FP steps of the same model and batch,
 #      eager (fp32, bf16), eager in channels_last (bf16), and compiled (training.compile: on, bf16), with
 #      each compilation's seconds;

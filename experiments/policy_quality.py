@@ -2,8 +2,8 @@
 
 For each model and seed: FP training and joint indicator training through the real pipeline path
 (`orchestrator.distributed.run.run_indicators`: Ray Train, MLflow), then, on the joint model
-WITHOUT fine-tuning (one-shot scoring, SPEC 1.7), for budgets spread between uniform W2A2 and W4A4 BitOps:
-  - the searched policy (the ILP of SPEC 1.5 on the learned indicators),
+WITHOUT fine-tuning (one-shot scoring, docs/method.md §9), for budgets spread between uniform W2A2 and W4A4 BitOps:
+  - the searched policy (the ILP of docs/method.md §7 on the learned indicators),
   - uniform precision at equal or higher BitOps,
   - N random policies with BitOps in [0.98 B, B],
   - the anti-policy (the ILP's objective maximised instead of minimised, BitOps in the same

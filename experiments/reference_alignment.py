@@ -1,5 +1,5 @@
 """Indicators and searched policies of the demo before and after aligning indicator training with the
-reference (SPEC 1.1-1.3: raw unclamped step sizes with clamp's gradient, full-precision fixed layers,
+reference (docs/method.md §2.1-§3: raw unclamped step sizes with clamp's gradient, full-precision fixed layers,
 Nesterov, no decay on 1-D parameters, per-epoch cosine to 1e-5, conv-only random pass, zero-gradient
 parameters out of the step).
 

@@ -111,7 +111,7 @@ def not_a_module(num_classes):
 
 
 def stem_and_head(num_classes):
-    """Only the layers SPEC 1.2 fixes by default: nothing to search."""
+    """Only the layers docs/method.md §2.3 fixes by default: nothing to search."""
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 
 

@@ -1,4 +1,4 @@
-"""ONNX QDQ export (SPEC 1.8): the integers a low-bit layer exports, `limpq export` of a one-shot
+"""ONNX QDQ export (docs/method.md §11): the integers a low-bit layer exports, `limpq export` of a one-shot
 pipeline's best model checked in ONNX Runtime on the val split, the sweep's registered ONNX version
 through pyfunc and a real `mlflow models serve`, and the refusals (one line, exit 2)."""
 

@@ -1,4 +1,4 @@
-"""One-shot policy scoring with the joint model (SPEC 1.7) and `limpq evaluate` on the smoke pipeline."""
+"""One-shot policy scoring with the joint model (docs/method.md §9) and `limpq evaluate` on the smoke pipeline."""
 
 from __future__ import annotations
 

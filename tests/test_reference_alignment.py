@@ -1,4 +1,4 @@
-"""Indicator training as the reference does it (SPEC 1.1-1.3): the step-size clamp, no decay on 1-D
+"""Indicator training as the reference does it (docs/method.md §2.1-§3): the step-size clamp, no decay on 1-D
 parameters, the per-epoch cosine, the random pass and the optimizer step that skips all-zero gradients."""
 
 from __future__ import annotations

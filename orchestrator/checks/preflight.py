@@ -293,7 +293,7 @@ def _check_model(cfg: PipelineConfig) -> CostTable:
     _check_quantized_share(cfg.model, default)
     fixed = cfg.model.fixed_layers
     if fixed is None:
-        if not default.searchable:  # a small user model: its only layers are SPEC 1.2's fixed ones
+        if not default.searchable:  # a small user model: its only layers are docs/method.md §2.3's fixed ones
             raise ConfigError(f"model.fixed_layers: {cfg.model.arch}'s only Conv2d/Linear layers are the first "
                               f"convolution and the classifier ({', '.join(la.name for la in default.fixed)}), "
                               "fixed by default, so nothing is left to search; give model.fixed_layers (e.g. []) "

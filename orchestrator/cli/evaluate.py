@@ -1,4 +1,4 @@
-"""`limpq evaluate`: score policies with the config's finished joint model, no fine-tuning (SPEC 3)."""
+"""`limpq evaluate`: score policies with the config's finished joint model, no fine-tuning (docs/method.md §13)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="score policies with the finished joint model (no fine-tuning)",
         description="Score each policy (policy JSON v1, as `limpq search --output` writes it) with the config's "
                     "finished joint indicator-training model on the config's val split, without fine-tuning: each "
-                    "layer uses its step sizes at the chosen bits and the BN copy of its weight bits (SPEC 1.7).")
+                    "layer uses its step sizes at the chosen bits and the BN copy of its weight bits (docs/method.md §9).")
     add_config_arguments(parser)
     parser.add_argument("--policy", nargs="+", metavar="P.json", action=_InOrder, help="policy files to score")
     parser.add_argument("--uniform", type=int, nargs="+", metavar="B", action=_InOrder,

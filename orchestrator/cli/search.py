@@ -39,7 +39,7 @@ sweeps (each point is solved in-process; --out-dir gets one policy per point and
 Several sweep axes give every combination; fixed budget flags (e.g. --compression-ratio 12.2) apply to
 every point unless that constraint is swept. An infeasible point is a row of sweep.csv with its reason.
 
-BitOps budgets count searchable layers only (SPEC 1.5); reports add the fixed layers at 8x8 bits, and
+BitOps budgets count searchable layers only (docs/method.md §7); reports add the fixed layers at 8x8 bits, and
 bitops_g_total also the multiplies left in float (attention matmuls) at 32x32 bits.
 MB are 2^20 bytes, as in the published search script.
 """
@@ -179,7 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "search", help="bit-width search (ILP) from importance indicators",
         description="Pick per-layer weight and activation bit-widths that minimise the summed importance "
-                    "indicators under BitOps, size, latency or average-bits budgets (SPEC 1.5).",
+                    "indicators under BitOps, size, latency or average-bits budgets (docs/method.md §7).",
         epilog=SWEEP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--indicators", required=True, metavar="PATH",
                         help="indicators: our JSON, the published dict JSON, or the published pickle")

@@ -31,7 +31,7 @@ def _save(figure: Figure, path: str | Path) -> Path:
 
 def non_monotonic_cells(bits: Sequence[int], values: Sequence[Sequence[float]]) -> np.ndarray:
     """Mask (layers x bits) of entries whose step size is below the next higher candidate's: the
-    artefacts of joint training that the search must never choose (SPEC 1.4)."""
+    artefacts of joint training that the search must never choose (docs/method.md §4)."""
     table = np.asarray(values, dtype=float)
     mask = np.zeros(table.shape, dtype=bool)
     ascending = sorted(range(len(bits)), key=lambda column: bits[column])

@@ -133,7 +133,7 @@ class IndicatorConfig(RecipeConfig):
     bits: list[int] = Field(default_factory=lambda: [6, 5, 4, 3, 2])
     epochs: int = Field(3, ge=1, description="The search needs trained indicators: at least 1.")
     lr: float = Field(0.01, gt=0)
-    nesterov: bool = True  # the reference recipe (SPEC 1.3)
+    nesterov: bool = True  # the reference recipe (docs/method.md §3)
     scheduler_interval: Literal["step", "epoch"] = Field("epoch", description="Update the lr every step or once per epoch.")
     min_lr: float = Field(1e-5, ge=0, description="Where the cosine schedule ends.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip gradients by value.")

@@ -1,4 +1,4 @@
-"""One-shot policy scoring with a config's finished joint model (SPEC 1.7): `limpq evaluate`, and the
+"""One-shot policy scoring with a config's finished joint model (docs/method.md §9): `limpq evaluate`, and the
 sweep's trials when `finetune.epochs` is 0. As a Ray task when a cluster is there (RAY_ADDRESS or
 ray.address), in-process otherwise.
 

@@ -192,8 +192,7 @@ def train_loop_per_worker(config: dict[str, WorkerInputs]) -> None:
                     checkpoint = ray.train.Checkpoint.from_directory(directory)
                     if tracker is not None:
                         tracker.log_metrics(worker.run_id, metrics, step=epoch + 1)
-                        tracker.client.log_text(worker.run_id, train.stats(),
-                                                f"data_stats/epoch_{epoch + 1:03d}.txt")
+                        tracker.log_text(worker.run_id, train.stats(), f"data_stats/epoch_{epoch + 1:03d}.txt")
                 ray.train.report(metrics, checkpoint=checkpoint)
     finally:
         progress.close()
@@ -229,7 +228,7 @@ def fit_with_retries(trainer: Callable[[], TorchTrainer], max_failures: int, lab
     """Fit, and after a failure fit the same run again (Train resumes it from its last checkpoint) up
     to `max_failures` times; a failure whose root is a UserError (a corrupt checkpoint, a diverged
     loss: it would fail the same way again) ends the stage at once. Ray Train's own retries cannot do
-    this: its failure policy (Ray 2.60) retries every worker error alike and has no public hook."""
+    this: its failure policy retries every worker error alike and has no public hook to tell them apart."""
     for attempt in range(max_failures + 1):
         try:
             return run_off_main_thread(trainer().fit, name="ray-train-fit")
@@ -316,7 +315,7 @@ def run_fp(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id:
         state, _ = train_on_ray(cfg, dataset, "fp", tracker, run_id, train_name)
         restore_model(model, state, "final FP checkpoint")
     out = save_checkpoint(directory / FP_FILE, model, meta=fp_meta(cfg.model))
-    tracker.client.log_artifact(run_id, str(out), "checkpoint")
+    tracker.log_artifact(run_id, str(out), "checkpoint")
     log_model(tracker, run_id, model, example_input(cfg), name="fp-model",
               step=max(cfg.fp.epochs, 1) if cfg.fp.source == "train" else 0,
               tags={"limpq.stage": "fp", "limpq.arch": cfg.model.arch})
@@ -346,7 +345,7 @@ def run_indicators_training(cfg: PipelineConfig, dataset: DatasetIndex, tracker:
                       [[indicators.act[n][b] for b in indicators.bits] for n in indicators.layers],
                       heatmap, title=f"{cfg.model.arch} step sizes ({cfg.name})")
     for path, folder in ((out, None), (heatmap, "plots"), (joint, "checkpoint")):
-        tracker.client.log_artifact(run_id, str(path), folder)
+        tracker.log_artifact(run_id, str(path), folder)
     log_model(tracker, run_id, model, example_input(cfg), name="joint-model", step=cfg.indicators.epochs,
               tags={"limpq.stage": "indicators", "limpq.arch": cfg.model.arch,
                     "limpq.bits": ",".join(map(str, cfg.indicators.bits))})

@@ -1,6 +1,6 @@
 """One trial of the budget sweep (a Ray Tune trial): the policy of its budget (ILP search, or a
 uniform baseline), fine-tuned on Ray Train or, with `finetune.epochs: 0`, scored with the joint
-model (SPEC 1.7); recorded in a nested MLflow run whose model becomes a version of the pipeline's
+model (docs/method.md §9); recorded in a nested MLflow run whose model becomes a version of the pipeline's
 registered model.
 
 MLflow is the source of truth for what finished: a trial whose run already finished under the same
@@ -77,7 +77,7 @@ def _description(cfg: PipelineConfig, spec: TrialSpec) -> str:
 
 
 def _score_one_shot(inputs: SweepInputs, label: str, policy: Policy) -> dict[str, float]:
-    """The joint model's validation metrics at `policy` (SPEC 1.7), on this trial's CPUs: the same
+    """The joint model's validation metrics at `policy` (docs/method.md §9), on this trial's CPUs: the same
     scoring as `limpq evaluate`."""
     [row] = score_joint_weights_here(inputs.context, inputs.joint_weights, [(label, policy.assignment())],
                                      inputs.context.cfg.finetune.bn_recalibration_batches)

@@ -1,6 +1,6 @@
 """Run a model through every stage of the pipeline in-process, on one random batch: trace and costs,
-the joint model and one joint-training step (SPEC 1.3), indicators and one search (SPEC 1.5), the
-fine-tuning model at the searched policy and one fine-tuning step (SPEC 1.6).
+the joint model and one joint-training step (docs/method.md §3), indicators and one search (docs/method.md §7), the
+fine-tuning model at the searched policy and one fine-tuning step (docs/method.md §10).
 
 It uses the stages' own functions (orchestrator.train.stages, the search), without Ray, MLflow or data,
 so it answers in seconds to minutes whether a model, e.g. a user's own, goes through the pipeline,

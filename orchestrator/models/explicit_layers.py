@@ -6,7 +6,7 @@ counted as a layer nor quantized. Two such modules exist among torchvision's cla
 
 - `nn.MultiheadAttention` (ViT) reads its packed `in_proj_weight` and its `out_proj.weight` inside
   `F.multi_head_attention_forward`; `ExplicitMultiheadAttention` holds them as `in_proj` and `out_proj`
-  Linear modules and calls both (SPEC 1.5: each is a layer like any other).
+  Linear modules and calls both (docs/method.md §6: each is a layer like any other).
 - swin's `ShiftedWindowAttention(V2)` passes `self.qkv.weight` and `self.proj.weight` to a function;
   the explicit subclasses call `self.qkv` and `self.proj`.
 

@@ -2,7 +2,7 @@
 forward pass multiplies: the Conv2d/Linear layers in forward order, and every other multiply-accumulate.
 
 Both the quantization surgery and the search cost model read the same trace, so the searchable
-layer list (names, order, fixed layers) is defined once. MACs follow SPEC 1.5 ("MACs in general"):
+layer list (names, order, fixed layers) is defined once. MACs follow docs/method.md §6 ("MACs in general"):
 what one forward pass at batch 1 multiplies, from the shapes each layer sees.
 """
 
@@ -365,7 +365,7 @@ def trace_layers(model: nn.Module, input_size: int) -> list[LayerInfo]:
 
 
 def default_fixed_layers(layers: list[LayerInfo]) -> list[str]:
-    """SPEC 1.2: the first convolution and the final classifier are not searched."""
+    """docs/method.md §2.3: the first convolution and the final classifier are not searched."""
     fixed = []
     convs = [layer.name for layer in layers if layer.kind == "conv"]
     linears = [layer.name for layer in layers if layer.kind == "linear"]

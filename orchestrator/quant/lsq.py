@@ -1,4 +1,4 @@
-"""LSQ fake quantization (SPEC 1.1) with one learnable step size per candidate bit-width."""
+"""LSQ fake quantization (docs/method.md §2.1) with one learnable step size per candidate bit-width."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class LsqFakeQuant(torch.autograd.Function):
 
     One autograd node instead of the composed detach-trick chain: it saves only `x` and `s` and
     recomputes x / s in backward, so less memory is held between forward and backward.
-    The step size is clamped to [1e-5, 1] when used, with clamp's own gradient (SPEC 1.1, as the
+    The step size is clamped to [1e-5, 1] when used, with clamp's own gradient (docs/method.md §2.1, as the
     reference): zero for a step size outside the range, which then stays where it is.
     """
 
@@ -92,7 +92,7 @@ class LsqQuantizer(nn.Module):
     `active_bits` picks the step size used by the next forward (None: pass through in full precision).
     Each s[b] is its own Parameter so that an optimizer step after a pass at one bit-width leaves the
     others untouched. Step sizes are initialised lazily on the first forward at each bit-width
-    (SPEC 1.1 formulas); activation inits are averaged across data-parallel workers.
+    (docs/method.md §2.1 formulas); activation inits are averaged across data-parallel workers.
     Whether activations are signed is read from the first batch this quantizer sees.
     """
 
@@ -144,11 +144,11 @@ class LsqQuantizer(nn.Module):
             value = torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs()) / 2 ** (bits - 1)
         else:
             value = mean_across_workers(2 * x.abs().mean() / math.sqrt(qp))
-        self.step[str(bits)].copy_(value)  # not clamped (SPEC 1.1): an init above 1 keeps its rank
+        self.step[str(bits)].copy_(value)  # not clamped (docs/method.md §2.1): an init above 1 keeps its rank
         self.initialized[self.bits.index(bits)] = True
 
     def step_size(self, bits: int) -> float:
-        """The raw learned step size at `bits`: the importance indicator (SPEC 1.4)."""
+        """The raw learned step size at `bits`: the importance indicator (docs/method.md §4)."""
         return float(self.step[str(bits)].detach())
 
     def effective_step_size(self, bits: int) -> float:
@@ -174,7 +174,7 @@ class LsqQuantizer(nn.Module):
         they stay eager: a compiled step runs only once every step size is initialised
         (`is_initialized`); the step size and the levels are picked by tensor indexing. Stacking the
         step sizes gives the inactive ones a zero gradient rather than none; the joint step leaves
-        all-zero gradients out of the optimizer step (SPEC 1.3 step 4), so the update is the same."""
+        all-zero gradients out of the optimizer step (docs/method.md §3.1), so the update is the same."""
         if len(self.bits) == 1:
             step = self.step[str(self.bits[0])]
         else:

@@ -119,7 +119,7 @@ class SwitchableBatchNorm2d(nn.Module):
 
 
 class OperandQuant(nn.Module):
-    """Input quantizers of the products between two activations inside an attention module (SPEC 1.5:
+    """Input quantizers of the products between two activations inside an attention module (docs/method.md §7:
     q @ k^T and attn @ v take both operands at one layer's activation bits): `q`, `k`, `probs`
     (the attention weights) and `v`, each an LSQ activation quantizer with a step size per candidate
     bit-width. The surgery attaches one to each explicit attention module as `operand_quant` and ties

@@ -1,4 +1,4 @@
-"""A quantized model as ONNX in standard QDQ form at its own bit-widths (SPEC 1.8). Layer 1: torch,
+"""A quantized model as ONNX in standard QDQ form at its own bit-widths (docs/method.md §11). Layer 1: torch,
 onnx and onnxscript, no Ray, no MLflow.
 
 Driven by the quantizers, not by layer classes: every `LsqQuantizer` of the model (a layer's
@@ -84,7 +84,7 @@ def _container(qn: int, qp: int) -> tuple[int, np.dtype]:
 
 
 def _quant_dequant_onnx(x, step: float, qn: int, qp: int):
-    """ONNX translation of `quant_dequant` (SPEC 1.8)."""
+    """ONNX translation of `quant_dequant` (docs/method.md §11)."""
     onnx_type, dtype = _container(qn, qp)
     scale = op.Constant(value=ir.tensor(np.array(step, dtype=np.float32)))
     zero_point = op.Constant(value=ir.tensor(np.array(0, dtype=dtype), dtype=ir.DataType(onnx_type)))
@@ -109,7 +109,7 @@ class _QuantDequant(nn.Module):
 class QuantizedTensor:
     """One quantizer as exported: the module holding it, weight or activation, bits and ONNX type. An
     attention's operand quantizer (the products q @ k^T and attn @ v at its tied layer's activation bits,
-    SPEC 1.5) names the attention module as `layer` and its operand: q, k, probs or v."""
+    docs/method.md §7) names the attention module as `layer` and its operand: q, k, probs or v."""
 
     layer: str
     kind: str  # "weight" or "act"

@@ -24,7 +24,7 @@ def searchable_modules(model: nn.Module) -> list[tuple[str, QConv2d | QLinear]]:
 
 def set_policy(model: nn.Module, policy: BitAssignment) -> None:
     """Set each searchable layer to its (wbits, abits); its switchable BN follows the weight bits, the
-    products of an attention tied to it (SPEC 1.5) its activation bits."""
+    products of an attention tied to it (docs/method.md §7) its activation bits."""
     inner = unwrap(model)
     layout = layout_of(inner)
     for name in layout.searchable:
@@ -47,7 +47,7 @@ def set_uniform_bits(model: nn.Module, bits: int) -> None:
 
 
 def random_policy(model: nn.Module, bits: Sequence[int], rng: random.Random) -> dict[str, tuple[int, int]]:
-    """The random pass of SPEC 1.3 step 3: each searchable convolution draws one bit-width for both
+    """The random pass of docs/method.md §3.2: each searchable convolution draws one bit-width for both
     weights and activations; a searchable Linear keeps the last uniform pass's bit-width (bits[-1]),
     except a Linear applied per token (a transformer's projections and MLPs, ConvNeXt's pointwise
     layers: 1x1 convolutions in all but name), which draws like a convolution. Without that, a
@@ -61,7 +61,7 @@ def random_policy(model: nn.Module, bits: Sequence[int], rng: random.Random) -> 
 
 
 def extract_indicators(model: nn.Module, arch: str, provenance: dict[str, Any] | None = None) -> Indicators:
-    """The learned step sizes s_w[l][b], s_a[l][b] of every searchable layer (SPEC 1.4)."""
+    """The learned step sizes s_w[l][b], s_a[l][b] of every searchable layer (docs/method.md §4)."""
     layers = searchable_modules(model)
     bits = list(layers[0][1].weight_quant.bits)
     weight, act = {}, {}

@@ -1,10 +1,10 @@
-"""Turn a torchvision classifier into its quantizable form (SPEC 1.2).
+"""Turn a torchvision classifier into its quantizable form (docs/method.md §2.3).
 
 Searchable layers become QConv2d/QLinear with one step size per candidate bit-width for weights and
 inputs; the BatchNorm that consumes a searchable layer's output becomes switchable. Modules that read a
 weight functionally are first made to call it as a layer (orchestrator.models.explicit_layers), so those
 weights are quantized too, and their products of two activations (attention's q @ k^T and attn @ v)
-take both operands at the activation bits of the attention's output projection (SPEC 1.5). Fixed layers
+take both operands at the activation bits of the attention's output projection (docs/method.md §7). Fixed layers
 (default: first conv and classifier) stay full precision in the joint (indicator-training) model, as in
 the reference; at a fixed policy (fine-tuning, deployment) they quantize at 8 bits: the first conv keeps
 a full-precision input, the classifier uses 8-bit activations.

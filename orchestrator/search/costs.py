@@ -11,7 +11,7 @@ same name; within a process it is traced once per source file content (the prefl
 Besides the layers' own MACs, a layer holds the MACs of the activation x activation products that run
 at its activation bits (`act_macs`: an attention's q @ k^T and attn @ v, tied to its output projection),
 and the table lists the multiplies that stay in float (`float_ops`: other products of activations,
-weights read outside a layer), so its totals cover every MAC of the forward pass (SPEC 1.5).
+weights read outside a layer), so its totals cover every MAC of the forward pass (docs/method.md §6).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 Accounting = Literal["exact", "limpq-official"]
 ACCOUNTINGS: tuple[str, ...] = ("exact", "limpq-official")
 COST_TABLE_FORMAT = "limpq-costs/v2"  # v2: Linear MACs over tokens, act_macs, float_ops
-FIXED_LAYER_BITS = 8  # SPEC 1.2: fixed layers run at 8-bit weights (and 8-bit activations for BitOps reports)
+FIXED_LAYER_BITS = 8  # docs/method.md §2.3: fixed layers run at 8-bit weights (and 8-bit activations for BitOps reports)
 FLOAT_BITS = 32  # multiplies left in float count 32 x 32 BitOps per MAC
 
 
@@ -45,10 +45,10 @@ class LayerCost:
     kind: str  # "conv" or "linear"; for a float op "weight", "attention" or "matmul" (modelinfo.FloatOp)
     macs: int
     params: int
-    act_macs: int = 0  # products of two activations quantized at this layer's activation bits (SPEC 1.5)
+    act_macs: int = 0  # products of two activations quantized at this layer's activation bits (docs/method.md §6)
 
     def bitops(self, wbits: int, abits: int) -> int:
-        """SPEC 1.5: MACs x weight bits x activation bits, and both operands of `act_macs` at `abits`."""
+        """docs/method.md §6: MACs x weight bits x activation bits, and both operands of `act_macs` at `abits`."""
         return self.macs * wbits * abits + self.act_macs * abits * abits
 
 
@@ -136,7 +136,7 @@ class CostTable:
 
 def official_macs(layer: LayerInfo) -> int:
     """MACs as the published search script counts them: output height and width from the unfloored
-    stride division, their product truncated to an integer (SPEC 1.5)."""
+    stride division, their product truncated to an integer (docs/method.md §6)."""
     if layer.kind == "linear":
         return layer.macs
     (h, w), (kh, kw) = layer.input_hw, layer.kernel_size
@@ -154,7 +154,7 @@ def costs_from_layers(
     num_classes: int = 0,
     float_ops: tuple[FloatOp, ...] = (),
 ) -> CostTable:
-    """A cost table from traced layers (and the trace's float ops); `fixed_layers` None means SPEC 1.2's
+    """A cost table from traced layers (and the trace's float ops); `fixed_layers` None means docs/method.md §2.3's
     default."""
     from orchestrator.models.info import (
         split_layers,  # imports torch; a cached table loads without it

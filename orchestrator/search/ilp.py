@@ -1,4 +1,4 @@
-"""The bit-width ILP of SPEC 1.5: variables per layer x (weight bits, activation bits), objective
+"""The bit-width ILP of docs/method.md §7: variables per layer x (weight bits, activation bits), objective
 sum I_a(l, a) + alpha * I_w(l, w), budget rows for BitOps, size, latency and average bits.
 
 `Searcher` builds the cost matrix once per (indicators, cost table, candidates, alpha, latency table) and
@@ -128,7 +128,7 @@ class Searcher:
     # -- constraints -------------------------------------------------------------------------------
 
     def _row(self, key: str) -> np.ndarray:
-        if key == "bitops":  # SPEC 1.5; act_macs: products of two activations, both at the activation bits
+        if key == "bitops":  # docs/method.md §7; act_macs: products of two activations, both at the activation bits
             return (self.macs[:, None] * (self.pair_w * self.pair_a)[None, :]
                     + self.act_macs[:, None] * (self.pair_a * self.pair_a)[None, :])
         if key == "size":

@@ -1,4 +1,4 @@
-"""Importance indicators (SPEC 1.4): the learned step size of every searchable layer at every candidate
+"""Importance indicators (docs/method.md §4): the learned step size of every searchable layer at every candidate
 bit-width, for weights and activations, and the files that carry them.
 
 Reads our JSON v1, the published dict JSON and the published pickle (through an unpickler that builds
@@ -56,7 +56,7 @@ class Indicators:
                 if sorted(steps) != sorted(self.bits):
                     raise UserError(f"indicators: {kind} of layer {name} has bits {sorted(steps)}, "
                                     f"expected {sorted(self.bits)}")
-                # finite, not positive: the indicator is the raw parameter (SPEC 1.1), which one
+                # finite, not positive: the indicator is the raw parameter (docs/method.md §2.1), which one
                 # optimizer step can carry below the quantizer's 1e-5 floor (swin_v2_t's 2-bit proj)
                 bad = [b for b, s in steps.items() if not math.isfinite(s)]
                 if bad:
@@ -145,7 +145,7 @@ def load_indicators(path: str | Path) -> Indicators:
 
 
 def indicators_to_dict(ind: Indicators) -> dict[str, Any]:
-    """JSON v1 (SPEC 3); bit keys become strings as JSON requires."""
+    """JSON v1 (docs/method.md §13); bit keys become strings as JSON requires."""
     return {
         "format": INDICATORS_FORMAT,
         "model": ind.model,
@@ -167,7 +167,7 @@ def save_indicators(ind: Indicators, path: str | Path) -> None:
 
 def non_monotonic(ind: Indicators) -> list[tuple[str, str, int]]:
     """(layer, "weight"|"act", bit) where the step size at `bit` is below the one at the next higher of
-    the indicators' bit-widths: a joint-training artefact the search must never pick (SPEC 1.4). It is a
+    the indicators' bit-widths: a joint-training artefact the search must never pick (docs/method.md §4). It is a
     property of the indicators, so it holds whichever candidates a search then uses."""
     descending = sorted(ind.bits, reverse=True)
     found = []

@@ -1,4 +1,4 @@
-"""Exact solver for the bit-width ILP of SPEC 1.5, seen as a multiple-choice knapsack: every layer takes
+"""Exact solver for the bit-width ILP of docs/method.md §7, seen as a multiple-choice knapsack: every layer takes
 exactly one of its (weight bits, activation bits) choices, a few linear budget rows must hold, and the
 summed cost is minimal.
 

@@ -1,5 +1,5 @@
 """Searched policies: per-layer (weight bits, activation bits), their totals, the policy JSON v1 of
-SPEC 3, and exports to other tools (the published fine-tuning YAML lists, an NNCF-style precision list)."""
+docs/method.md §13, and exports to other tools (the published fine-tuning YAML lists, an NNCF-style precision list)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ zero only in expectation, swamp a flat layer's estimate next to a sharp one. Tr(
 activation scores are in the same unit and add up (alpha = 1 weighs them equally); HAWQ-V2 writes
 the weight term as Tr(H)/n * ||Q(W) - W||^2, the same number.
 
-Q_b is the layer's own LSQ quantizer at its initial step size (SPEC 1.1): weights
+Q_b is the layer's own LSQ quantizer at its initial step size (docs/method.md §2.1): weights
 s = max(|mean - 3 std|, |mean + 3 std|) / 2^(b-1), activations s = 2 mean|x| / sqrt(Qp) on the first
 batch (sign from that batch), as fine-tuning without indicator initialisation starts. Traces are
 averaged over batches and Hutchinson samples; a negative average (the loss is not locally convex along
@@ -24,7 +24,7 @@ that layer) is taken as 0: no predicted loss increase, so the layer's entries ti
 
 The model is the joint model built from the FP weights with its quantizers switched off, in eval mode
 (BatchNorm on running statistics, no dropout): the FP network, with the searchable layers' names
-and quantizers in place. The products of attention operands (SPEC 1.5) are not scored.
+and quantizers in place. The products of attention operands (docs/method.md §7) are not scored.
 """
 
 from __future__ import annotations

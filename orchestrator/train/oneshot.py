@@ -1,4 +1,4 @@
-"""One-shot policy scoring with the joint model (SPEC 1.7): any per-layer policy is run on the
+"""One-shot policy scoring with the joint model (docs/method.md §9): any per-layer policy is run on the
 indicator-training model directly, without fine-tuning. Plain torch (layer 1: no Ray, no MLflow).
 
 Each searchable layer uses its step sizes at the chosen (weight, activation) bits and the BatchNorm

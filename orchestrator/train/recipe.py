@@ -12,7 +12,7 @@ from orchestrator.config.schema import RecipeConfig
 
 def make_optimizer(model: nn.Module, recipe: RecipeConfig) -> torch.optim.Optimizer:
     """SGD with weight decay on weight matrices and kernels only: 1-D parameters (LSQ step sizes, BN
-    affine parameters, biases) get none, as in the reference (SPEC 1.3), so decay does not shrink the
+    affine parameters, biases) get none, as in the reference (docs/method.md §3), so decay does not shrink the
     step sizes that serve as indicators."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     decayed = [p for p in trainable if p.dim() > 1]

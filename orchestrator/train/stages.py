@@ -103,7 +103,7 @@ def joint_from_fp(model: ModelConfig, bits: Sequence[int], fp_state: dict) -> nn
 
 def finetune_model(model: ModelConfig, bits: Sequence[int], fp_state: dict, policy: BitAssignment,
                    joint_state: dict | None = None) -> nn.Module:
-    """The FP model quantized at a fixed per-layer policy (SPEC 1.6); with `joint_state` (the joint model
+    """The FP model quantized at a fixed per-layer policy (docs/method.md §10); with `joint_state` (the joint model
     trained at candidate `bits`), its step sizes and BatchNorms start from the joint-trained values at
     the chosen bits."""
     network = build_configured_model(model)
@@ -176,7 +176,7 @@ class StageStart:
 
 class Stage(ABC):
     """One training stage: what sets it apart from the others. The FP stage and fine-tuning take plain
-    steps and drop an epoch's last partial batch; indicator training takes the joint step (SPEC 1.3),
+    steps and drop an epoch's last partial batch; indicator training takes the joint step (docs/method.md §3),
     keeps that batch, as the reference does, and validates at every uniform bit-width."""
 
     name: str

@@ -84,7 +84,7 @@ def _check_finite(loss: float, optimizer: torch.optim.Optimizer, where: str) -> 
 
 
 def _drop_zero_gradients(model: nn.Module) -> None:
-    """Parameters whose gradient is exactly zero sit out the optimizer step (SPEC 1.3 step 4, as the
+    """Parameters whose gradient is exactly zero sit out the optimizer step (docs/method.md §3.1, as the
     reference): momentum does not move a step size that clamp's gradient froze."""
     for parameter in model.parameters():
         if parameter.grad is not None and not parameter.grad.any():
@@ -95,7 +95,7 @@ def joint_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bit
                criterion: nn.Module, optimizer: torch.optim.Optimizer, policy_rng: random.Random,
                grad_clip: float | None = 1.0, bf16: bool = False,
                compiled: CompiledPass | None = None) -> dict[str, float]:
-    """SPEC 1.3: one pass per uniform bit-width plus one random-policy pass, gradients accumulated,
+    """docs/method.md §3: one pass per uniform bit-width plus one random-policy pass, gradients accumulated,
     clipped by value, parameters with an all-zero gradient left out, then a single optimizer step.
     Metrics per pass: loss_w{b}, top1_w{b}, loss_random, top1_random. A NaN or infinite loss raises
     `NanLossError` before any weight changes. `compiled`: the model's compiled pass, used by every
