@@ -52,6 +52,9 @@ MAX_OPSET = 23  # the newest opset this exporter has been checked with (torch.on
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 METADATA_KEY = "limpq.quantizers"  # the model's metadata_props entry listing what is quantized how
 MAX_BITS = 8
+# fast: what ONNX Runtime runs on integer kernels (BatchNorm folded, 8-bit containers); compact: the
+# smallest file (INT4 packed), for storage and transport
+FORMS = ("fast", "compact")
 
 # ONNX tensor type (and its numpy dtype) of each (signed, 4-bit container) combination
 _TYPES = {
@@ -63,13 +66,14 @@ _TYPES = {
 
 
 @torch.library.custom_op("limpq::quant_dequant", mutates_args=())
-def quant_dequant(x: torch.Tensor, step: float, qn: int, qp: int) -> torch.Tensor:
-    """round(clamp(x / s, Qn, Qp)) * s, the forward of an LSQ quantizer at one bit-width."""
+def quant_dequant(x: torch.Tensor, step: float, qn: int, qp: int, container: str) -> torch.Tensor:
+    """round(clamp(x / s, Qn, Qp)) * s, the forward of an LSQ quantizer at one bit-width; `container`
+    says how the ONNX translation stores the codes (one of _TRANSLATIONS)."""
     return (x / step).clamp(qn, qp).round() * step
 
 
 @quant_dequant.register_fake
-def _quant_dequant_shape(x: torch.Tensor, step: float, qn: int, qp: int) -> torch.Tensor:
+def _quant_dequant_shape(x: torch.Tensor, step: float, qn: int, qp: int, container: str) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -78,14 +82,42 @@ def _integer_range(dtype: np.dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def _container(qn: int, qp: int) -> tuple[int, np.dtype]:
-    """(ONNX type, numpy dtype) of the smallest integer type holding [qn, qp]."""
-    return _TYPES[(qn < 0, qp - qn < 16)]
+def _container(qn: int, qp: int, wide: bool = False) -> tuple[int, np.dtype]:
+    """(ONNX type, numpy dtype) of the smallest integer type holding [qn, qp] (`wide`: of 8 bits)."""
+    return _TYPES[(qn < 0, qp - qn < 16 and not wide)]
 
 
-def _quant_dequant_onnx(x, step: float, qn: int, qp: int):
+def _uint8_zero_point(qn: int) -> int:
+    """The fast form's activations are UINT8 (the type x86 integer kernels take): an unsigned
+    quantizer's codes as they are, a signed one's shifted by 128 (zero point 128), which holds every
+    signed level up to 8 bits."""
+    return 0 if qn >= 0 else 128
+
+
+def _uint8_quant_dequant(x, step: float, qn: int, qp: int):
+    """QuantizeLinear to UINT8 -> Clip to the bit-width's own codes (in the integer domain) ->
+    DequantizeLinear: the same values as round(clamp(x / s, Qn, Qp)) * s, since clamping to integer
+    bounds commutes with rounding; nothing float sits between a convolution and its output's
+    QuantizeLinear, so ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv."""
+    zero = _uint8_zero_point(qn)
+    scale = _constant(step, np.float32)
+    zero_point = _constant(zero, np.uint8)
+    codes = op.QuantizeLinear(x, scale, zero_point)
+    if (qn + zero, qp + zero) != (0, 255):
+        codes = op.Clip(codes, _constant(qn + zero, np.uint8), _constant(qp + zero, np.uint8))
+    return op.DequantizeLinear(codes, scale, zero_point)
+
+
+def _constant(value, dtype, onnx_type=None):
+    array = np.array(value, dtype=dtype)
+    return op.Constant(value=ir.tensor(array, dtype=ir.DataType(onnx_type)) if onnx_type else ir.tensor(array))
+
+
+def _quant_dequant_onnx(x, step: float, qn: int, qp: int, container: str):
     """ONNX translation of `quant_dequant` (SPEC 1.8)."""
-    onnx_type, dtype = _container(qn, qp)
+    if container == "uint8":
+        return _uint8_quant_dequant(x, step, qn, qp)
+    onnx_type, dtype = _container(qn, qp, wide=container == "int8")
     scale = op.Constant(value=ir.tensor(np.array(step, dtype=np.float32)))
     zero_point = op.Constant(value=ir.tensor(np.array(0, dtype=dtype), dtype=ir.DataType(onnx_type)))
     if (qn, qp) != _integer_range(dtype):
@@ -97,12 +129,12 @@ def _quant_dequant_onnx(x, step: float, qn: int, qp: int):
 class _QuantDequant(nn.Module):
     """Export-time stand-in for an LsqQuantizer at its active bit-width."""
 
-    def __init__(self, step: float, qn: int, qp: int) -> None:
+    def __init__(self, step: float, qn: int, qp: int, container: str) -> None:
         super().__init__()
-        self.step, self.qn, self.qp = step, qn, qp
+        self.step, self.qn, self.qp, self.container = step, qn, qp, container
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.limpq.quant_dequant(x, self.step, self.qn, self.qp)
+        return torch.ops.limpq.quant_dequant(x, self.step, self.qn, self.qp, self.container)
 
 
 @dataclass(frozen=True)
@@ -112,12 +144,13 @@ class QuantizedTensor:
     SPEC 1.5) names the attention module as `layer` and its operand: q, k, probs or v."""
 
     layer: str
-    kind: str  # "weight" or "act"
+    kind: str  # "weight", "act", or "output": added at export in the fast form (see _quantize_conv_outputs)
     bits: int
     signed: bool
     onnx_type: str  # INT4, UINT4, INT8 or UINT8
-    scale: float
+    scale: float  # a folded weight's per-channel scales are this step times its BatchNorm factors
     operand: str | None = None
+    zero_point: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,9 +167,10 @@ def _layer_of(quantizer_name: str) -> str:
     return quantizer_name.rpartition(".")[0] or "<model>"
 
 
-def _stand_ins(model: nn.Module) -> dict[str, tuple[_QuantDequant, QuantizedTensor]]:
+def _stand_ins(model: nn.Module, form: str) -> dict[str, tuple[_QuantDequant, QuantizedTensor]]:
     """An export stand-in for every LsqQuantizer of `model`; UserError (one line, naming the layer)
-    for one that ONNX QDQ cannot express."""
+    for one that ONNX QDQ cannot express. The compact form stores codes in the smallest type; the
+    fast form weights as INT8, activations as UINT8 (see _uint8_quant_dequant)."""
     stand_ins = {}
     operand_quants = {name for name, module in model.named_modules() if isinstance(module, OperandQuant)}
     for name, module in model.named_modules():
@@ -155,9 +189,17 @@ def _stand_ins(model: nn.Module) -> dict[str, tuple[_QuantDequant, QuantizedTens
                             "the widest that ONNX QuantizeLinear/DequantizeLinear runtimes execute")
         qn, qp = levels(bits, module.signed)
         step = module.effective_step_size(bits)
-        stand_ins[name] = (_QuantDequant(step, qn, qp), QuantizedTensor(
+        # an activation wider than 4 bits is UINT8 in both forms: a signed INT8 one makes ONNX Runtime's
+        # QDQ propagation write a QuantizeLinear it then refuses (at an attention's k Transpose)
+        if module.kind == "act" and (form == "fast" or qp - qn >= 16):
+            container = "uint8"
+        else:
+            container = "int8" if form == "fast" else "smallest"
+        zero_point = _uint8_zero_point(qn) if container == "uint8" else 0
+        onnx_type = onnx.TensorProto.UINT8 if container == "uint8" else _container(qn, qp, wide=container == "int8")[0]
+        stand_ins[name] = (_QuantDequant(step, qn, qp, container), QuantizedTensor(
             layer=layer, kind=module.kind, bits=bits, signed=module.signed,
-            onnx_type=onnx.TensorProto.DataType.Name(_container(qn, qp)[0]), scale=step, operand=operand))
+            onnx_type=onnx.TensorProto.DataType.Name(onnx_type), scale=step, operand=operand, zero_point=zero_point))
     return stand_ins
 
 
@@ -176,14 +218,19 @@ def float_copy(model: nn.Module) -> nn.Module:
     return plain
 
 
+def check_form(form: str) -> None:
+    if form not in FORMS:
+        raise UserError(f"--form {form}: give one of {', '.join(FORMS)}")
+
+
 def check_opset(opset: int) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"--opset {opset}: limpq writes ONNX opset {MIN_OPSET} (the first with INT4) to {MAX_OPSET}")
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = MIN_OPSET,
-                batch: int | None = None) -> OnnxExport:
-    """Write `model` (a model at one policy, or a float model) as ONNX QDQ to `path`.
+                batch: int | None = None, form: str = "fast") -> OnnxExport:
+    """Write `model` (a model at one policy, or a float model) as ONNX QDQ to `path`, in `form`.
 
     `example` is one input batch (N, C, H, W); `batch` None gives a dynamic batch dimension, an int a
     fixed one. `model` is put in eval mode on the CPU and first runs once on `example`, as
@@ -192,11 +239,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     exported. Pass the example the PyTorch model was logged with.
     """
     check_opset(opset)
+    check_form(form)
     model.cpu().eval()
     with torch.no_grad():
         model(example)
     model = copy.deepcopy(model)
-    stand_ins = _stand_ins(model)
+    stand_ins = _stand_ins(model, form)
     _replace_modules(model, {name: module for name, (module, _) in stand_ins.items()})
     # torch.export specializes a dimension of size 1, so a dynamic batch is traced at batch 2
     traced = example[:1].expand(batch or 2, *example.shape[1:]).contiguous()
@@ -212,9 +260,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     # Clip into a new initializer
     _store_weights_as_integers(proto)
     proto = onnxscript.optimizer.optimize(proto)
-    _clamp_4bit_inputs_with_min_max(proto)
-    _drop_stack_traces(proto)
     quantized = tuple(quantizer for _, quantizer in stand_ins.values())
+    if form == "fast":
+        quantized += _fold_batchnorm_into_integer_convs(proto)
+    else:
+        _clamp_4bit_inputs_with_min_max(proto)
+    _drop_stack_traces(proto)
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps([asdict(q) for q in quantized]))
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
@@ -326,6 +377,164 @@ def _clamp_4bit_inputs_with_min_max(proto: onnx.ModelProto) -> None:
     kept = [initializer for initializer in graph.initializer if initializer.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+# the range an export-added output quantizer covers: BatchNorm's output has mean beta and standard
+# deviation |gamma| over the data its statistics came from, per channel; this many deviations on
+# either side of the mean, the widest channel's
+OUTPUT_RANGE_STDS = 6.0
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _fold_batchnorm_into_integer_convs(proto: onnx.ModelProto) -> tuple[QuantizedTensor, ...]:
+    """The fast form's graph pass: every convolution whose weights are integer codes (DequantizeLinear
+    of an initializer) and whose only reader is a BatchNormalization takes the BatchNorm in, exactly:
+
+        codes unchanged, scale[c] = s * gamma[c] / sqrt(var[c] + eps)  (DequantizeLinear, axis 0)
+        bias[c] = beta[c] + gamma[c] / sqrt(var[c] + eps) * (b[c] - mean[c])
+
+    The bias is an INT32 initializer at scale x_scale * scale[c] behind its own DequantizeLinear where
+    the input is quantized (what ONNX Runtime's QLinearConv fusion needs), a float one otherwise.
+    A convolution with a quantized input whose output does not go straight to a QuantizeLinear (a
+    ResNet block's last convolution and its downsample feed the residual Add) gets an 8-bit output
+    quantizer (UINT8, zero point 128) so that it runs as QLinearConv; the PyTorch model has none, so
+    its step is set from the folded BatchNorm's own statistics (OUTPUT_RANGE_STDS), no data needed.
+    Returns those added quantizers."""
+    graph = proto.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers = _consumers(graph)
+    initializers = {initializer.name: initializer for initializer in graph.initializer}
+    added_initializers: list[onnx.TensorProto] = []
+    after: dict[int, list[onnx.NodeProto]] = {}  # nodes to place right after a convolution
+    removed: set[int] = set()
+    added_quantizers = []
+    for conv in [node for node in graph.node if node.op_type == "Conv"]:
+        weights = producer.get(conv.input[1])
+        readers = consumers.get(conv.output[0], [])
+        if (weights is None or weights.op_type != "DequantizeLinear" or weights.input[0] not in initializers
+                or len(consumers[weights.output[0]]) != 1 or len(readers) != 1
+                or readers[0].op_type != "BatchNormalization"
+                or any(name not in initializers for name in readers[0].input[1:5])):
+            continue
+        batchnorm = readers[0]
+        gamma, beta, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float32)
+                                  for name in batchnorm.input[1:5])
+        factor = gamma / np.sqrt(var + np.float32(_attribute(batchnorm, "epsilon", 1e-5)))
+        codes = numpy_helper.to_array(initializers[weights.input[0]])
+        step = np.float32(_value(graph, weights.input[1]))
+        # a zero factor (gamma 0) zeroes the channel: its codes become 0 at the step, so no scale is 0
+        codes = np.where((factor == 0).reshape(-1, *[1] * (codes.ndim - 1)), 0, codes).astype(codes.dtype)
+        shift = _code_shift(codes)
+        codes = (codes.astype(np.int32) << shift).astype(codes.dtype)
+        scales = (np.where(factor == 0, step, step * factor) / 2**shift).astype(np.float32)
+        bias = numpy_helper.to_array(initializers[conv.input[2]]) if len(conv.input) > 2 and conv.input[2] \
+            else np.zeros_like(factor)
+        folded_bias = beta + factor * (bias.astype(np.float32) - mean)
+        layer = weights.input[0].removesuffix("_quantized").removesuffix(".weight")
+        names = {key: f"{layer}.folded_{key}" for key in ("codes", "scale", "zero_point", "bias", "bias_scale",
+                                                          "bias_zero_point", "bias_codes")}
+        added_initializers += [numpy_helper.from_array(codes, names["codes"]),
+                               numpy_helper.from_array(scales, names["scale"]),
+                               numpy_helper.from_array(np.zeros(len(scales), codes.dtype), names["zero_point"])]
+        weights.input[:] = [names["codes"], names["scale"], names["zero_point"]]
+        del weights.attribute[:]
+        weights.attribute.append(onnx.helper.make_attribute("axis", 0))
+        source = producer.get(conv.input[0])
+        if source is not None and source.op_type == "DequantizeLinear":
+            bias_scale = (np.float32(_value(graph, source.input[1])) * scales).astype(np.float32)
+            bias_codes = np.clip(np.round(folded_bias / bias_scale), -2**31, 2**31 - 1).astype(np.int32)
+            added_initializers += [numpy_helper.from_array(bias_codes, names["bias_codes"]),
+                                   numpy_helper.from_array(bias_scale, names["bias_scale"]),
+                                   numpy_helper.from_array(np.zeros(len(scales), np.int32), names["bias_zero_point"])]
+            after.setdefault(id(conv), []).append(onnx.helper.make_node(
+                "DequantizeLinear", [names["bias_codes"], names["bias_scale"], names["bias_zero_point"]],
+                [names["bias"]], name=f"{layer}_bias_dequantize", axis=0))
+        else:
+            added_initializers.append(numpy_helper.from_array(folded_bias.astype(np.float32), names["bias"]))
+        conv.input[:] = [conv.input[0], conv.input[1], names["bias"]]
+        conv.output[0] = batchnorm.output[0]
+        removed.add(id(batchnorm))
+        if source is None or source.op_type != "DequantizeLinear" or _feeds_a_quantizer(conv.output[0], consumers):
+            continue
+        if conv.output[0] in {output.name for output in graph.output}:
+            continue
+        output_step = float(np.max(np.abs(beta) + OUTPUT_RANGE_STDS * np.abs(gamma))) / 127
+        added_quantizers.append(QuantizedTensor(layer=layer, kind="output", bits=8, signed=True, onnx_type="UINT8",
+                                                scale=output_step, zero_point=128))
+        quantized_name, dequantized_name = f"{layer}.output_quantized", f"{layer}.output_dequantized"
+        added_initializers += [numpy_helper.from_array(np.array(output_step, np.float32), f"{layer}.output_scale"),
+                               numpy_helper.from_array(np.array(128, np.uint8), f"{layer}.output_zero_point")]
+        for reader in consumers.get(batchnorm.output[0], []):
+            reader.input[:] = [dequantized_name if name == conv.output[0] else name for name in reader.input]
+        after.setdefault(id(conv), []).extend([
+            onnx.helper.make_node("QuantizeLinear", [conv.output[0], f"{layer}.output_scale",
+                                                     f"{layer}.output_zero_point"], [quantized_name],
+                                  name=f"{layer}_output_quantize"),
+            onnx.helper.make_node("DequantizeLinear", [quantized_name, f"{layer}.output_scale",
+                                                       f"{layer}.output_zero_point"], [dequantized_name],
+                                  name=f"{layer}_output_dequantize")])
+    for gemm in [node for node in graph.node if node.op_type == "Gemm" and len(node.input) > 2]:
+        _integer_gemm_bias(graph, gemm, producer, initializers, added_initializers, after)
+    nodes = []
+    for node in graph.node:
+        if id(node) in removed:
+            continue
+        biases = [added for added in after.get(id(node), []) if added.name.endswith("_bias_dequantize")]
+        nodes += biases + [node] + [added for added in after.get(id(node), []) if added not in biases]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [initializer for initializer in list(graph.initializer) + added_initializers if initializer.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return tuple(added_quantizers)
+
+
+def _integer_gemm_bias(graph: onnx.GraphProto, gemm: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                       initializers: dict[str, onnx.TensorProto], added: list[onnx.TensorProto],
+                       after: dict[int, list[onnx.NodeProto]]) -> None:
+    """A Gemm of two quantized operands (a classifier) reads its float bias as INT32 codes at scale
+    a_scale * b_scale behind a DequantizeLinear, as ONNX Runtime's QGemm fusion needs."""
+    sources = [producer.get(name) for name in gemm.input[:2]]
+    if (any(source is None or source.op_type != "DequantizeLinear" for source in sources)
+            or gemm.input[2] not in initializers or _attribute(gemm, "transA", 0) or _attribute(gemm, "beta", 1.0) != 1.0
+            or any(np.size(_value(graph, source.input[1])) != 1 for source in sources)):
+        return
+    bias = numpy_helper.to_array(initializers[gemm.input[2]]).astype(np.float32)
+    scale = np.float32(_value(graph, sources[0].input[1])) * np.float32(_value(graph, sources[1].input[1]))
+    name = gemm.input[2]
+    added += [numpy_helper.from_array(np.clip(np.round(bias / scale), -2**31, 2**31 - 1).astype(np.int32), f"{name}_codes"),
+              numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
+              numpy_helper.from_array(np.array(0, np.int32), f"{name}_zero_point")]
+    after.setdefault(id(gemm), []).append(onnx.helper.make_node(
+        "DequantizeLinear", [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
+        name=f"{name}_bias_dequantize"))
+    gemm.input[2] = f"{name}_dequantized"
+
+
+def _code_shift(codes: np.ndarray) -> int:
+    """The largest k with codes * 2**k still within INT8. A low-bit layer's codes are stored times 2**k
+    and its scale divided by 2**k: the same weights, exactly, but an accumulator unit (input scale times
+    weight scale) 2**k times finer, and so an INT32 bias rounded 2**k times closer to the float bias
+    that PyTorch adds (at 2-bit weights and inputs, one unit of the unshifted accumulator is a
+    sizeable share of the next quantizer's step)."""
+    low, high = int(codes.min(initial=0)), int(codes.max(initial=0))
+    shift = 0
+    while low * 2 ** (shift + 1) >= -128 and high * 2 ** (shift + 1) <= 127 and shift < 7:
+        shift += 1
+    return shift
+
+
+def _feeds_a_quantizer(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """`name` goes straight to one QuantizeLinear, or through one Relu (which ONNX Runtime drops before
+    a QuantizeLinear whose zero point is the type's lowest value)."""
+    readers = consumers.get(name, [])
+    if len(readers) == 1 and readers[0].op_type == "Relu":
+        readers = consumers.get(readers[0].output[0], [])
+    return len(readers) == 1 and readers[0].op_type == "QuantizeLinear"
 
 
 def _drop_stack_traces(proto: onnx.ModelProto) -> None:
