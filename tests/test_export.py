@@ -60,7 +60,7 @@ def test_a_2_and_a_3_bit_layer_export_only_their_own_levels(tmp_path: Path) -> N
         for layer in (model[3], model[6]):  # weights far outside their ranges: the export must saturate them
             layer.weight.mul_(4)
     out = tmp_path / "low.onnx"
-    export = export_onnx(model, torch.zeros(1, 3, 12, 12), out)
+    export = export_onnx(model, torch.zeros(1, 3, 12, 12), out, form="compact")
 
     proto = onnx.load(out)
     onnx.checker.check_model(proto, full_check=True)
@@ -116,17 +116,19 @@ class _TwoReaders(nn.Module):
         return self.head(self.left(x) + self.right(x))
 
 
-def test_one_activation_read_by_a_2_and_a_3_bit_layer_exports_both_clamps(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["compact", "fast"])
+def test_one_activation_read_by_a_2_and_a_3_bit_layer_exports_both_clamps(form: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _TwoReaders()
     quantize_model(model, policy={"left": (3, 2), "right": (2, 3)}, input_size=10)
     model(torch.randn(8, 3, 10, 10))
     out = tmp_path / "two.onnx"
-    export_onnx(model.eval(), torch.zeros(1, 3, 10, 10), out)
+    export_onnx(model.eval(), torch.zeros(1, 3, 10, 10), out, form=form)
     onnx.checker.check_model(onnx.load(out), full_check=True)
     images = torch.randn(32, 3, 10, 10, generator=torch.Generator().manual_seed(1))
     check = compare_with_torch(model, out, [(images, torch.zeros(32, dtype=torch.long))])
-    assert check.agreement == 1.0 and check.max_logit_diff < 1e-5
+    # the fast form's float convolutions (float biases, no BatchNorm here) run on another ONNX Runtime kernel
+    assert check.agreement == 1.0 and check.max_logit_diff < (1e-5 if form == "compact" else 1e-3)
 
 
 def test_what_onnx_qdq_cannot_express_is_one_user_error_naming_the_layer_or_operator(tmp_path: Path) -> None:

@@ -156,11 +156,9 @@ def _check_resources(cfg: PipelineConfig) -> None:
 SERVICE_TIMEOUT_S = 10
 
 
-def _check_services(cfg: PipelineConfig) -> None:
-    """The MLflow tracking server and the Ray cluster the run will use answer, within seconds: a
-    server that is down would otherwise be retried for minutes after work has started."""
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    key = "mlflow.tracking_uri" if cfg.mlflow.tracking_uri else "MLFLOW_TRACKING_URI"
+def check_mlflow_server(uri: str, key: str) -> None:
+    """An http(s) tracking URI answers MLflow's /health within SERVICE_TIMEOUT_S; `key` names where the
+    URI came from (a config key, an environment variable, an option). Other URIs pass."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVICE_TIMEOUT_S) as response:
@@ -173,6 +171,13 @@ def _check_services(cfg: PipelineConfig) -> None:
             reason = getattr(error, "reason", None) or error
             raise ConfigError(f"{key}: no MLflow server answers at {redact(uri)} ({reason}); start it "
                               "(cluster/local-up.sh starts one) or fix the URI") from None
+
+
+def _check_services(cfg: PipelineConfig) -> None:
+    """The MLflow tracking server and the Ray cluster the run will use answer, within seconds: a
+    server that is down would otherwise be retried for minutes after work has started."""
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    check_mlflow_server(uri, "mlflow.tracking_uri" if cfg.mlflow.tracking_uri else "MLFLOW_TRACKING_URI")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or ""
     key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
     if address and address not in ("auto", "local"):

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from orchestrator.common.errors import UserError
 from orchestrator.quant.onnx_export import INPUT_NAME
 
 # the top-1 agreement an export must reach: rounding the same value on both sides of a .5 boundary (a
@@ -50,7 +51,15 @@ def cpu_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
     session would be); `threads` 0 lets ONNX Runtime choose."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _session(path, options)
+
+
+def _session(path: str | Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime's own exception classes (Fail, InvalidGraph, ...) share no base
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise UserError(f"ONNX Runtime's default CPU session refuses the exported graph: {reason}") from error
 
 
 @torch.no_grad()
@@ -111,7 +120,7 @@ def runtime_kernels(path: str | Path) -> RuntimeKernels:
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(optimized)
         options.log_severity_level = 3  # it warns that an optimized graph is specific to this machine
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        _session(path, options)
         graph = onnx.load(optimized, load_external_data=False).graph
     constants = {initializer.name for initializer in graph.initializer}
     producer = {output: node for node in graph.node for output in node.output}

@@ -1,27 +1,23 @@
-"""A quantized model as ONNX in standard QDQ form at its own bit-widths (SPEC 1.8). Layer 1: torch,
-onnx and onnxscript, no Ray, no MLflow.
+"""A quantized model as ONNX QDQ at its own bit-widths (SPEC 1.8), in one of two forms. Layer 1:
+torch, onnx and onnxscript, no Ray, no MLflow.
 
 Driven by the quantizers, not by layer classes: every `LsqQuantizer` of the model (a layer's
 `weight_quant` and `act_quant`, an attention's operand quantizers, or any other module that quantizes a
-tensor through one) is swapped for a stand-in that computes the same thing as one custom op, and the
-exporter (torch.onnx, dynamo) translates that op into
+tensor through one) is swapped for a stand-in that computes the same thing as one custom op, which the
+exporter (torch.onnx, dynamo) translates into QuantizeLinear -> DequantizeLinear. A post-pass stores
+every quantized weight already quantized: one integer initializer read by DequantizeLinear, its codes
+computed as the PyTorch quantizer computes them.
 
-    clamp to [Qn * s, Qp * s] -> QuantizeLinear(scale=s, zero_point=0) -> DequantizeLinear
-
-in the smallest integer type that holds [Qn, Qp] (INT4/UINT4 up to 4 bits, INT8/UINT8 up to 8). The
-clamp is only there where the bit-width is narrower than its type, so that saturation happens at the
-bit-width's own levels. A post-pass then stores every quantized weight already quantized: the float
-initializer, its clamp and QuantizeLinear become one integer initializer (INT4 packed two per byte, as
-ONNX stores it) read by DequantizeLinear. Everything that PyTorch computes in float (BatchNorm, biases,
-layers without quantizers) stays float.
-
-The clamp is written Min -> Max rather than Clip: ONNX Runtime's ClipQuantFusion (at its default
-optimization level, up to 1.32 at least) throws on Clip -> QuantizeLinear with a 4-bit zero point, so a
-Clip would make the file unloadable in a default ONNX Runtime session. Min/Max compute the same values.
-
-BatchNorm is kept as its own node, not folded into the quantized weights: folding scales each output
-channel of the kernel, which moves it off the learned integer grid (the codes would have to be
-re-quantized with per-channel scales, a different model from the one that was evaluated).
+- fast (the default, what the registry holds): what ONNX Runtime's CPU session runs on integer kernels
+  (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat). Weights INT8, activations UINT8 (a signed
+  quantizer's codes at zero point 128); a 2- to 6-bit activation is clamped to its own levels by an
+  integer Clip after QuantizeLinear, so nothing float sits between a convolution and the QuantizeLinear
+  of its output. BatchNorm is folded into the convolution exactly (same codes, per-channel scales,
+  INT32 bias); see _fold_batchnorm_into_integer_convs for the one quantizer this form adds.
+- compact: the smallest file (INT4/UINT4 up to 4 bits, packed two per byte), BatchNorm kept, for
+  storage and transport; ONNX Runtime has no 4-bit convolution and runs it in float. A clamp narrower
+  than the type is written Min -> Max before QuantizeLinear rather than Clip: ONNX Runtime's
+  ClipQuantFusion (up to 1.32 at least) throws on Clip -> QuantizeLinear with a 4-bit zero point.
 """
 
 from __future__ import annotations
