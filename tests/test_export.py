@@ -294,9 +294,11 @@ def test_export_of_the_best_model_is_full_checked_int4_qdq_and_agrees_on_val(smo
     uri = _tracking_uri(smoke)
     out = tmp_path / "best.onnx"
     assert main(["export", "--model-uri", f"models:/{PYTORCH_NAME}@best-top1", "--out", str(out),
-                 "--tracking-uri", uri]) == 0
+                 "--tracking-uri", uri, "--form", "compact"]) == 0
+    assert not list(smoke.parent.rglob("registered_model_meta"))  # the export wrote nothing into the store
     printed = capsys.readouterr().out
-    assert f"wrote {out} (opset 21, batch dynamic, input [3, 16, 16])" in printed
+    assert f"wrote {out} (compact form, opset 21, batch dynamic, input [3, 16, 16])" in printed
+    assert "as integer kernels" in printed
     assert "FP32 export of the same model" in printed and "the policy's size_mb" in printed
 
     proto = onnx.load(out)
@@ -337,6 +339,33 @@ def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_a
     sweep = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
     report = Path(client.download_artifacts(sweep.info.run_id, "report.txt", str(smoke.parent))).read_text()
     assert "ONNX top-1 %" in report.splitlines()[0] and "100.00" in report.splitlines()[1]
+
+
+def test_registered_onnx_model_is_the_fast_form_on_integer_kernels_and_agrees_on_val(smoke: Path,
+                                                                                     tmp_path: Path) -> None:
+    """The registry's ONNX model: every searchable convolution an integer kernel in ONNX Runtime's
+    optimized graph (the one-shot model's fixed first convolution and classifier stay float, as they
+    are in PyTorch), the same class as the registered PyTorch model on the whole val split, and the
+    counts logged on the trial run; the compact file is the run's artifact."""
+    uri = _tracking_uri(smoke)
+    mlflow.set_tracking_uri(uri)
+    registered = mlflow.artifacts.download_artifacts(f"models:/{ONNX_NAME}@best-top1", dst_path=str(tmp_path))
+    [onnx_file] = Path(registered).rglob("*.onnx")
+    kernels = runtime_kernels(onnx_file)
+    convolutions = [name for name in kernels.float_layers if "Conv" in name]
+    assert [name.split(" ")[0] for name in convolutions] == ["conv1"], kernels.summary()
+    assert kernels.integer.get("QLinearConv", 0) == 19, kernels.summary()  # resnet18's searchable convolutions
+    cfg = load_config(smoke).with_absolute_paths()
+    model = mlflow.pytorch.load_model(f"models:/{PYTORCH_NAME}@best-top1", dst_path=str(tmp_path / "pytorch"))
+    check = compare_with_torch(model, onnx_file, val_batches(cfg, index_dataset(cfg.data)))
+    assert check.samples == 40 and check.agreement >= 0.999, check.summary()
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(client.get_model_version_by_alias(ONNX_NAME, "best-top1").run_id)
+    assert run.data.metrics["onnx_integer_kernels"] == kernels.integer_count
+    assert run.data.metrics["onnx_float_kernels"] == len(kernels.float_layers)
+    assert 0 < run.data.metrics["onnx_compact_size_mb"] < run.data.metrics["onnx_size_mb"]
+    assert [artifact.path for artifact in client.list_artifacts(run.info.run_id, "onnx-compact")] == \
+        ["onnx-compact/model.onnx"]
 
 
 def test_registered_onnx_model_predicts_through_pyfunc_and_mlflow_models_serve(smoke: Path, tmp_path: Path) -> None:
@@ -419,4 +448,7 @@ def test_what_cannot_be_exported_is_one_line_and_exit_2(smoke: Path, tmp_path: P
         capsys, ["export", *model_uri, "--out", out, "--opset", "20"])
     assert "no MLflow database at" in _one_line_error(
         capsys, ["export", *model_uri[:2], "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--out", out])
+    assert ": a float model (it has no quantizer, as the fp stage's)" in _one_line_error(
+        capsys, [*base, "--run-id", runs["fp"]])
     assert not Path(out).exists()
+    assert not list(smoke.parent.rglob("registered_model_meta"))

@@ -24,7 +24,7 @@ def _batch(value: str) -> int | None:
                                      "dynamic batch serves any size)")
 
 
-def _replaceable(out: Path) -> None:
+def _replaceable(out: Path, given: str) -> None:
     """`out` is new, or an ONNX file (which the export replaces): never another file's bytes."""
     import onnx  # here, not at the top: the CLI starts without onnx
 
@@ -36,7 +36,7 @@ def _replaceable(out: Path) -> None:
     except Exception:  # protobuf's DecodeError, or bytes onnx cannot read at all: either way not ONNX
         is_onnx = False
     if not is_onnx:
-        raise UserError(f"--out {out}: exists and is not an ONNX file; limpq export replaces only an ONNX file: "
+        raise UserError(f"--out {given}: exists and is not an ONNX file; limpq export replaces only an ONNX file: "
                         "give a new path")
 
 
@@ -50,7 +50,7 @@ def _export(args: argparse.Namespace) -> int:
     from orchestrator.quant.onnx_export import MIN_OPSET, check_opset
 
     out = writable_file(args.out, "--out")
-    _replaceable(out)
+    _replaceable(out, args.out)
     opset = MIN_OPSET if args.opset is None else args.opset
     check_opset(opset)
     tracking_uri = tracking_uri_for_export(args.tracking_uri)
