@@ -39,7 +39,7 @@ from orchestrator.common.errors import UserError
 from orchestrator.quant.lsq import levels
 from orchestrator.models.explicit_layers import make_weights_explicit
 from orchestrator.quant.onnx_check import compare_with_torch, cpu_session, runtime_kernels
-from orchestrator.quant.onnx_export import _code_shift, export_onnx, quantized_from_metadata
+from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
 from orchestrator.quant.surgery import layout_of, quantize_model
 from orchestrator.tracking.runs import Tracker
 
@@ -227,12 +227,7 @@ def test_every_model_kind_and_activation_width_loads_in_a_default_session_and_ag
     for form in ("fast", "compact"):
         export = export_onnx(model, images[:1], tmp_path / f"{form}.onnx", form=form)
         check = compare_with_torch(model, export.path, [(images, torch.zeros(len(images), dtype=torch.long))])
-        # the CNN's fast form rounds twice where PyTorch does not: the residual convolution's export-added
-        # 8-bit output and the INT32 biases; an untrained net's top classes lie within that rounding of
-        # each other (its agreement on trained models: the smoke test, the README)
-        exact = form == "compact" or kind != "cnn"
-        assert check.agreement >= (1.0 if exact else 0.9), (form, check.summary())
-        assert check.max_logit_diff < (1e-3 if exact else 0.1), (form, check.summary())
+        assert check.agreement == 1.0 and check.max_logit_diff < 1e-3, (form, check.summary())
     kernels = runtime_kernels(tmp_path / "fast.onnx")
     first = {"cnn": "stem.0", "vit": "conv_proj", "swin": "features.0.0"}[kind]  # a float input: a float kernel
     assert [name.split(" ")[0] for name in kernels.float_layers] == [first], kernels.summary()
@@ -240,26 +235,27 @@ def test_every_model_kind_and_activation_width_loads_in_a_default_session_and_ag
 
 
 def test_folded_batchnorm_keeps_the_pytorch_quantizers_codes(tmp_path: Path) -> None:
-    """The fast file's weights of a convolution followed by BatchNorm: the PyTorch quantizer's codes
-    (stored times 2**k, see _code_shift) at per-channel scales step * gamma / sqrt(var + eps) / 2**k."""
+    """The fast file's weights of a convolution followed by BatchNorm are the PyTorch quantizer's codes,
+    read by ConvInteger with the input's UINT8 codes; its sums are scaled per channel by
+    x_scale * step * gamma / sqrt(var + eps), and no BatchNormalization is left."""
     model, images = _quantized_tiny("cnn", 3, 4)
     export_onnx(model, images[:1], tmp_path / "fast.onnx")
-    initializers = {name: numpy_helper.to_array(tensor) for name, tensor in _initializers(onnx.load(tmp_path / "fast.onnx")).items()}
+    proto = onnx.load(tmp_path / "fast.onnx")
+    initializers = {name: numpy_helper.to_array(tensor) for name, tensor in _initializers(proto).items()}
+    qn, qp = levels(3, signed=True)
     for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
         layer = model.get_submodule(conv)
         step = layer.weight_quant.effective_step_size(3)
-        qn, qp = levels(3, signed=True)
-        expected = (layer.weight.detach() / step).clamp(qn, qp).round().numpy()
-        stored, scales = initializers[f"{conv}.folded_codes"], initializers[f"{conv}.folded_scale"]
-        assert stored.dtype == np.int8
-        shift = _code_shift(expected)
-        assert shift >= 4  # 3-bit codes (-4..3) fit INT8 at least times 16
-        np.testing.assert_array_equal(stored.astype(int), expected.astype(int) * 2**shift)
+        expected = (layer.weight.detach() / step).clamp(qn, qp).round().numpy().astype(int)
         norm = model.get_submodule(bn)
         norm = norm.copies[str(norm.active_bits)] if hasattr(norm, "copies") else norm
         factor = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().numpy()
-        np.testing.assert_allclose(scales, step * factor / 2**shift, rtol=1e-6)
-    proto = onnx.load(tmp_path / "fast.onnx")
+        stored = initializers[f"{conv}.folded_codes"]
+        assert stored.dtype == np.int8
+        np.testing.assert_array_equal(stored.astype(int), expected)
+        x_scale = layer.act_quant.effective_step_size(4)
+        np.testing.assert_allclose(initializers[f"{conv}.folded_scale"].ravel(), x_scale * step * factor, rtol=1e-6)
+    assert runtime_kernels(tmp_path / "fast.onnx").integer == {"ConvInteger": 2, "QGemm": 1}
     assert not [node for node in proto.graph.node if node.op_type == "BatchNormalization"]
 
 
@@ -354,7 +350,7 @@ def test_registered_onnx_model_is_the_fast_form_on_integer_kernels_and_agrees_on
     kernels = runtime_kernels(onnx_file)
     convolutions = [name for name in kernels.float_layers if "Conv" in name]
     assert [name.split(" ")[0] for name in convolutions] == ["conv1"], kernels.summary()
-    assert kernels.integer.get("QLinearConv", 0) == 19, kernels.summary()  # resnet18's searchable convolutions
+    assert kernels.integer.get("ConvInteger", 0) == 19, kernels.summary()  # resnet18's searchable convolutions
     cfg = load_config(smoke).with_absolute_paths()
     model = mlflow.pytorch.load_model(f"models:/{PYTORCH_NAME}@best-top1", dst_path=str(tmp_path / "pytorch"))
     check = compare_with_torch(model, onnx_file, val_batches(cfg, index_dataset(cfg.data)))

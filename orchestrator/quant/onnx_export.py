@@ -9,11 +9,11 @@ every quantized weight already quantized: one integer initializer read by Dequan
 computed as the PyTorch quantizer computes them.
 
 - fast (the default, what the registry holds): what ONNX Runtime's CPU session runs on integer kernels
-  (QLinearConv, QGemm, QLinearMatMul, MatMulIntegerToFloat). Weights INT8, activations UINT8 (a signed
+  (ConvInteger, QGemm, QLinearMatMul, MatMulIntegerToFloat). Weights INT8, activations UINT8 (a signed
   quantizer's codes at zero point 128); a 2- to 6-bit activation is clamped to its own levels by an
-  integer Clip after QuantizeLinear, so nothing float sits between a convolution and the QuantizeLinear
-  of its output. BatchNorm is folded into the convolution exactly (same codes, per-channel scales,
-  INT32 bias); see _fold_batchnorm_into_integer_convs for the one quantizer this form adds.
+  integer Clip after QuantizeLinear (ONNX Runtime's fusions take no float op between a product and a
+  QuantizeLinear). BatchNorm is folded into the convolution exactly (same codes, per-channel scales);
+  see _integer_convolutions.
 - compact: the smallest file (INT4/UINT4 up to 4 bits, packed two per byte), BatchNorm kept, for
   storage and transport; ONNX Runtime has no 4-bit convolution and runs it in float. A clamp narrower
   than the type is written Min -> Max before QuantizeLinear rather than Clip: ONNX Runtime's
@@ -93,8 +93,7 @@ def _uint8_zero_point(qn: int) -> int:
 def _uint8_quant_dequant(x, step: float, qn: int, qp: int):
     """QuantizeLinear to UINT8 -> Clip to the bit-width's own codes (in the integer domain) ->
     DequantizeLinear: the same values as round(clamp(x / s, Qn, Qp)) * s, since clamping to integer
-    bounds commutes with rounding; nothing float sits between a convolution and its output's
-    QuantizeLinear, so ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv."""
+    bounds commutes with rounding; ConvInteger reads the UINT8 codes directly (_integer_convolutions)."""
     zero = _uint8_zero_point(qn)
     scale = _constant(step, np.float32)
     zero_point = _constant(zero, np.uint8)
@@ -140,7 +139,7 @@ class QuantizedTensor:
     SPEC 1.5) names the attention module as `layer` and its operand: q, k, probs or v."""
 
     layer: str
-    kind: str  # "weight", "act", or "output": added at export in the fast form (see _quantize_conv_outputs)
+    kind: str  # "weight" or "act"
     bits: int
     signed: bool
     onnx_type: str  # INT4, UINT4, INT8 or UINT8
@@ -258,7 +257,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     proto = onnxscript.optimizer.optimize(proto)
     quantized = tuple(quantizer for _, quantizer in stand_ins.values())
     if form == "fast":
-        quantized += _fold_batchnorm_into_integer_convs(proto)
+        _integer_convolutions(proto)
     else:
         _clamp_4bit_inputs_with_min_max(proto)
     _drop_stack_traces(proto)
@@ -375,123 +374,108 @@ def _clamp_4bit_inputs_with_min_max(proto: onnx.ModelProto) -> None:
     graph.initializer.extend(kept)
 
 
-# the range an export-added output quantizer covers: BatchNorm's output has mean beta and standard
-# deviation |gamma| over the data its statistics came from, per channel; this many deviations on
-# either side of the mean, the widest channel's
-OUTPUT_RANGE_STDS = 6.0
-
-
 def _attribute(node: onnx.NodeProto, name: str, default):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _fold_batchnorm_into_integer_convs(proto: onnx.ModelProto) -> tuple[QuantizedTensor, ...]:
-    """The fast form's graph pass: every convolution whose weights are integer codes (DequantizeLinear
-    of an initializer) and whose only reader is a BatchNormalization takes the BatchNorm in, exactly:
+def _integer_convolutions(proto: onnx.ModelProto) -> None:
+    """The fast form's graph pass over every convolution whose weights are integer codes (DequantizeLinear
+    of an initializer at one step s). A BatchNormalization that is the convolution's only reader is
+    folded in exactly: the codes stay the PyTorch quantizer's, and with f[c] = gamma[c] / sqrt(var[c] + eps)
 
-        codes unchanged, scale[c] = s * gamma[c] / sqrt(var[c] + eps)  (DequantizeLinear, axis 0)
-        bias[c] = beta[c] + gamma[c] / sqrt(var[c] + eps) * (b[c] - mean[c])
+        weight[c] = codes[c] * s * f[c]        bias[c] = beta[c] + f[c] * (b[c] - mean[c])
 
-    The bias is an INT32 initializer at scale x_scale * scale[c] behind its own DequantizeLinear where
-    the input is quantized (what ONNX Runtime's QLinearConv fusion needs), a float one otherwise.
-    A convolution with a quantized input whose output does not go straight to a QuantizeLinear (a
-    ResNet block's last convolution and its downsample feed the residual Add) gets an 8-bit output
-    quantizer (UINT8, zero point 128) so that it runs as QLinearConv; the PyTorch model has none, so
-    its step is set from the folded BatchNorm's own statistics (OUTPUT_RANGE_STDS), no data needed.
-    Returns those added quantizers."""
+    (f = 1 and the convolution's own bias without BatchNorm). Where the input is quantized (UINT8 codes
+    at one scale x_scale), the convolution becomes ConvInteger on the input codes and the INT8 weight
+    codes, and its INT32 sums are scaled per output channel by x_scale * s * f[c], plus the bias, in
+    float (Cast -> Mul -> Add): an integer kernel that computes the PyTorch model's convolution and
+    BatchNorm up to float rounding. (QLinearConv, which ONNX Runtime fuses from DQ -> Conv -> Q, rounds
+    the bias to INT32 units of x_scale * s * f[c] and requantizes its output: at 2- to 4-bit steps that
+    moved enough activations across a rounding boundary to change predictions.) A convolution with a
+    float input (a first layer) reads DequantizeLinear(codes, s * f[c], axis 0) and a float bias."""
     graph = proto.graph
     producer = {output: node for node in graph.node for output in node.output}
     consumers = _consumers(graph)
     initializers = {initializer.name: initializer for initializer in graph.initializer}
     added_initializers: list[onnx.TensorProto] = []
-    after: dict[int, list[onnx.NodeProto]] = {}  # nodes to place right after a convolution
+    before: dict[int, list[onnx.NodeProto]] = {}  # nodes to place right before a node
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # nodes that take a node's place
     removed: set[int] = set()
-    added_quantizers = []
     for conv in [node for node in graph.node if node.op_type == "Conv"]:
         weights = producer.get(conv.input[1])
-        readers = consumers.get(conv.output[0], [])
         if (weights is None or weights.op_type != "DequantizeLinear" or weights.input[0] not in initializers
-                or len(consumers[weights.output[0]]) != 1 or len(readers) != 1
-                or readers[0].op_type != "BatchNormalization"
-                or any(name not in initializers for name in readers[0].input[1:5])):
+                or len(consumers[weights.output[0]]) != 1 or np.size(_value(graph, weights.input[1])) != 1):
             continue
-        batchnorm = readers[0]
-        gamma, beta, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float32)
-                                  for name in batchnorm.input[1:5])
-        factor = gamma / np.sqrt(var + np.float32(_attribute(batchnorm, "epsilon", 1e-5)))
         codes = numpy_helper.to_array(initializers[weights.input[0]])
         step = np.float32(_value(graph, weights.input[1]))
-        # a zero factor (gamma 0) zeroes the channel: its codes become 0 at the step, so no scale is 0
-        codes = np.where((factor == 0).reshape(-1, *[1] * (codes.ndim - 1)), 0, codes).astype(codes.dtype)
-        shift = _code_shift(codes)
-        codes = (codes.astype(np.int32) << shift).astype(codes.dtype)
-        scales = (np.where(factor == 0, step, step * factor) / 2**shift).astype(np.float32)
-        bias = numpy_helper.to_array(initializers[conv.input[2]]) if len(conv.input) > 2 and conv.input[2] \
-            else np.zeros_like(factor)
-        folded_bias = beta + factor * (bias.astype(np.float32) - mean)
+        channels = codes.shape[0]
+        bias = numpy_helper.to_array(initializers[conv.input[2]]).astype(np.float32) \
+            if len(conv.input) > 2 and conv.input[2] in initializers else np.zeros(channels, np.float32)
+        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in initializers:
+            continue  # a bias computed in the graph: left as it is
+        factor, output = np.ones(channels, np.float32), conv.output[0]
+        readers = consumers.get(conv.output[0], [])
+        if (len(readers) == 1 and readers[0].op_type == "BatchNormalization"
+                and all(name in initializers for name in readers[0].input[1:5])):
+            batchnorm = readers[0]
+            gamma, beta, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float32)
+                                      for name in batchnorm.input[1:5])
+            factor = gamma / np.sqrt(var + np.float32(_attribute(batchnorm, "epsilon", 1e-5)))
+            bias = beta + factor * (bias - mean)
+            output = batchnorm.output[0]
+            removed.add(id(batchnorm))
+        bias = bias.astype(np.float32)
         layer = weights.input[0].removesuffix("_quantized").removesuffix(".weight")
-        names = {key: f"{layer}.folded_{key}" for key in ("codes", "scale", "zero_point", "bias", "bias_scale",
-                                                          "bias_zero_point", "bias_codes")}
-        added_initializers += [numpy_helper.from_array(codes, names["codes"]),
-                               numpy_helper.from_array(scales, names["scale"]),
-                               numpy_helper.from_array(np.zeros(len(scales), codes.dtype), names["zero_point"])]
-        weights.input[:] = [names["codes"], names["scale"], names["zero_point"]]
+        name = f"{layer}.folded"
+        source = producer.get(conv.input[0])
+        if source is not None and source.op_type == "DequantizeLinear" and np.size(_value(graph, source.input[1])) == 1:
+            shape = (1, -1) + (1,) * (codes.ndim - 2)
+            x_scale = np.float32(_value(graph, source.input[1]))
+            added_initializers += [
+                numpy_helper.from_array(codes, f"{name}_codes"),
+                numpy_helper.from_array(np.array(0, codes.dtype), f"{name}_zero_point"),
+                numpy_helper.from_array((x_scale * step * factor).astype(np.float32).reshape(shape), f"{name}_scale"),
+                numpy_helper.from_array(bias.reshape(shape), f"{name}_bias")]
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+            replaced[id(conv)] = [
+                onnx.helper.make_node("ConvInteger", [source.input[0], f"{name}_codes", source.input[2],
+                                                      f"{name}_zero_point"], [f"{name}_sums"],
+                                      name=f"{layer}_conv_integer", **attributes),
+                onnx.helper.make_node("Cast", [f"{name}_sums"], [f"{name}_sums_float"], to=onnx.TensorProto.FLOAT,
+                                      name=f"{layer}_cast"),
+                onnx.helper.make_node("Mul", [f"{name}_sums_float", f"{name}_scale"], [f"{name}_scaled"],
+                                      name=f"{layer}_scale"),
+                onnx.helper.make_node("Add", [f"{name}_scaled", f"{name}_bias"], [output], name=f"{layer}_bias")]
+            if len(consumers[source.output[0]]) == 1:
+                removed.add(id(source))
+            removed.add(id(weights))
+            continue
+        added_initializers += [numpy_helper.from_array(codes, f"{name}_codes"),
+                               numpy_helper.from_array((step * factor).astype(np.float32), f"{name}_scale"),
+                               numpy_helper.from_array(np.zeros(channels, codes.dtype), f"{name}_zero_point"),
+                               numpy_helper.from_array(bias, f"{name}_bias")]
+        weights.input[:] = [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"]
         del weights.attribute[:]
         weights.attribute.append(onnx.helper.make_attribute("axis", 0))
-        source = producer.get(conv.input[0])
-        if source is not None and source.op_type == "DequantizeLinear":
-            bias_scale = (np.float32(_value(graph, source.input[1])) * scales).astype(np.float32)
-            bias_codes = np.clip(np.round(folded_bias / bias_scale), -2**31, 2**31 - 1).astype(np.int32)
-            added_initializers += [numpy_helper.from_array(bias_codes, names["bias_codes"]),
-                                   numpy_helper.from_array(bias_scale, names["bias_scale"]),
-                                   numpy_helper.from_array(np.zeros(len(scales), np.int32), names["bias_zero_point"])]
-            after.setdefault(id(conv), []).append(onnx.helper.make_node(
-                "DequantizeLinear", [names["bias_codes"], names["bias_scale"], names["bias_zero_point"]],
-                [names["bias"]], name=f"{layer}_bias_dequantize", axis=0))
-        else:
-            added_initializers.append(numpy_helper.from_array(folded_bias.astype(np.float32), names["bias"]))
-        conv.input[:] = [conv.input[0], conv.input[1], names["bias"]]
-        conv.output[0] = batchnorm.output[0]
-        removed.add(id(batchnorm))
-        if source is None or source.op_type != "DequantizeLinear" or _feeds_a_quantizer(conv.output[0], consumers):
-            continue
-        if conv.output[0] in {output.name for output in graph.output}:
-            continue
-        output_step = float(np.max(np.abs(beta) + OUTPUT_RANGE_STDS * np.abs(gamma))) / 127
-        added_quantizers.append(QuantizedTensor(layer=layer, kind="output", bits=8, signed=True, onnx_type="UINT8",
-                                                scale=output_step, zero_point=128))
-        quantized_name, dequantized_name = f"{layer}.output_quantized", f"{layer}.output_dequantized"
-        added_initializers += [numpy_helper.from_array(np.array(output_step, np.float32), f"{layer}.output_scale"),
-                               numpy_helper.from_array(np.array(128, np.uint8), f"{layer}.output_zero_point")]
-        for reader in consumers.get(batchnorm.output[0], []):
-            reader.input[:] = [dequantized_name if name == conv.output[0] else name for name in reader.input]
-        after.setdefault(id(conv), []).extend([
-            onnx.helper.make_node("QuantizeLinear", [conv.output[0], f"{layer}.output_scale",
-                                                     f"{layer}.output_zero_point"], [quantized_name],
-                                  name=f"{layer}_output_quantize"),
-            onnx.helper.make_node("DequantizeLinear", [quantized_name, f"{layer}.output_scale",
-                                                       f"{layer}.output_zero_point"], [dequantized_name],
-                                  name=f"{layer}_output_dequantize")])
+        conv.input[:] = [conv.input[0], conv.input[1], f"{name}_bias"]
+        conv.output[0] = output
     for gemm in [node for node in graph.node if node.op_type == "Gemm" and len(node.input) > 2]:
-        _integer_gemm_bias(graph, gemm, producer, initializers, added_initializers, after)
+        _integer_gemm_bias(graph, gemm, producer, initializers, added_initializers, before)
     nodes = []
     for node in graph.node:
-        if id(node) in removed:
-            continue
-        biases = [added for added in after.get(id(node), []) if added.name.endswith("_bias_dequantize")]
-        nodes += biases + [node] + [added for added in after.get(id(node), []) if added not in biases]
+        if id(node) not in removed:
+            nodes += before.get(id(node), []) + replaced.get(id(node), [node])
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
     kept = [initializer for initializer in list(graph.initializer) + added_initializers if initializer.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return tuple(added_quantizers)
 
 
 def _integer_gemm_bias(graph: onnx.GraphProto, gemm: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
                        initializers: dict[str, onnx.TensorProto], added: list[onnx.TensorProto],
-                       after: dict[int, list[onnx.NodeProto]]) -> None:
+                       before: dict[int, list[onnx.NodeProto]]) -> None:
     """A Gemm of two quantized operands (a classifier) reads its float bias as INT32 codes at scale
     a_scale * b_scale behind a DequantizeLinear, as ONNX Runtime's QGemm fusion needs."""
     sources = [producer.get(name) for name in gemm.input[:2]]
@@ -505,32 +489,10 @@ def _integer_gemm_bias(graph: onnx.GraphProto, gemm: onnx.NodeProto, producer: d
     added += [numpy_helper.from_array(np.clip(np.round(bias / scale), -2**31, 2**31 - 1).astype(np.int32), f"{name}_codes"),
               numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
               numpy_helper.from_array(np.array(0, np.int32), f"{name}_zero_point")]
-    after.setdefault(id(gemm), []).append(onnx.helper.make_node(
+    before.setdefault(id(gemm), []).append(onnx.helper.make_node(
         "DequantizeLinear", [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
         name=f"{name}_bias_dequantize"))
     gemm.input[2] = f"{name}_dequantized"
-
-
-def _code_shift(codes: np.ndarray) -> int:
-    """The largest k with codes * 2**k still within INT8. A low-bit layer's codes are stored times 2**k
-    and its scale divided by 2**k: the same weights, exactly, but an accumulator unit (input scale times
-    weight scale) 2**k times finer, and so an INT32 bias rounded 2**k times closer to the float bias
-    that PyTorch adds (at 2-bit weights and inputs, one unit of the unshifted accumulator is a
-    sizeable share of the next quantizer's step)."""
-    low, high = int(codes.min(initial=0)), int(codes.max(initial=0))
-    shift = 0
-    while low * 2 ** (shift + 1) >= -128 and high * 2 ** (shift + 1) <= 127 and shift < 7:
-        shift += 1
-    return shift
-
-
-def _feeds_a_quantizer(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
-    """`name` goes straight to one QuantizeLinear, or through one Relu (which ONNX Runtime drops before
-    a QuantizeLinear whose zero point is the type's lowest value)."""
-    readers = consumers.get(name, [])
-    if len(readers) == 1 and readers[0].op_type == "Relu":
-        readers = consumers.get(readers[0].output[0], [])
-    return len(readers) == 1 and readers[0].op_type == "QuantizeLinear"
 
 
 def _drop_stack_traces(proto: onnx.ModelProto) -> None:
