@@ -1,17 +1,16 @@
-"""ONNX Runtime (CPU) latency and file size of a mixed-precision QDQ export vs the FP32 export of the
-same model, in one process; ratios printed last. Also: the operators ONNX Runtime actually runs for
-each file (its optimized graph), and the QDQ file in a session with `session.disable_quant_qdq=1`,
-which lets ONNX Runtime dequantize the constant weights once at load and fuse BatchNorm into the
-convolutions (activations stay quantized).
+"""ONNX Runtime (CPU, default session) latency and file size of our two export forms against the FP32
+export of the same model and ONNX Runtime's own int8 static quantization of that FP32 model (the anchor:
+`quant_pre_process` + `quantize_static`, QDQ, per-channel weights, calibrated on a few random images),
+in one process; ratios printed last. For each file: the convolutions and matrix products ONNX Runtime's
+optimized graph runs as integer kernels, and the largest logit difference to the PyTorch model.
 
-The model is either a registered/logged PyTorch model (`--model-uri`, e.g. the demo's
-models:/demo-resnet18@best-top1 after `make demo`) or, by default, torchvision resnet18 at 224x224
-(10 classes) quantized at a seeded random mixed policy (weights 2-4 bits, activations 3-4 bits, the
-fixed first conv and classifier at 8 bits) with step sizes set on random images: latency and size
+The models are torchvision's resnet18 and mobilenet_v2 at 224x224 (10 classes), each quantized at a
+seeded random mixed policy (weights 2-4 bits, activations 3-4 bits, the fixed first conv and
+classifier at 8 bits) with step sizes and BatchNorm statistics set on random images: latency and size
 depend on the graph and the bit-widths, not on trained values.
 
-    .venv/bin/python benchmarks/bench_export.py [--model-uri URI [--tracking-uri URI]] [--input-size 224]
-        [--threads 0] [--repeats 20]
+    .venv/bin/python benchmarks/bench_export.py [--models resnet18 mobilenet_v2] [--input-size 224]
+        [--threads 0] [--repeats 10]
 """
 
 from __future__ import annotations
@@ -21,69 +20,58 @@ import random
 import statistics
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime
 import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from orchestrator.models.info import build_model, split_layers, trace_layers
-from orchestrator.quant.onnx_check import cpu_session
+from orchestrator.quant.onnx_check import cpu_session, runtime_kernels
 from orchestrator.quant.onnx_export import INPUT_NAME, export_onnx, float_copy
 from orchestrator.quant.surgery import quantize_model
 
 MEGABYTE = 2**20
+BATCHES = (1, 32)
 
 
-def random_mixed_model(input_size: int, seed: int = 0) -> torch.nn.Module:
-    model = build_model("resnet18", 10)
+def random_mixed_model(arch: str, input_size: int, seed: int = 0) -> torch.nn.Module:
+    model = build_model(arch, 10)
     searchable, _ = split_layers(trace_layers(model, input_size), None)
     rng = random.Random(seed)
     quantize_model(model, policy={layer.name: (rng.choice([2, 3, 4]), rng.choice([3, 4])) for layer in searchable},
                    input_size=input_size)
     model.train()
     with torch.no_grad():  # step sizes (and BN statistics) from random images, as a first training batch sets them
-        model(torch.randn(8, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed)))
+        for step in range(3):
+            model(torch.randn(8, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed + step)))
     return model.eval()
 
 
-def registered_model(model_uri: str, tracking_uri: str | None) -> tuple[torch.nn.Module, int]:
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.models import get_model_info
+class RandomImages(CalibrationDataReader):
+    """A few batches of N(0, 1) images: ONNX Runtime's calibration reader for the int8 anchor."""
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    size = get_model_info(model_uri).signature.inputs.inputs[0].shape[-1]
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval(), size
+    def __init__(self, size: int, batches: int = 4) -> None:
+        generator = torch.Generator().manual_seed(123)
+        self.batches = iter([{INPUT_NAME: torch.randn(8, 3, size, size, generator=generator).numpy()}
+                             for _ in range(batches)])
 
-
-def session(path: Path, threads: int, weights_at_load: bool = False,
-            optimized: Path | None = None) -> onnxruntime.InferenceSession:
-    if not (weights_at_load or optimized):
-        return cpu_session(path, threads)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    if weights_at_load:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if optimized:
-        options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3  # it warns that an optimized CPU graph is specific to this machine
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def get_next(self):
+        return next(self.batches, None)
 
 
-def runtime_ops(path: Path, threads: int, weights_at_load: bool = False) -> str:
-    """The operators of ONNX Runtime's optimized graph for `path`, most frequent first."""
-    optimized = path.with_suffix(".optimized.onnx")
-    session(path, threads, weights_at_load, optimized)
-    counts = Counter(node.op_type for node in onnx.load(optimized).graph.node)
-    return ", ".join(f"{op} x{n}" for op, n in counts.most_common())
+def ort_int8(fp32: Path, out: Path, size: int) -> Path:
+    prepared = out.with_suffix(".prepared.onnx")
+    quant_pre_process(str(fp32), str(prepared))  # shape inference and ONNX Runtime's graph optimizations (BN folded)
+    quantize_static(str(prepared), str(out), RandomImages(size), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
 
 
 def median_ms(runner: onnxruntime.InferenceSession, images: np.ndarray, repeats: int) -> float:
-    for _ in range(3):  # warm-up: first runs allocate and pick kernels
+    for _ in range(2):  # warm-up: first runs allocate and pick kernels
         runner.run(None, {INPUT_NAME: images})
     times = []
     for _ in range(repeats):
@@ -93,54 +81,51 @@ def median_ms(runner: onnxruntime.InferenceSession, images: np.ndarray, repeats:
     return 1000 * statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-uri", help="a logged PyTorch model (default: a random mixed-precision resnet18)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI for --model-uri (default: MLFLOW_TRACKING_URI)")
-    parser.add_argument("--input-size", type=int, default=224, help="input size of the default model")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its choice)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per batch size (median reported)")
-    args = parser.parse_args()
-
-    if args.model_uri:
-        model, size = registered_model(args.model_uri, args.tracking_uri)
-        what = args.model_uri
-    else:
-        model, size = random_mixed_model(args.input_size), args.input_size
-        what = f"resnet18 @{size}x{size}, random mixed policy (W2-4 A3-4, fixed layers W8A8)"
+def bench(arch: str, size: int, threads: int, repeats: int, directory: Path) -> dict[str, dict]:
+    model = random_mixed_model(arch, size)
     example = torch.zeros(1, 3, size, size)
-    with tempfile.TemporaryDirectory() as directory:
-        qdq = export_onnx(model, example, Path(directory) / "qdq.onnx")
-        fp32 = export_onnx(float_copy(model), example, Path(directory) / "fp32.onnx")
-        sessions = {"qdq": session(qdq.path, args.threads), "fp32": session(fp32.path, args.threads),
-                    "qdq-weights-at-load": session(qdq.path, args.threads, weights_at_load=True)}
-        weights = [q for q in qdq.quantized if q.kind == "weight"]
-        print(f"model: {what}")
-        print(f"quantized weights: {sum(q.onnx_type == 'INT4' for q in weights)} INT4, "
-              f"{sum(q.onnx_type == 'INT8' for q in weights)} INT8; ONNX Runtime {onnxruntime.__version__}, "
-              f"CPU threads {args.threads or 'default'}")
-        print(f"file size: QDQ {qdq.size_bytes / MEGABYTE:.2f} MB, FP32 {fp32.size_bytes / MEGABYTE:.2f} MB")
-        print(f"ONNX Runtime runs QDQ as: {runtime_ops(qdq.path, args.threads)}")
-        print(f"  with session.disable_quant_qdq=1: {runtime_ops(qdq.path, args.threads, weights_at_load=True)}")
-        print(f"ONNX Runtime runs FP32 as: {runtime_ops(fp32.path, args.threads)}")
-        ratios, load_ratios = {}, {}
-        for batch in (1, 32):
+    files = {"fp32": export_onnx(float_copy(model), example, directory / f"{arch}-fp32.onnx").path}
+    files["ort-int8"] = ort_int8(files["fp32"], directory / f"{arch}-ort-int8.onnx", size)
+    files["integer"] = export_onnx(model, example, directory / f"{arch}-integer.onnx", form="integer").path
+    files["compact"] = export_onnx(model, example, directory / f"{arch}-compact.onnx", form="compact").path
+    results = {}
+    for name, path in files.items():
+        kernels = runtime_kernels(path)
+        runner = cpu_session(path, threads)
+        row = {"size_mb": path.stat().st_size / MEGABYTE, "kernels": kernels}
+        for batch in BATCHES:
             images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).numpy()
             with torch.no_grad():
-                expected = model(torch.from_numpy(images)).numpy()
-            differences = {name: float(np.abs(runner.run(None, {INPUT_NAME: images})[0] - expected).max())
-                           for name, runner in sessions.items() if name != "fp32"}
-            times = {name: median_ms(runner, images, args.repeats) for name, runner in sessions.items()}
-            ratios[batch] = times["qdq"] / times["fp32"]
-            load_ratios[batch] = times["qdq-weights-at-load"] / times["fp32"]
-            print(f"batch {batch:>2} (median of {args.repeats}): QDQ {times['qdq']:.1f} ms, QDQ with "
-                  f"session.disable_quant_qdq=1 {times['qdq-weights-at-load']:.1f} ms, FP32 {times['fp32']:.1f} ms; "
-                  f"largest logit difference to PyTorch: QDQ {differences['qdq']:.3g}, with "
-                  f"session.disable_quant_qdq=1 {differences['qdq-weights-at-load']:.3g}")
-        print(f"size ratio FP32 / QDQ: {fp32.size_bytes / qdq.size_bytes:.2f}x")
-        print(f"latency ratio QDQ / FP32 with session.disable_quant_qdq=1: batch 1 {load_ratios[1]:.2f}x, "
-              f"batch 32 {load_ratios[32]:.2f}x")
-        print(f"latency ratio QDQ / FP32 (above 1: QDQ slower): batch 1 {ratios[1]:.2f}x, batch 32 {ratios[32]:.2f}x")
+                expected = (float_copy(model) if name in ("fp32", "ort-int8") else model)(torch.from_numpy(images))
+            row[f"diff{batch}"] = float(np.abs(runner.run(None, {INPUT_NAME: images})[0] - expected.numpy()).max())
+            row[f"ms{batch}"] = median_ms(runner, images, repeats)
+        results[name] = row
+        print(f"{arch} {name:>8}: {row['size_mb']:7.2f} MB, batch 1 {row['ms1']:8.1f} ms, batch 32 "
+              f"{row['ms32']:9.1f} ms; largest logit difference to its PyTorch model {row['diff32']:.3g}; "
+              f"{kernels.summary()}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its choice)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per batch size (median reported)")
+    args = parser.parse_args()
+    print(f"ONNX Runtime {onnxruntime.__version__}, CPU threads {args.threads or 'default'}, "
+          f"{args.input_size}x{args.input_size}, median of {args.repeats} runs")
+    with tempfile.TemporaryDirectory() as directory:
+        results = {arch: bench(arch, args.input_size, args.threads, args.repeats, Path(directory))
+                   for arch in args.models}
+    print("\nratios (above 1: ours faster / smaller)")
+    for arch, rows in results.items():
+        for form in ("integer", "compact"):
+            ours = rows[form]
+            print(f"{arch} {form:>7}: vs FP32 batch 1 {rows['fp32']['ms1'] / ours['ms1']:.2f}x, batch 32 "
+                  f"{rows['fp32']['ms32'] / ours['ms32']:.2f}x; vs ONNX Runtime int8 batch 1 "
+                  f"{rows['ort-int8']['ms1'] / ours['ms1']:.2f}x, batch 32 {rows['ort-int8']['ms32'] / ours['ms32']:.2f}x; "
+                  f"size {ours['size_mb'] / rows['fp32']['size_mb']:.3f}x of FP32")
 
 
 if __name__ == "__main__":

@@ -276,6 +276,20 @@ def _cases(digits: Path, black_hole: str) -> list[Case]:
         # limpq submit
         Case("submit to not an address", ["submit", "--address", "notaurl", "--", "echo", "hi"],
              "--address: 'notaurl' is not a Ray job API address"),
+        # limpq export: the store checked first, nothing overwritten or written into it
+        Case("export from a silent server", ["export", "--model-uri", "models:/m@best-top1", "--out", "m.onnx",
+                                             "--tracking-uri", f"http://{black_hole}"],
+             f"--tracking-uri: no MLflow server answers at http://{black_hole}"),
+        Case("export from a file that is not a store", ["export", "--model-uri", "models:/m@best-top1", "--out",
+                                                        "m.onnx", "--tracking-uri", "sqlite:///notes.db"],
+             "--tracking-uri: notes.db is not an MLflow database",
+             lambda workdir, env: (workdir / "notes.db").write_text("")),
+        Case("export over a config file", ["export", "--model-uri", "models:/m@best-top1", "--out", "config.yaml"],
+             "--out config.yaml: exists and is not an ONNX file", config()),
+        Case("export at opset 0", ["export", "--model-uri", "models:/m@best-top1", "--out", "m.onnx", "--opset", "0"],
+             "--opset 0: limpq writes ONNX opset 21 (the first with INT4) to 23"),
+        Case("export a huge batch", ["export", "--model-uri", "models:/m@best-top1", "--out", "m.onnx", "--batch",
+                                     "1000000"], "argument --batch: expected 'dynamic' or an integer from 1 to 1024"),
         # limpq evaluate: policies checked before the joint model is looked up
         Case("evaluate another model's policy", ["evaluate", "--config", "config.yaml", "--policy", "policy.json"],
              "policy.json: a policy for model resnet50, but the config's model.arch is resnet18",

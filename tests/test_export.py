@@ -4,6 +4,7 @@ through pyfunc and a real `mlflow models serve`, and the refusals (one line, exi
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ from cluster import free_port
 from onnx import numpy_helper
 from pipelines import Resubmitted
 from torch import nn
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
 
 from orchestrator.cli import main
 from orchestrator.config.loading import load_config
@@ -33,9 +36,10 @@ from orchestrator.data.layout import index_dataset
 from orchestrator.tracking.onnx_models import val_batches
 from orchestrator.common.errors import UserError
 from orchestrator.quant.lsq import levels
-from orchestrator.quant.onnx_check import compare_with_torch, cpu_session
+from orchestrator.models.explicit_layers import make_weights_explicit
+from orchestrator.quant.onnx_check import compare_with_torch, cpu_session, runtime_kernels
 from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
-from orchestrator.quant.surgery import quantize_model
+from orchestrator.quant.surgery import layout_of, quantize_model
 from orchestrator.tracking.runs import Tracker
 
 PYTORCH_NAME, ONNX_NAME = "faults-resnet18", "faults-resnet18-onnx"
@@ -59,7 +63,7 @@ def test_a_2_and_a_3_bit_layer_export_only_their_own_levels(tmp_path: Path) -> N
         for layer in (model[3], model[6]):  # weights far outside their ranges: the export must saturate them
             layer.weight.mul_(4)
     out = tmp_path / "low.onnx"
-    export = export_onnx(model, torch.zeros(1, 3, 12, 12), out)
+    export = export_onnx(model, torch.zeros(1, 3, 12, 12), out, form="compact")
 
     proto = onnx.load(out)
     onnx.checker.check_model(proto, full_check=True)
@@ -115,17 +119,19 @@ class _TwoReaders(nn.Module):
         return self.head(self.left(x) + self.right(x))
 
 
-def test_one_activation_read_by_a_2_and_a_3_bit_layer_exports_both_clamps(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["compact", "integer"])
+def test_one_activation_read_by_a_2_and_a_3_bit_layer_exports_both_clamps(form: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _TwoReaders()
     quantize_model(model, policy={"left": (3, 2), "right": (2, 3)}, input_size=10)
     model(torch.randn(8, 3, 10, 10))
     out = tmp_path / "two.onnx"
-    export_onnx(model.eval(), torch.zeros(1, 3, 10, 10), out)
+    export_onnx(model.eval(), torch.zeros(1, 3, 10, 10), out, form=form)
     onnx.checker.check_model(onnx.load(out), full_check=True)
     images = torch.randn(32, 3, 10, 10, generator=torch.Generator().manual_seed(1))
     check = compare_with_torch(model, out, [(images, torch.zeros(32, dtype=torch.long))])
-    assert check.agreement == 1.0 and check.max_logit_diff < 1e-5
+    # the integer form's float convolutions (float biases, no BatchNorm here) run on another ONNX Runtime kernel
+    assert check.agreement == 1.0 and check.max_logit_diff < (1e-5 if form == "compact" else 1e-3)
 
 
 def test_what_onnx_qdq_cannot_express_is_one_user_error_naming_the_layer_or_operator(tmp_path: Path) -> None:
@@ -162,7 +168,99 @@ def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: 
     assert not tracker.client.search_model_versions("name = 'wide-resnet18-onnx'")
 
 
-# --- a finished one-shot pipeline, its registered models and `limpq export` ------------------------------
+# --- the integer form: integer kernels, folded BatchNorm, every kind of model at every activation width -----
+
+
+def _tiny(kind: str) -> tuple[nn.Module, int]:
+    """A tiny CNN with BatchNorm and a residual Add, or torchvision's own ViT or swin classes made small."""
+    if kind == "cnn":
+        return _ResidualNet(), 12
+    if kind == "vit":
+        return VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                 num_classes=10), 16
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
+                           num_classes=10), 32
+
+
+class _ResidualNet(nn.Module):
+    """Stem, one ResNet-style block (its last convolution feeds the residual Add), classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))))
+
+
+def _quantized_tiny(kind: str, wbits: int, abits: int) -> tuple[nn.Module, torch.Tensor]:
+    """The tiny model at W`wbits`A`abits`, step sizes and BatchNorm statistics settled on random images."""
+    torch.manual_seed(0)
+    model, size = _tiny(kind)
+    model = make_weights_explicit(model)
+    for parameter in model.parameters():  # torchvision starts a ViT's head at zero: logits would all be 0
+        if parameter.dim() > 1 and not parameter.any():
+            nn.init.normal_(parameter, std=0.02)
+    joint = copy.deepcopy(model)
+    quantize_model(joint, bits=[4, 2], input_size=size)
+    quantize_model(model, policy={name: (wbits, abits) for name in layout_of(joint).searchable}, input_size=size)
+    model.train()
+    with torch.no_grad():
+        for seed in range(3):
+            model(torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(seed)))
+    return model.eval(), torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(9))
+
+
+MATRIX = [pytest.param(kind, bits, marks=[] if bits in (2, 8) else pytest.mark.slow, id=f"{kind}-a{bits}")
+          for kind in ("cnn", "vit", "swin") for bits in (2, 3, 4, 5, 6, 8)]
+
+
+@pytest.mark.parametrize("kind, abits", MATRIX)
+def test_every_model_kind_and_activation_width_loads_in_a_default_session_and_agrees(kind: str, abits: int,
+                                                                                    tmp_path: Path) -> None:
+    """Both forms load in ONNX Runtime's default CPU session (5- to 8-bit ViT/swin attention operands
+    did not) and compute what PyTorch does; the integer form runs every quantized layer on integer kernels."""
+    model, images = _quantized_tiny(kind, 4, abits)
+    for form in ("integer", "compact"):
+        export = export_onnx(model, images[:1], tmp_path / f"{form}.onnx", form=form)
+        check = compare_with_torch(model, export.path, [(images, torch.zeros(len(images), dtype=torch.long))])
+        assert check.agreement == 1.0 and check.max_logit_diff < 1e-3, (form, check.summary())
+    kernels = runtime_kernels(tmp_path / "integer.onnx")
+    first = {"cnn": "stem.0", "vit": "conv_proj", "swin": "features.0.0"}[kind]  # a float input: a float kernel
+    assert [name.split(" ")[0] for name in kernels.float_layers] == [first], kernels.summary()
+    assert kernels.integer_count >= 3
+
+
+def test_folded_batchnorm_keeps_the_pytorch_quantizers_codes(tmp_path: Path) -> None:
+    """The integer file's weights of a convolution followed by BatchNorm are the PyTorch quantizer's codes,
+    read by ConvInteger with the input's UINT8 codes; its sums are scaled per channel by
+    x_scale * step * gamma / sqrt(var + eps), and no BatchNormalization is left."""
+    model, images = _quantized_tiny("cnn", 3, 4)
+    export_onnx(model, images[:1], tmp_path / "integer.onnx", form="integer")
+    proto = onnx.load(tmp_path / "integer.onnx")
+    initializers = {name: numpy_helper.to_array(tensor) for name, tensor in _initializers(proto).items()}
+    qn, qp = levels(3, signed=True)
+    for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+        layer = model.get_submodule(conv)
+        step = layer.weight_quant.effective_step_size(3)
+        expected = (layer.weight.detach() / step).clamp(qn, qp).round().numpy().astype(int)
+        norm = model.get_submodule(bn)
+        norm = norm.copies[str(norm.active_bits)] if hasattr(norm, "copies") else norm
+        factor = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().numpy()
+        stored = initializers[f"{conv}.folded_codes"]
+        assert stored.dtype == np.int8
+        np.testing.assert_array_equal(stored.astype(int), expected)
+        x_scale = layer.act_quant.effective_step_size(4)
+        np.testing.assert_allclose(initializers[f"{conv}.folded_scale"].ravel(), x_scale * step * factor, rtol=1e-6)
+    assert runtime_kernels(tmp_path / "integer.onnx").integer == {"ConvInteger": 2, "QGemm": 1}
+    assert not [node for node in proto.graph.node if node.op_type == "BatchNormalization"]
+
+
+# --- a finished one-shot pipeline, its registered models and `limpq export` ----------------------------------------
 
 
 @pytest.fixture
@@ -183,9 +281,11 @@ def test_export_of_the_best_model_is_full_checked_int4_qdq_and_agrees_on_val(pip
     uri = _tracking_uri(pipeline)
     out = tmp_path / "best.onnx"
     assert main(["export", "--model-uri", f"models:/{PYTORCH_NAME}@best-top1", "--out", str(out),
-                 "--tracking-uri", uri]) == 0
+                 "--tracking-uri", uri, "--form", "compact"]) == 0
+    assert not list(pipeline.parent.rglob("registered_model_meta"))  # the export wrote nothing into the store
     printed = capsys.readouterr().out
-    assert f"wrote {out} (opset 21, batch dynamic, input [3, 16, 16])" in printed
+    assert f"wrote {out} (compact form, opset 21, batch dynamic, input [3, 16, 16])" in printed
+    assert "as integer kernels" in printed
     assert "FP32 export of the same model" in printed and "the policy's size_mb" in printed
 
     proto = onnx.load(out)
@@ -227,6 +327,22 @@ def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_a
     sweep = client.get_run(client.get_run(version.run_id).data.tags["mlflow.parentRunId"])
     report = Path(client.download_artifacts(sweep.info.run_id, "report.txt", str(pipeline.parent))).read_text()
     assert "ONNX top-1 %" in report.splitlines()[0] and "100.00" in report.splitlines()[1]
+
+
+@pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`
+def test_registered_onnx_model_says_which_layers_run_on_integer_kernels(pipeline: Path, tmp_path: Path) -> None:
+    """What ONNX Runtime's optimized graph runs the registered model with is logged on the trial run:
+    the counts of integer and float kernels, and the float layers by name."""
+    uri = _tracking_uri(pipeline)
+    mlflow.set_tracking_uri(uri)
+    registered = mlflow.artifacts.download_artifacts(f"models:/{ONNX_NAME}@best-top1", dst_path=str(tmp_path))
+    [onnx_file] = Path(registered).rglob("*.onnx")
+    kernels = runtime_kernels(onnx_file)
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(client.get_model_version_by_alias(ONNX_NAME, "best-top1").run_id)
+    assert run.data.metrics["onnx_integer_kernels"] == kernels.integer_count
+    assert run.data.metrics["onnx_float_kernels"] == len(kernels.float_layers) > 0  # compact: float convolutions
+    assert run.data.tags["limpq.onnx_kernels"] == kernels.summary()
 
 
 @pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`
@@ -311,4 +427,6 @@ def test_what_cannot_be_exported_is_one_line_and_exit_2(pipeline: Path, tmp_path
         capsys, ["export", *model_uri, "--out", out, "--opset", "20"])
     assert "no MLflow database at" in _one_line_error(
         capsys, ["export", *model_uri[:2], "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}", "--out", out])
+    assert ": a float model (it has no quantizer, as the fp stage's)" in _one_line_error(
+        capsys, [*base, "--run-id", runs["fp"]])
     assert not Path(out).exists()

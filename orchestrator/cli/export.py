@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from pathlib import Path
 
+from orchestrator.common.errors import UserError
 from orchestrator.common.fileio import writable_file
+
+
+# a fixed batch is traced, exported and checked at that size in this process: beyond this it may not fit
+# in memory, and a dynamic batch serves any size
+MAX_BATCH = 1024
 
 
 def _batch(value: str) -> int | None:
     if value == "dynamic":
         return None
-    if value.isdigit() and int(value) > 0:
+    if value.isdigit() and 0 < int(value) <= MAX_BATCH:
         return int(value)
-    raise argparse.ArgumentTypeError(f"expected 'dynamic' or a positive integer, got {value!r}")
+    raise argparse.ArgumentTypeError(f"expected 'dynamic' or an integer from 1 to {MAX_BATCH}, got {value!r} (a "
+                                     "dynamic batch serves any size)")
+
+
+def _replaceable(out: Path, given: str) -> None:
+    """`out` is new, or an ONNX file (which the export replaces): never another file's bytes."""
+    import onnx  # here, not at the top: the CLI starts without onnx
+
+    if not out.is_file():
+        return
+    try:
+        proto = onnx.load_model(out, load_external_data=False)
+        is_onnx = proto.ir_version > 0 and len(proto.graph.node) > 0
+    except Exception:  # protobuf's DecodeError, or bytes onnx cannot read at all: either way not ONNX
+        is_onnx = False
+    if not is_onnx:
+        raise UserError(f"--out {given}: exists and is not an ONNX file; limpq export replaces only an ONNX file: "
+                        "give a new path")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -26,21 +50,23 @@ def _export(args: argparse.Namespace) -> int:
     from orchestrator.quant.onnx_export import MIN_OPSET, check_opset
 
     out = writable_file(args.out, "--out")
-    opset = args.opset or MIN_OPSET
+    _replaceable(out, args.out)
+    opset = MIN_OPSET if args.opset is None else args.opset
     check_opset(opset)
     tracking_uri = tracking_uri_for_export(args.tracking_uri)
     source = resolve_source(tracking_uri, args.model_uri, args.run_id)
-    result = export_logged_model(tracking_uri, source, out, opset, args.batch)
+    result = export_logged_model(tracking_uri, source, out, opset, args.batch, args.form)
     export = result.export
     size_mb = export.size_bytes / MEGABYTE
-    print(f"wrote {out} (opset {opset}, batch {args.batch or 'dynamic'}, input {list(source.input_shape)}) "
-          f"from {source.uri}")
+    print(f"wrote {out} ({args.form} form, opset {opset}, batch {args.batch or 'dynamic'}, input "
+          f"{list(source.input_shape)}) from {source.uri}")
     for kind, label in (("weight", "weights"), ("act", "activations")):
         counts = Counter(f"{q.bits}-bit as {q.onnx_type}" for q in export.quantized if q.kind == kind)
         print(f"  quantized {label}: " + (", ".join(f"{n} x {what}" for what, n in sorted(counts.items())) or "none"))
     policy = f"; the policy's size_mb {result.policy_size_mb:.3f} MB" if result.policy_size_mb is not None else ""
     print(f"  size: {size_mb:.3f} MB; FP32 export of the same model {result.fp32_bytes / MEGABYTE:.3f} MB "
           f"({result.fp32_bytes / export.size_bytes:.2f}x larger){policy}")
+    print(f"  {result.kernels.summary()}")
     check = result.random_check
     print(f"  ONNX Runtime vs PyTorch on {check.samples} random N(0, 1) inputs: largest logit difference "
           f"{check.max_logit_diff:.3g}, same top-1 class on {round(check.agreement * check.samples)}/{check.samples}")
@@ -59,9 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--model-uri", metavar="URI", help="an MLflow model URI, e.g. models:/demo-resnet18@best-top1")
     source.add_argument("--run-id", metavar="RUN", help="an MLflow run id: its newest logged PyTorch model")
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    parser.add_argument("--form", choices=("compact", "integer"), default="compact",
+                        help="compact: the smallest file, as the registry holds it (default); integer: every "
+                        "quantized convolution and matmul on ONNX Runtime's integer kernels, exact, but slower "
+                        "than float on x86 CPUs today (README, Deploy)")
     parser.add_argument("--opset", type=int, metavar="N", help="ONNX opset: 21 (the first with INT4; default) to 23")
     parser.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
-                        help="the batch dimension: dynamic (default) or a fixed size")
+                        help="the batch dimension: dynamic (default) or a fixed size up to 1024")
     parser.add_argument("--tracking-uri", metavar="URI",
                         help="the MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.set_defaults(func=_export)

@@ -4,15 +4,19 @@ Layer 1: torch and onnxruntime, no Ray, no MLflow."""
 
 from __future__ import annotations
 
+import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
+from orchestrator.common.errors import UserError
 from orchestrator.quant.onnx_export import INPUT_NAME
 
 # the top-1 agreement an export must reach: rounding the same value on both sides of a .5 boundary (a
@@ -47,7 +51,15 @@ def cpu_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
     session would be); `threads` 0 lets ONNX Runtime choose."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _session(path, options)
+
+
+def _session(path: str | Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # ONNX Runtime's own exception classes (Fail, InvalidGraph, ...) share no base
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise UserError(f"ONNX Runtime's default CPU session refuses the exported graph: {reason}") from error
 
 
 @torch.no_grad()
@@ -70,3 +82,59 @@ def compare_with_torch(model: nn.Module, onnx_path: str | Path,
     if not samples:
         raise ValueError("compare_with_torch: no batches")
     return OnnxAgreement(samples, same / samples, onnx_correct / samples, torch_correct / samples, max_diff)
+
+
+INTEGER_KERNELS = frozenset({"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                             "QGemm", "DynamicQuantizeMatMul", "MatMulNBits"})
+FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "MatMul", "FusedMatMul", "Gemm",
+                           "FusedGemm"})
+
+
+@dataclass(frozen=True)
+class RuntimeKernels:
+    """The convolutions and matrix products of ONNX Runtime's optimized graph (CPU, default session):
+    how many run as integer kernels, and the float ones by name (the node's weight input, else the node)."""
+
+    integer: dict[str, int]  # operator -> count
+    float_layers: tuple[str, ...]
+
+    @property
+    def integer_count(self) -> int:
+        return sum(self.integer.values())
+
+    def summary(self) -> str:
+        total = self.integer_count + len(self.float_layers)
+        kernels = ", ".join(f"{op} x{n}" for op, n in sorted(self.integer.items())) or "none"
+        floats = ", ".join(self.float_layers) or "none"
+        return (f"ONNX Runtime (CPU) runs {self.integer_count} of {total} convolutions and matrix products as integer "
+                f"kernels ({kernels}); in float: {floats}")
+
+    def metrics(self) -> dict[str, float]:
+        return {"onnx_integer_kernels": self.integer_count, "onnx_float_kernels": len(self.float_layers)}
+
+
+def runtime_kernels(path: str | Path) -> RuntimeKernels:
+    """Read ONNX Runtime's optimized graph of the model at `path` (saved by a default CPU session)."""
+    with tempfile.TemporaryDirectory() as directory:
+        optimized = Path(directory) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3  # it warns that an optimized graph is specific to this machine
+        _session(path, options)
+        graph = onnx.load(optimized, load_external_data=False).graph
+    constants = {initializer.name for initializer in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+    integer = Counter(node.op_type for node in graph.node if node.op_type in INTEGER_KERNELS)
+    float_layers = tuple(_layer_name(node, constants, producer) for node in graph.node if node.op_type in FLOAT_KERNELS)
+    return RuntimeKernels(dict(integer), float_layers)
+
+
+def _layer_name(node: onnx.NodeProto, constants: set[str], producer: dict[str, onnx.NodeProto]) -> str:
+    """The layer a float kernel computes, read from its weight's name (through its DequantizeLinear)."""
+    if len(node.input) > 1 and node.input[1] in producer and producer[node.input[1]].op_type == "DequantizeLinear":
+        weight = producer[node.input[1]].input[0]
+    else:
+        weight = node.input[1] if len(node.input) > 1 else ""
+    if weight not in constants:
+        return f"{node.name} ({node.op_type})"
+    return f"{weight.split('.folded_')[0].removesuffix('_quantized').removesuffix('.weight')} ({node.op_type})"

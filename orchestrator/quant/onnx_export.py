@@ -1,27 +1,26 @@
-"""A quantized model as ONNX in standard QDQ form at its own bit-widths (docs/method.md §11). Layer 1: torch,
-onnx and onnxscript, no Ray, no MLflow.
+"""A quantized model as ONNX QDQ at its own bit-widths (docs/method.md §11-§12), in one of two forms. Layer 1:
+torch, onnx and onnxscript, no Ray, no MLflow.
 
 Driven by the quantizers, not by layer classes: every `LsqQuantizer` of the model (a layer's
 `weight_quant` and `act_quant`, an attention's operand quantizers, or any other module that quantizes a
-tensor through one) is swapped for a stand-in that computes the same thing as one custom op, and the
-exporter (torch.onnx, dynamo) translates that op into
+tensor through one) is swapped for a stand-in that computes the same thing as one custom op, which the
+exporter (torch.onnx, dynamo) translates into QuantizeLinear -> DequantizeLinear. A post-pass stores
+every quantized weight already quantized: one integer initializer read by DequantizeLinear, its codes
+computed as the PyTorch quantizer computes them.
 
-    clamp to [Qn * s, Qp * s] -> QuantizeLinear(scale=s, zero_point=0) -> DequantizeLinear
-
-in the smallest integer type that holds [Qn, Qp] (INT4/UINT4 up to 4 bits, INT8/UINT8 up to 8). The
-clamp is only there where the bit-width is narrower than its type, so that saturation happens at the
-bit-width's own levels. A post-pass then stores every quantized weight already quantized: the float
-initializer, its clamp and QuantizeLinear become one integer initializer (INT4 packed two per byte, as
-ONNX stores it) read by DequantizeLinear. Everything that PyTorch computes in float (BatchNorm, biases,
-layers without quantizers) stays float.
-
-The clamp is written Min -> Max rather than Clip: ONNX Runtime's ClipQuantFusion (at its default
-optimization level, up to 1.32 at least) throws on Clip -> QuantizeLinear with a 4-bit zero point, so a
-Clip would make the file unloadable in a default ONNX Runtime session. Min/Max compute the same values.
-
-BatchNorm is kept as its own node, not folded into the quantized weights: folding scales each output
-channel of the kernel, which moves it off the learned integer grid (the codes would have to be
-re-quantized with per-channel scales, a different model from the one that was evaluated).
+- compact (the default, what the registry holds): the smallest file (INT4/UINT4 up to 4 bits, packed two
+  per byte), BatchNorm kept; ONNX Runtime has no 4-bit convolution and runs it in float. A clamp narrower
+  than the type is written Min -> Max before QuantizeLinear rather than Clip: ONNX Runtime's
+  ClipQuantFusion (up to 1.32 at least) throws on Clip -> QuantizeLinear with a 4-bit zero point.
+- integer: what ONNX Runtime's CPU session runs on integer kernels
+  (ConvInteger, QGemm, QLinearMatMul, MatMulIntegerToFloat). Weights INT8, activations UINT8 (a signed
+  quantizer's codes at zero point 128); a 2- to 6-bit activation is clamped to its own levels by an
+  integer Clip after QuantizeLinear (ONNX Runtime's fusions take no float op between a product and a
+  QuantizeLinear). BatchNorm is folded into the convolution exactly (same codes, per-channel scales);
+  see _integer_convolutions. It computes exactly the evaluated model, but ONNX Runtime's CPU
+  ConvInteger is slower than its float convolution (benchmarks/bench_export.py), so it is not the
+  default: the faster QLinearConv re-rounds the bias and the output, which moves 2- to 4-bit
+  activations across levels (97.5% agreement on the smoke model) unless training does the same.
 """
 
 from __future__ import annotations
@@ -52,6 +51,9 @@ MAX_OPSET = 23  # the newest opset this exporter has been checked with (torch.on
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 METADATA_KEY = "limpq.quantizers"  # the model's metadata_props entry listing what is quantized how
 MAX_BITS = 8
+# compact: the smallest file (INT4 packed); integer: what ONNX Runtime runs on integer kernels
+# (BatchNorm folded, 8-bit containers)
+FORMS = ("compact", "integer")
 
 # ONNX tensor type (and its numpy dtype) of each (signed, 4-bit container) combination
 _TYPES = {
@@ -63,13 +65,14 @@ _TYPES = {
 
 
 @torch.library.custom_op("limpq::quant_dequant", mutates_args=())
-def quant_dequant(x: torch.Tensor, step: float, qn: int, qp: int) -> torch.Tensor:
-    """round(clamp(x / s, Qn, Qp)) * s, the forward of an LSQ quantizer at one bit-width."""
+def quant_dequant(x: torch.Tensor, step: float, qn: int, qp: int, container: str) -> torch.Tensor:
+    """round(clamp(x / s, Qn, Qp)) * s, the forward of an LSQ quantizer at one bit-width; `container`
+    says how the ONNX translation stores the codes (one of _TRANSLATIONS)."""
     return (x / step).clamp(qn, qp).round() * step
 
 
 @quant_dequant.register_fake
-def _quant_dequant_shape(x: torch.Tensor, step: float, qn: int, qp: int) -> torch.Tensor:
+def _quant_dequant_shape(x: torch.Tensor, step: float, qn: int, qp: int, container: str) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -78,14 +81,41 @@ def _integer_range(dtype: np.dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def _container(qn: int, qp: int) -> tuple[int, np.dtype]:
-    """(ONNX type, numpy dtype) of the smallest integer type holding [qn, qp]."""
-    return _TYPES[(qn < 0, qp - qn < 16)]
+def _container(qn: int, qp: int, wide: bool = False) -> tuple[int, np.dtype]:
+    """(ONNX type, numpy dtype) of the smallest integer type holding [qn, qp] (`wide`: of 8 bits)."""
+    return _TYPES[(qn < 0, qp - qn < 16 and not wide)]
 
 
-def _quant_dequant_onnx(x, step: float, qn: int, qp: int):
+def _uint8_zero_point(qn: int) -> int:
+    """The integer form's activations are UINT8 (the type x86 integer kernels take): an unsigned
+    quantizer's codes as they are, a signed one's shifted by 128 (zero point 128), which holds every
+    signed level up to 8 bits."""
+    return 0 if qn >= 0 else 128
+
+
+def _uint8_quant_dequant(x, step: float, qn: int, qp: int):
+    """QuantizeLinear to UINT8 -> Clip to the bit-width's own codes (in the integer domain) ->
+    DequantizeLinear: the same values as round(clamp(x / s, Qn, Qp)) * s, since clamping to integer
+    bounds commutes with rounding; ConvInteger reads the UINT8 codes directly (_integer_convolutions)."""
+    zero = _uint8_zero_point(qn)
+    scale = _constant(step, np.float32)
+    zero_point = _constant(zero, np.uint8)
+    codes = op.QuantizeLinear(x, scale, zero_point)
+    if (qn + zero, qp + zero) != (0, 255):
+        codes = op.Clip(codes, _constant(qn + zero, np.uint8), _constant(qp + zero, np.uint8))
+    return op.DequantizeLinear(codes, scale, zero_point)
+
+
+def _constant(value, dtype, onnx_type=None):
+    array = np.array(value, dtype=dtype)
+    return op.Constant(value=ir.tensor(array, dtype=ir.DataType(onnx_type)) if onnx_type else ir.tensor(array))
+
+
+def _quant_dequant_onnx(x, step: float, qn: int, qp: int, container: str):
     """ONNX translation of `quant_dequant` (docs/method.md §11)."""
-    onnx_type, dtype = _container(qn, qp)
+    if container == "uint8":
+        return _uint8_quant_dequant(x, step, qn, qp)
+    onnx_type, dtype = _container(qn, qp, wide=container == "int8")
     scale = op.Constant(value=ir.tensor(np.array(step, dtype=np.float32)))
     zero_point = op.Constant(value=ir.tensor(np.array(0, dtype=dtype), dtype=ir.DataType(onnx_type)))
     if (qn, qp) != _integer_range(dtype):
@@ -97,12 +127,12 @@ def _quant_dequant_onnx(x, step: float, qn: int, qp: int):
 class _QuantDequant(nn.Module):
     """Export-time stand-in for an LsqQuantizer at its active bit-width."""
 
-    def __init__(self, step: float, qn: int, qp: int) -> None:
+    def __init__(self, step: float, qn: int, qp: int, container: str) -> None:
         super().__init__()
-        self.step, self.qn, self.qp = step, qn, qp
+        self.step, self.qn, self.qp, self.container = step, qn, qp, container
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.limpq.quant_dequant(x, self.step, self.qn, self.qp)
+        return torch.ops.limpq.quant_dequant(x, self.step, self.qn, self.qp, self.container)
 
 
 @dataclass(frozen=True)
@@ -116,8 +146,9 @@ class QuantizedTensor:
     bits: int
     signed: bool
     onnx_type: str  # INT4, UINT4, INT8 or UINT8
-    scale: float
+    scale: float  # a folded weight's per-channel scales are this step times its BatchNorm factors
     operand: str | None = None
+    zero_point: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,9 +165,10 @@ def _layer_of(quantizer_name: str) -> str:
     return quantizer_name.rpartition(".")[0] or "<model>"
 
 
-def _stand_ins(model: nn.Module) -> dict[str, tuple[_QuantDequant, QuantizedTensor]]:
+def _stand_ins(model: nn.Module, form: str) -> dict[str, tuple[_QuantDequant, QuantizedTensor]]:
     """An export stand-in for every LsqQuantizer of `model`; UserError (one line, naming the layer)
-    for one that ONNX QDQ cannot express."""
+    for one that ONNX QDQ cannot express. The compact form stores codes in the smallest type; the
+    integer form weights as INT8, activations as UINT8 (see _uint8_quant_dequant)."""
     stand_ins = {}
     operand_quants = {name for name, module in model.named_modules() if isinstance(module, OperandQuant)}
     for name, module in model.named_modules():
@@ -155,9 +187,17 @@ def _stand_ins(model: nn.Module) -> dict[str, tuple[_QuantDequant, QuantizedTens
                             "the widest that ONNX QuantizeLinear/DequantizeLinear runtimes execute")
         qn, qp = levels(bits, module.signed)
         step = module.effective_step_size(bits)
-        stand_ins[name] = (_QuantDequant(step, qn, qp), QuantizedTensor(
+        # an activation wider than 4 bits is UINT8 in both forms: a signed INT8 one makes ONNX Runtime's
+        # QDQ propagation write a QuantizeLinear it then refuses (at an attention's k Transpose)
+        if module.kind == "act" and (form == "integer" or qp - qn >= 16):
+            container = "uint8"
+        else:
+            container = "int8" if form == "integer" else "smallest"
+        zero_point = _uint8_zero_point(qn) if container == "uint8" else 0
+        onnx_type = onnx.TensorProto.UINT8 if container == "uint8" else _container(qn, qp, wide=container == "int8")[0]
+        stand_ins[name] = (_QuantDequant(step, qn, qp, container), QuantizedTensor(
             layer=layer, kind=module.kind, bits=bits, signed=module.signed,
-            onnx_type=onnx.TensorProto.DataType.Name(_container(qn, qp)[0]), scale=step, operand=operand))
+            onnx_type=onnx.TensorProto.DataType.Name(onnx_type), scale=step, operand=operand, zero_point=zero_point))
     return stand_ins
 
 
@@ -176,14 +216,19 @@ def float_copy(model: nn.Module) -> nn.Module:
     return plain
 
 
+def check_form(form: str) -> None:
+    if form not in FORMS:
+        raise UserError(f"--form {form}: give one of {', '.join(FORMS)}")
+
+
 def check_opset(opset: int) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"--opset {opset}: limpq writes ONNX opset {MIN_OPSET} (the first with INT4) to {MAX_OPSET}")
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = MIN_OPSET,
-                batch: int | None = None) -> OnnxExport:
-    """Write `model` (a model at one policy, or a float model) as ONNX QDQ to `path`.
+                batch: int | None = None, form: str = "compact") -> OnnxExport:
+    """Write `model` (a model at one policy, or a float model) as ONNX QDQ to `path`, in `form`.
 
     `example` is one input batch (N, C, H, W); `batch` None gives a dynamic batch dimension, an int a
     fixed one. `model` is put in eval mode on the CPU and first runs once on `example`, as
@@ -192,11 +237,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     exported. Pass the example the PyTorch model was logged with.
     """
     check_opset(opset)
+    check_form(form)
     model.cpu().eval()
     with torch.no_grad():
         model(example)
     model = copy.deepcopy(model)
-    stand_ins = _stand_ins(model)
+    stand_ins = _stand_ins(model, form)
     _replace_modules(model, {name: module for name, (module, _) in stand_ins.items()})
     # torch.export specializes a dimension of size 1, so a dynamic batch is traced at batch 2
     traced = example[:1].expand(batch or 2, *example.shape[1:]).contiguous()
@@ -212,9 +258,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     # Clip into a new initializer
     _store_weights_as_integers(proto)
     proto = onnxscript.optimizer.optimize(proto)
-    _clamp_4bit_inputs_with_min_max(proto)
-    _drop_stack_traces(proto)
     quantized = tuple(quantizer for _, quantizer in stand_ins.values())
+    if form == "integer":
+        _integer_convolutions(proto)
+    else:
+        _clamp_4bit_inputs_with_min_max(proto)
+    _drop_stack_traces(proto)
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps([asdict(q) for q in quantized]))
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
@@ -326,6 +375,127 @@ def _clamp_4bit_inputs_with_min_max(proto: onnx.ModelProto) -> None:
     kept = [initializer for initializer in graph.initializer if initializer.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _integer_convolutions(proto: onnx.ModelProto) -> None:
+    """The integer form's graph pass over every convolution whose weights are integer codes (DequantizeLinear
+    of an initializer at one step s). A BatchNormalization that is the convolution's only reader is
+    folded in exactly: the codes stay the PyTorch quantizer's, and with f[c] = gamma[c] / sqrt(var[c] + eps)
+
+        weight[c] = codes[c] * s * f[c]        bias[c] = beta[c] + f[c] * (b[c] - mean[c])
+
+    (f = 1 and the convolution's own bias without BatchNorm). Where the input is quantized (UINT8 codes
+    at one scale x_scale), the convolution becomes ConvInteger on the input codes and the INT8 weight
+    codes, and its INT32 sums are scaled per output channel by x_scale * s * f[c], plus the bias, in
+    float (Cast -> Mul -> Add): an integer kernel that computes the PyTorch model's convolution and
+    BatchNorm up to float rounding. (QLinearConv, which ONNX Runtime fuses from DQ -> Conv -> Q, rounds
+    the bias to INT32 units of x_scale * s * f[c] and requantizes its output: at 2- to 4-bit steps that
+    moved enough activations across a rounding boundary to change predictions.) A convolution with a
+    float input (a first layer) reads DequantizeLinear(codes, s * f[c], axis 0) and a float bias."""
+    graph = proto.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers = _consumers(graph)
+    initializers = {initializer.name: initializer for initializer in graph.initializer}
+    added_initializers: list[onnx.TensorProto] = []
+    before: dict[int, list[onnx.NodeProto]] = {}  # nodes to place right before a node
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # nodes that take a node's place
+    removed: set[int] = set()
+    for conv in [node for node in graph.node if node.op_type == "Conv"]:
+        weights = producer.get(conv.input[1])
+        if (weights is None or weights.op_type != "DequantizeLinear" or weights.input[0] not in initializers
+                or len(consumers[weights.output[0]]) != 1 or np.size(_value(graph, weights.input[1])) != 1):
+            continue
+        codes = numpy_helper.to_array(initializers[weights.input[0]])
+        step = np.float32(_value(graph, weights.input[1]))
+        channels = codes.shape[0]
+        bias = numpy_helper.to_array(initializers[conv.input[2]]).astype(np.float32) \
+            if len(conv.input) > 2 and conv.input[2] in initializers else np.zeros(channels, np.float32)
+        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in initializers:
+            continue  # a bias computed in the graph: left as it is
+        factor, output = np.ones(channels, np.float32), conv.output[0]
+        readers = consumers.get(conv.output[0], [])
+        if (len(readers) == 1 and readers[0].op_type == "BatchNormalization"
+                and all(name in initializers for name in readers[0].input[1:5])):
+            batchnorm = readers[0]
+            gamma, beta, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float32)
+                                      for name in batchnorm.input[1:5])
+            factor = gamma / np.sqrt(var + np.float32(_attribute(batchnorm, "epsilon", 1e-5)))
+            bias = beta + factor * (bias - mean)
+            output = batchnorm.output[0]
+            removed.add(id(batchnorm))
+        bias = bias.astype(np.float32)
+        layer = weights.input[0].removesuffix("_quantized").removesuffix(".weight")
+        name = f"{layer}.folded"
+        source = producer.get(conv.input[0])
+        if source is not None and source.op_type == "DequantizeLinear" and np.size(_value(graph, source.input[1])) == 1:
+            shape = (1, -1) + (1,) * (codes.ndim - 2)
+            x_scale = np.float32(_value(graph, source.input[1]))
+            added_initializers += [
+                numpy_helper.from_array(codes, f"{name}_codes"),
+                numpy_helper.from_array(np.array(0, codes.dtype), f"{name}_zero_point"),
+                numpy_helper.from_array((x_scale * step * factor).astype(np.float32).reshape(shape), f"{name}_scale"),
+                numpy_helper.from_array(bias.reshape(shape), f"{name}_bias")]
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+            replaced[id(conv)] = [
+                onnx.helper.make_node("ConvInteger", [source.input[0], f"{name}_codes", source.input[2],
+                                                      f"{name}_zero_point"], [f"{name}_sums"],
+                                      name=f"{layer}_conv_integer", **attributes),
+                onnx.helper.make_node("Cast", [f"{name}_sums"], [f"{name}_sums_float"], to=onnx.TensorProto.FLOAT,
+                                      name=f"{layer}_cast"),
+                onnx.helper.make_node("Mul", [f"{name}_sums_float", f"{name}_scale"], [f"{name}_scaled"],
+                                      name=f"{layer}_scale"),
+                onnx.helper.make_node("Add", [f"{name}_scaled", f"{name}_bias"], [output], name=f"{layer}_bias")]
+            if len(consumers[source.output[0]]) == 1:
+                removed.add(id(source))
+            removed.add(id(weights))
+            continue
+        added_initializers += [numpy_helper.from_array(codes, f"{name}_codes"),
+                               numpy_helper.from_array((step * factor).astype(np.float32), f"{name}_scale"),
+                               numpy_helper.from_array(np.zeros(channels, codes.dtype), f"{name}_zero_point"),
+                               numpy_helper.from_array(bias, f"{name}_bias")]
+        weights.input[:] = [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"]
+        del weights.attribute[:]
+        weights.attribute.append(onnx.helper.make_attribute("axis", 0))
+        conv.input[:] = [conv.input[0], conv.input[1], f"{name}_bias"]
+        conv.output[0] = output
+    for gemm in [node for node in graph.node if node.op_type == "Gemm" and len(node.input) > 2]:
+        _integer_gemm_bias(graph, gemm, producer, initializers, added_initializers, before)
+    nodes = []
+    for node in graph.node:
+        if id(node) not in removed:
+            nodes += before.get(id(node), []) + replaced.get(id(node), [node])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [initializer for initializer in list(graph.initializer) + added_initializers if initializer.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _integer_gemm_bias(graph: onnx.GraphProto, gemm: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                       initializers: dict[str, onnx.TensorProto], added: list[onnx.TensorProto],
+                       before: dict[int, list[onnx.NodeProto]]) -> None:
+    """A Gemm of two quantized operands (a classifier) reads its float bias as INT32 codes at scale
+    a_scale * b_scale behind a DequantizeLinear, as ONNX Runtime's QGemm fusion needs."""
+    sources = [producer.get(name) for name in gemm.input[:2]]
+    if (any(source is None or source.op_type != "DequantizeLinear" for source in sources)
+            or gemm.input[2] not in initializers or _attribute(gemm, "transA", 0) or _attribute(gemm, "beta", 1.0) != 1.0
+            or any(np.size(_value(graph, source.input[1])) != 1 for source in sources)):
+        return
+    bias = numpy_helper.to_array(initializers[gemm.input[2]]).astype(np.float32)
+    scale = np.float32(_value(graph, sources[0].input[1])) * np.float32(_value(graph, sources[1].input[1]))
+    name = gemm.input[2]
+    added += [numpy_helper.from_array(np.clip(np.round(bias / scale), -2**31, 2**31 - 1).astype(np.int32), f"{name}_codes"),
+              numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
+              numpy_helper.from_array(np.array(0, np.int32), f"{name}_zero_point")]
+    before.setdefault(id(gemm), []).append(onnx.helper.make_node(
+        "DequantizeLinear", [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
+        name=f"{name}_bias_dequantize"))
+    gemm.input[2] = f"{name}_dequantized"
 
 
 def _drop_stack_traces(proto: onnx.ModelProto) -> None:

@@ -31,13 +31,18 @@ from orchestrator.config.schema import PipelineConfig
 from orchestrator.data.layout import DatasetIndex
 from orchestrator.data.local import split_dataset
 from orchestrator.data.transforms import transforms_for
+from orchestrator.checks.tracking_store import check_tracking_store
 from orchestrator.common.errors import UserError, first_line
+from orchestrator.common.fileio import replaced_on_success
 from orchestrator.quant.onnx_check import (
     MIN_AGREEMENT,
     OnnxAgreement,
     compare_with_torch,
     cpu_session,
+    runtime_kernels,
+    RuntimeKernels,
 )
+from orchestrator.quant.lsq import LsqQuantizer
 from orchestrator.quant.onnx_export import (
     INPUT_NAME,
     OnnxExport,
@@ -53,6 +58,8 @@ log = logging.getLogger("limpq")
 ONNX_MODEL_NAME = "onnx-model"  # the LoggedModel's name in a trial run, beside the PyTorch "model"
 ONNX_COLUMNS = ("onnx_top1", "onnx_agreement", "onnx_max_logit_diff")
 TAG_ONNX_CHECK = "limpq.onnx_check"
+TAG_ONNX_KERNELS = "limpq.onnx_kernels"
+TAG_LIMIT = 5000  # within MLflow's limit on a tag value: a very long list of float layers is cut
 MEGABYTE = 2**20  # the unit of the policies' size_mb
 
 
@@ -85,24 +92,28 @@ def log_onnx_model(tracker: Tracker, run_id: str, path: Path, example: torch.Ten
 
 def log_trial_onnx(tracker: Tracker, run_id: str, model: torch.nn.Module, example: torch.Tensor,
                    val: Iterable[tuple[torch.Tensor, torch.Tensor]], pytorch: ModelRecord) -> None:
-    """Export a finished trial's model, check it on `val` (the config's val split, `val_batches`), log
-    `onnx_top1`, `onnx_agreement`, `onnx_max_logit_diff` and `onnx_size_mb` on the trial run, log the
-    ONNX model and register it with the tags and aliases of the PyTorch version (`pytorch`): once per
-    trial run. A model that ONNX QDQ cannot express, or an export below the agreement threshold, is
-    not registered, and the run's `limpq.onnx_check` tag says why."""
+    """Export a finished trial's model (the compact form), check it on `val` (the config's val split,
+    `val_batches`), log `onnx_top1`, `onnx_agreement`, `onnx_max_logit_diff`, `onnx_size_mb` and the
+    kernel counts of ONNX Runtime's optimized graph (`onnx_integer_kernels`, `onnx_float_kernels`; the
+    `limpq.onnx_kernels` tag names the float ones) on the trial run, log the ONNX model and register it
+    with the tags and aliases of the PyTorch version (`pytorch`): once per trial run. A model that ONNX
+    QDQ or ONNX Runtime cannot take, or an export below the agreement threshold, is not registered, and
+    the run's `limpq.onnx_check` tag says why."""
     name = onnx_registered_name(pytorch.name)
     if tracker.model_versions(name, run_id):
         return
     with tempfile.TemporaryDirectory() as directory:
         try:
             export = export_onnx(model, example, Path(directory) / "model.onnx")
+            kernels = runtime_kernels(export.path)
+            agreement = compare_with_torch(model, export.path, val)
         except UserError as error:  # the trial's PyTorch results stand; the run says why there is no ONNX
             tracker.set_tags(run_id, {TAG_ONNX_CHECK: f"not exported: {error}"})
             log.warning("trial run %s: no ONNX model: %s", run_id, error)
             return
-        agreement = compare_with_torch(model, export.path, val)
-        tracker.log_metrics(run_id, {**agreement.metrics(), "onnx_size_mb": export.size_bytes / MEGABYTE},
-                            step=pytorch.step)
+        tracker.log_metrics(run_id, {**agreement.metrics(), **kernels.metrics(),
+                                     "onnx_size_mb": export.size_bytes / MEGABYTE}, step=pytorch.step)
+        tracker.set_tags(run_id, {TAG_ONNX_KERNELS: kernels.summary()[:TAG_LIMIT]})
         uri = log_onnx_model(tracker, run_id, export.path, example, pytorch.step, tags={"format": "onnx-qdq"})
     if not agreement.passed:
         message = f"not registered: {agreement.summary()}, below {100 * MIN_AGREEMENT:.1f}%"
@@ -135,14 +146,16 @@ def onnx_row(metrics: Mapping[str, float], finished: bool) -> dict[str, float | 
 
 
 def tracking_uri_for_export(option: str | None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow 3's default sqlite:///mlflow.db; a sqlite
-    database must exist (MLflow would create an empty one and then find nothing in it)."""
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else MLflow 3's default sqlite:///mlflow.db, checked
+    before anything reads it as `config validate` checks a store (checks/tracking_store.py); a sqlite
+    database must also exist already: export reads a store the pipeline wrote, never makes one."""
     uri = option or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith(SQLITE_PREFIX):
-        database = Path(unquote(uri.removeprefix(SQLITE_PREFIX)))
-        if not database.is_file():
-            raise UserError(f"--tracking-uri: no MLflow database at {database}; give --tracking-uri or set "
-                            "MLFLOW_TRACKING_URI to the store the pipeline wrote")
+    key = "--tracking-uri" if option else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else \
+        "--tracking-uri (default sqlite:///mlflow.db)"
+    if uri.startswith(SQLITE_PREFIX) and not Path(unquote(uri.removeprefix(SQLITE_PREFIX))).is_file():
+        raise UserError(f"{key}: no MLflow database at {uri.removeprefix(SQLITE_PREFIX)}; give --tracking-uri or set "
+                        "MLFLOW_TRACKING_URI to the store the pipeline wrote")
+    check_tracking_store(uri, key)
     return uri
 
 
@@ -187,7 +200,12 @@ def resolve_source(tracking_uri: str, model_uri: str | None, run_id: str | None)
         raise UserError(f"--run-id {run_id}: run {run.info.run_name!r} has no logged model; give a sweep trial's "
                         "run, or --model-uri models:/<name>-<arch>@<alias>")
     for model in logged:
-        if "pytorch" in get_model_info(model.model_uri).flavors:
+        try:
+            flavors = get_model_info(model.model_uri).flavors
+        except (MlflowException, OSError) as error:
+            raise UserError(f"--run-id {run_id}: its logged model {model.name!r} ({model.model_id}) cannot be read: "
+                            f"{str(error).splitlines()[0][:200]}; give another run, or --model-uri") from None
+        if "pytorch" in flavors:
             return _pytorch_model_of(tracking_uri, model.model_uri, f"--run-id {run_id}")
     raise UserError(f"--run-id {run_id}: run {run.info.run_name!r} has no logged PyTorch model")
 
@@ -198,23 +216,32 @@ class ExportResult:
     fp32_bytes: int
     policy_size_mb: float | None
     random_check: OnnxAgreement
+    kernels: RuntimeKernels
 
 
 def export_logged_model(tracking_uri: str, source: SourceModel, out: Path, opset: int,
-                        batch: int | None) -> ExportResult:
-    """`limpq export`: the source model as ONNX QDQ at `out`, with the size of an FP32 export of the
-    same model and a check in ONNX Runtime on a few random images."""
+                        batch: int | None, form: str = "compact") -> ExportResult:
+    """`limpq export`: the source model as ONNX QDQ in `form` at `out`, with the size of an FP32
+    export of the same model, the kernels ONNX Runtime runs it with, and a check in ONNX Runtime on a
+    few random images. Nothing is written to the store, and `out` only once every step passed."""
     mlflow.set_tracking_uri(tracking_uri)
-    # MLflow's PyTorch flavor is a pickle of the whole module (see Tracker.log_model): loading it runs
-    # code from the store, as mlflow.pytorch.load_model and `mlflow models serve` do
-    model = mlflow.pytorch.load_model(source.uri, map_location="cpu").eval()
-    example = torch.zeros(1, *source.input_shape)
-    export = export_onnx(model, example, out, opset=opset, batch=batch)
     with tempfile.TemporaryDirectory() as directory:
-        fp32 = export_onnx(float_copy(model), example, Path(directory) / "fp32.onnx", opset=opset, batch=batch)
-        fp32_bytes = fp32.size_bytes
-    images = torch.randn(batch or 8, *source.input_shape, generator=torch.Generator().manual_seed(0))
-    random_check = compare_with_torch(model, out, [(images, torch.zeros(len(images), dtype=torch.long))])
+        # MLflow's PyTorch flavor is a pickle of the whole module (see Tracker.log_model): loading it runs
+        # code from the store, as mlflow.pytorch.load_model and `mlflow models serve` do. Downloaded into
+        # a folder of ours: without dst_path, MLflow reads a local store's files in place and writes its
+        # registered_model_meta file into the store's artifact folder
+        model = mlflow.pytorch.load_model(source.uri, dst_path=directory, map_location="cpu").eval()
+        if not any(isinstance(module, LsqQuantizer) for module in model.modules()):
+            raise UserError(f"{source.uri}: a float model (it has no quantizer, as the fp stage's); limpq export "
+                            "writes quantized models: give a sweep trial's, e.g. models:/<name>-<arch>@best-top1")
+        example = torch.zeros(1, *source.input_shape)
+        fp32_bytes = export_onnx(float_copy(model), example, Path(directory) / "fp32.onnx", opset=opset,
+                                 batch=batch).size_bytes
+        with replaced_on_success(out) as staging:  # a failure below leaves no file at `out`
+            export = export_onnx(model, example, staging, opset=opset, batch=batch, form=form)
+            kernels = runtime_kernels(staging)
+            images = torch.randn(batch or 8, *source.input_shape, generator=torch.Generator().manual_seed(0))
+            random_check = compare_with_torch(model, staging, [(images, torch.zeros(len(images), dtype=torch.long))])
     size = MlflowClient(tracking_uri=tracking_uri).get_run(source.run_id).data.metrics.get("size_mb") \
         if source.run_id else None
-    return ExportResult(export, fp32_bytes, size, random_check)
+    return ExportResult(OnnxExport(out, export.quantized), fp32_bytes, size, random_check, kernels)
