@@ -282,7 +282,7 @@ def _cases(digits: Path, black_hole: str) -> list[Case]:
              f"--tracking-uri: no MLflow server answers at http://{black_hole}"),
         Case("export from a file that is not a store", ["export", "--model-uri", "models:/m@best-top1", "--out",
                                                         "m.onnx", "--tracking-uri", "sqlite:///notes.db"],
-             "--tracking-uri: notes.db is not an MLflow database",
+             "--tracking-uri: notes.db is an empty file, not an MLflow database",
              lambda workdir, env: (workdir / "notes.db").write_text("")),
         Case("export over a config file", ["export", "--model-uri", "models:/m@best-top1", "--out", "config.yaml"],
              "--out config.yaml: exists and is not an ONNX file", config()),
