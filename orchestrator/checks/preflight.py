@@ -41,6 +41,7 @@ from orchestrator.models.info import build_configured_model
 from orchestrator.search.costs import CostTable, cost_table, float_ops_text
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.latency import load_latency_table
+from orchestrator.search.policy import given_policy
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 from orchestrator.train.compiled import compiler_missing
 
@@ -362,6 +363,12 @@ def _check_budgets(cfg: PipelineConfig, costs: CostTable) -> None:
     searcher = Searcher(Indicators(cfg.model.arch, bits, costs.names, steps, steps), costs, cfg.search.wbits,
                         cfg.search.abits, cfg.search.alpha, cfg.search.latency_table)
     for index, budget in enumerate(cfg.search.budgets):
+        if budget.policy is not None:
+            try:
+                given_policy(budget.policy, costs, bits)
+            except UserError as error:
+                raise ConfigError(f"search.budgets[{index}].policy: {error}") from None
+            continue
         try:
             searcher.solve(budget)
         except InfeasibleError as error:

@@ -74,6 +74,14 @@ def stage_keys(cfg: PipelineConfig, dataset_fingerprint: dict) -> StageKeys:
             del search_settings[key]
     if cfg.search.latency_table:
         search_settings["latency_table"] = file_digest(cfg.search.latency_table)
-    sweep = _hash({"indicators": indicators, "search": search_settings, "finetune": settings["finetune"],
+    for budget in search_settings["budgets"]:
+        if budget.get("policy") is not None:  # what the file holds, wherever it lies
+            budget["policy"] = file_digest(budget["policy"])
+        else:
+            budget.pop("policy", None)  # configs without policy budgets keep their keys
+    finetune_settings = dict(settings["finetune"])
+    if cfg.finetune.seeds == 1:
+        del finetune_settings["seeds"]
+    sweep = _hash({"indicators": indicators, "search": search_settings, "finetune": finetune_settings,
                    "seed": cfg.seed, **numerics})
     return StageKeys(fp=fp, indicators=indicators, sweep=sweep)

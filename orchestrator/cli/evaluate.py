@@ -9,7 +9,7 @@ import sys
 from orchestrator.cli.run import add_config_arguments, load_config_from_args
 from orchestrator.config.schema import uniform_label
 from orchestrator.common.errors import UserError
-from orchestrator.search.policy import load_policy
+from orchestrator.search.policy import given_policy
 
 
 class _InOrder(argparse.Action):
@@ -33,7 +33,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from orchestrator.distributed.evaluate import score_with_finished_joint_model
 
     names = checked.costs.names  # the searchable layers, as the joint model holds them
-    labelled = [(value, _fitting_policy(value, cfg)) if kind == "policy" else
+    labelled = [(value, given_policy(value, checked.costs, cfg.indicators.bits).assignment()) if kind == "policy" else
                 (uniform_label(value), {name: (value, value) for name in names}) for kind, value in args.scored]
     rows = score_with_finished_joint_model(checked, labelled, args.recalibrate_batches)
     if args.json:
@@ -49,19 +49,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     print("joint model, no fine-tuning; BitOps of the searchable layers"
           + (f"; BN recalibrated on {args.recalibrate_batches} training batches" if args.recalibrate_batches else ""))
     return 0
-
-
-def _fitting_policy(path: str, cfg) -> dict[str, tuple[int, int]]:
-    """The bits of a policy file written for this config's model and input size (a policy searched
-    for another model or resolution scores nonsense even where its layer names happen to match)."""
-    policy = load_policy(path)
-    if policy.model and policy.model != cfg.model.arch:
-        raise UserError(f"{path}: a policy for model {policy.model}, but the config's model.arch is "
-                        f"{cfg.model.arch}; search one for {cfg.model.arch}")
-    if policy.input_size and policy.input_size != cfg.model.input_size:
-        raise UserError(f"{path}: a policy searched at input size {policy.input_size}, but the config's "
-                        f"model.input_size is {cfg.model.input_size}; search one at {cfg.model.input_size}")
-    return policy.assignment()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

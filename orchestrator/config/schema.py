@@ -154,19 +154,28 @@ class Budget(_Section):
     latency_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
     avg_wbits: float | None = Field(None, gt=0, allow_inf_nan=False)
     avg_abits: float | None = Field(None, gt=0, allow_inf_nan=False)
+    policy: str | None = Field(None, description="A policy file (policy JSON v1, as `limpq search --output` writes "
+                               "it) to fine-tune as given instead of searching one: a hand-made policy, or a control "
+                               "such as a random policy of equal cost. It takes no constraints.")
 
     @model_validator(mode="after")
     def _one_constraint(self) -> Budget:
         if (self.target_wbits is None) != (self.target_abits is None):
             raise ValueError("target_wbits and target_abits go together")
         fields = ("target_wbits", "bitops_g", "compression_ratio", "size_mb", "latency_ms", "avg_wbits", "avg_abits")
-        if all(getattr(self, f) is None for f in fields):
+        given = [f for f in fields if getattr(self, f) is not None]
+        if self.policy is not None and given:
+            raise ValueError(f"policy is fine-tuned as given, so {', '.join(given)} would do nothing; drop "
+                             f"{'it' if len(given) == 1 else 'them'} or the policy")
+        if self.policy is None and not given:
             raise ValueError("a budget needs at least one constraint")
         return self
 
     def label(self) -> str:
         if self.name:
             return self.name
+        if self.policy is not None:
+            return "policy-" + Path(self.policy).stem
         parts = []
         if self.target_wbits is not None:
             parts.append(f"W{self.target_wbits}A{self.target_abits}")
@@ -212,6 +221,9 @@ class FinetuneConfig(RecipeConfig):
         True, description="Start step sizes and BN from the joint-trained values at the chosen bits."
     )
     baselines: list[int] = Field(default_factory=list, description="Uniform WbAb baselines to fine-tune too.")
+    seeds: int = Field(1, ge=1, le=100, description="Fine-tune every policy this many times, with seeds seed, seed + 1, "
+                       "...: trials <label>, <label>-seed1, ...; the summary gives each policy's mean and spread. "
+                       "With epochs 0 (one-shot scores) a policy is scored once.")
     bn_recalibration_batches: int = Field(
         8, ge=0, description="Where a policy is scored with the joint model instead of fine-tuned (epochs 0, "
         "`limpq evaluate`): first recompute BN statistics on this many training batches; 0 keeps the statistics "
@@ -306,6 +318,8 @@ class PipelineConfig(_Section):
         copy.data.path = absolute(self.data.path)
         copy.ray.storage_path = absolute(self.ray.storage_path)
         copy.search.latency_table = absolute(self.search.latency_table)
+        for budget in copy.search.budgets:
+            budget.policy = absolute(budget.policy)
         if self.fp.checkpoint:
             copy.fp.checkpoint = absolute(self.fp.checkpoint)
         return copy

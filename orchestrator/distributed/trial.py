@@ -32,7 +32,7 @@ from orchestrator.distributed.train import (
 )
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.indicators import Indicators
-from orchestrator.search.policy import Policy, uniform_baseline
+from orchestrator.search.policy import Policy, given_policy, uniform_baseline
 from orchestrator.tracking.context import RunContext
 from orchestrator.tracking.models import ModelRecord, log_model, register_model, registered_model_name
 from orchestrator.tracking.onnx_models import log_trial_onnx, val_batches
@@ -56,10 +56,13 @@ class SweepInputs:
 
 
 def trial_policy(inputs: SweepInputs, spec: TrialSpec) -> Policy:
-    """The searched policy of the trial's budget, or its uniform baseline."""
-    search, costs = inputs.context.cfg.search, inputs.context.costs
+    """The searched policy of the trial's budget, its given policy file, or its uniform baseline."""
+    cfg, costs = inputs.context.cfg, inputs.context.costs
+    search = cfg.search
     if spec.kind == "uniform":
         return uniform_baseline(costs, spec.bits, search.alpha)
+    if "policy" in spec.budget:
+        return given_policy(spec.budget["policy"], costs, cfg.indicators.bits, label=spec.policy_label)
     searcher = Searcher(inputs.indicators, costs, search.wbits, search.abits, search.alpha, search.latency_table)
     return searcher.solve(Budget(**spec.budget))
 
@@ -69,10 +72,14 @@ def _policy_metrics(policy: Policy) -> dict[str, float]:
 
 
 def _description(cfg: PipelineConfig, spec: TrialSpec) -> str:
-    what = (f"uniform W{spec.bits}A{spec.bits} baseline" if spec.kind == "uniform"
-            else f"mixed-precision policy searched for budget {spec.label}")
+    if spec.kind == "uniform":
+        what = f"uniform W{spec.bits}A{spec.bits} baseline"
+    elif "policy" in spec.budget:
+        what = f"policy given in {spec.budget['policy']}"
+    else:
+        what = f"mixed-precision policy searched for budget {spec.policy_label}"
     how = (f"scored with the joint model ({ONE_SHOT})" if cfg.finetune.epochs == 0
-           else f"fine-tuned for {cfg.finetune.epochs} epochs")
+           else f"fine-tuned for {cfg.finetune.epochs} epochs (seed {cfg.seed + spec.seed})")
     return f"{cfg.model.arch} at the {what}, {how}. Model registered as {registered_model_name(cfg)}."
 
 
@@ -97,6 +104,8 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
     run = inputs.context.open_stage("trial", sweep_key, parent_run_id=inputs.sweep_run_id, run_name=spec.label,
                                 description=_description(cfg, spec),
                                 tags={"limpq.kind": spec.kind, "limpq.budget": spec.label,
+                                      "limpq.policy_label": spec.policy_label,
+                                      "limpq.finetune_seed": str(cfg.seed + spec.seed),
                                       "limpq.node": socket.gethostname(),
                                       "limpq.ray_node_id": ray.get_runtime_context().get_node_id()})
     try:
@@ -120,7 +129,8 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
             log_dataset_inputs(cfg, inputs.context.dataset, tracker, run.run_id, "finetune")
             finetune_inputs = StageInputs(fp_weights=inputs.fp_weights, joint_weights=inputs.joint_weights, policy=bits,
                                           report_extra=_policy_metrics(policy))
-            state, metrics = train_on_ray(cfg, inputs.context.dataset, "finetune", tracker, run.run_id,
+            seeded = cfg.model_copy(update={"seed": cfg.seed + spec.seed})
+            state, metrics = train_on_ray(seeded, inputs.context.dataset, "finetune", tracker, run.run_id,
                                           f"{cfg.name}-trial-{spec.label}-{sweep_key}", finetune_inputs, label=spec.label)
             model = finetune_model(cfg.model, cfg.indicators.bits, inputs.fp_weights, bits)
             restore_model(model, state, f"fine-tuned checkpoint of trial {spec.label}")

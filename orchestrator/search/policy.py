@@ -211,3 +211,36 @@ def uniform_baseline(costs: CostTable, bits: int, alpha: float = 0.0) -> Policy:
         totals=policy_totals(costs, [bits] * count, [bits] * count),
         objective=None, solve_seconds=0.0, solver="uniform", label=uniform_label(bits),
     )
+
+
+def given_policy(path: str | Path, costs: CostTable, bits: list[int], label: str = "") -> Policy:
+    """The policy in a file, for the model and input size of `costs`: its layers are exactly the
+    cost table's searchable ones at bit-widths in `bits` (the joint model's, which every fine-tuning
+    and one-shot score starts from), and its totals are recomputed here, never trusted from the file."""
+    policy = load_policy(path)
+    if policy.model and policy.model != costs.model:
+        raise UserError(f"{path}: a policy for model {policy.model}, but the config's model.arch is {costs.model}; "
+                        f"search one for {costs.model}")
+    if policy.input_size and policy.input_size != costs.input_size:
+        raise UserError(f"{path}: a policy searched at input size {policy.input_size}, but the config's "
+                        f"model.input_size is {costs.input_size}; search one at {costs.input_size}")
+    chosen = policy.assignment()
+    missing = [name for name in costs.names if name not in chosen]
+    extra = [name for name in chosen if name not in costs.names]
+    if missing or extra:
+        what = f"lacks layer {missing[0]}" if missing else f"names layer {extra[0]}, which is not searchable"
+        raise UserError(f"{path}: {what} of {costs.model} ({len(costs.names)} searchable layers); search one for "
+                        "this model")
+    outside = sorted({b for pair in chosen.values() for b in pair} - set(bits))
+    if outside:
+        raise UserError(f"{path}: bit-widths {outside} are not among indicators.bits {bits}, which the joint "
+                        "model holds step sizes for; use those or add them")
+    layers = [LayerBits(name, *chosen[name]) for name in costs.names]
+    return Policy(
+        model=costs.model, input_size=costs.input_size, cost_model=costs.accounting, alpha=policy.alpha,
+        wbits_candidates=sorted(set(bits)), abits_candidates=sorted(set(bits)), layers=layers,
+        fixed_layers=[layer.name for layer in costs.fixed], constraints={"policy": str(path)},
+        totals=policy_totals(costs, [layer.wbits for layer in layers], [layer.abits for layer in layers]),
+        objective=None, solve_seconds=0.0, solver="given", label=label or policy.label,
+        provenance={**policy.provenance, "file": str(path)},
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,9 @@ from orchestrator.tracking.onnx_models import ONNX_COLUMNS, onnx_row, set_onnx_a
 from orchestrator.tracking.runs import TAG_ERROR, Tracker
 from orchestrator.tracking.trials import ONE_SHOT, TrialSpec, evaluation_kind
 
-SUMMARY_COLUMNS = ("budget", "kind", "status", "bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
+SUMMARY_COLUMNS = ("budget", "policy", "seed", "kind", "status", "bitops_g", "size_mb", "compression_ratio", "avg_wbits", "avg_abits",
                    "top1", "top5", *ONNX_COLUMNS, "epochs", "evaluation", "model_version", "run_id", "error")
-TEXT_COLUMNS = ("budget", "kind", "status", "evaluation", "model_version", "run_id", "error")
+TEXT_COLUMNS = ("budget", "policy", "kind", "status", "evaluation", "model_version", "run_id", "error")
 
 
 def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: list[TrialSpec],
@@ -46,7 +47,8 @@ def trial_rows(cfg: PipelineConfig, tracker: Tracker, sweep_run_id: str, specs: 
         ok = status == "FINISHED"
         versions = tracker.model_versions(registered_model_name(cfg), run.info.run_id) if ok else []
         rows.append({
-            "budget": spec.label, "kind": spec.kind, "status": "ok" if ok else "failed",
+            "budget": spec.label, "policy": spec.policy_label, "seed": float(cfg.seed + spec.seed), "kind": spec.kind,
+            "status": "ok" if ok else "failed",
             "bitops_g": metrics.get("bitops_g"), "size_mb": metrics.get("size_mb"),
             "compression_ratio": metrics.get("compression_ratio"), "avg_wbits": metrics.get("avg_wbits"),
             "avg_abits": metrics.get("avg_abits"), "top1": metrics.get("val_top1") if ok else None,
@@ -125,30 +127,96 @@ def read_summary(path: Path) -> list[dict[str, Any]]:
     return pa_csv.read_csv(path, convert_options=options).to_pylist()
 
 
-def _nearest_uniform(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    uniform = [r for r in rows if r["kind"] == "uniform" and r["top1"] is not None and r["bitops_g"] is not None]
-    if row["bitops_g"] is None or not uniform:
-        return None
-    return min(uniform, key=lambda r: abs(math.log(r["bitops_g"] / row["bitops_g"])))
+def _policies(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per policy (a budget or baseline over its fine-tuning seeds): its costs, and the
+    mean, spread (sample standard deviation) and count of its finished trials' top-1 and ONNX columns."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row.get("policy") or row["budget"], []).append(row)
+    policies = []
+    for label, members in groups.items():
+        done = [row for row in members if row["top1"] is not None]
+        entry = {"policy": label, "kind": members[0]["kind"], "seeds": len(done), "trials": len(members),
+                 "bitops_g": next((r["bitops_g"] for r in members if r["bitops_g"] is not None), None),
+                 "size_mb": next((r["size_mb"] for r in members if r["size_mb"] is not None), None)}
+        for key in ("top1", "onnx_top1", "onnx_agreement"):
+            values = [row[key] for row in done if row.get(key) is not None]
+            entry[key] = sum(values) / len(values) if values else None
+            entry[key + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+        policies.append(entry)
+    return policies
+
+
+def _uniform_at_least(policy: dict[str, Any], uniform: list[dict[str, Any]], cost: str) -> dict[str, Any] | None:
+    """The cheapest uniform baseline that costs at least as much as `policy` in `cost` (BitOps or
+    size): the one a mixed policy must beat for the search to have paid at that cost."""
+    above = [u for u in uniform if policy[cost] is not None and u[cost] >= policy[cost] * (1 - 1e-9)]
+    return min(above, key=lambda u: u[cost]) if above else None
+
+
+def _percent(entry: dict[str, Any], key: str = "top1") -> str:
+    if entry.get(key) is None:
+        return "-"
+    spread = entry.get(key + "_std")
+    return f"{100 * entry[key]:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+
+
+def _relation(mixed: float, uniform: float) -> str:
+    if math.isclose(mixed, uniform, rel_tol=1e-3):
+        return "equal"
+    return f"uniform {uniform / mixed:.2f}x" if mixed else "uniform more"
+
+
+def _comparisons(policies: list[dict[str, Any]]) -> list[str]:
+    """Each searched policy against the cheapest uniform model of no lower BitOps and the cheapest of
+    no smaller size (one line where they are the same model), with both costs of both sides, so a
+    reader sees what each comparison holds equal and what it does not."""
+    uniform = [p for p in policies if p["kind"] == "uniform" and p["top1"] is not None and p["bitops_g"] is not None]
+    lines = []
+    for policy in policies:
+        if policy["kind"] != "mpq" or policy["top1"] is None:
+            continue
+        bases = [_uniform_at_least(policy, uniform, cost) for cost in ("bitops_g", "size_mb")]
+        if not any(bases):
+            lines.append(f"  {policy['policy']}: no uniform baseline costs as much; add one to finetune.baselines")
+        seen = []
+        for base in bases:
+            if base is None or base in seen:
+                continue
+            seen.append(base)
+            delta = 100 * (policy["top1"] - base["top1"])
+            lines.append(f"  {policy['policy']} {_percent(policy)} vs {base['policy']} {_percent(base)} ({delta:+.1f}): "
+                         f"GBitOps {policy['bitops_g']:.4g} vs {base['bitops_g']:.4g} "
+                         f"({_relation(policy['bitops_g'], base['bitops_g'])}), "
+                         f"size {policy['size_mb']:.3f} vs {base['size_mb']:.3f} MB "
+                         f"({_relation(policy['size_mb'], base['size_mb'])})")
+    return lines
 
 
 def format_report(rows: list[dict[str, Any]]) -> str:
-    """The table the pipeline prints: budget, GBitOps, size, top-1, and MPQ vs the nearest uniform."""
+    """The table the pipeline prints: per policy (mean ± spread over its fine-tuning seeds) its
+    BitOps, size, top-1 and ONNX agreement; then each searched policy against the uniform models of
+    no lower BitOps and of no smaller size, saying what each comparison holds equal."""
     def number(value: float | None, fmt: str) -> str:
         return format(value, fmt) if value is not None else "-"
 
-    lines = [f"{'budget':<22} {'kind':<8} {'GBitOps':>9} {'size MB':>8} {'top-1 %':>8} {'ONNX top-1 %':>12} "
-             f"{'agree %':>7}  vs uniform (nearest BitOps)"]
-    for row in sorted(rows, key=lambda r: (r["bitops_g"] is None, r["bitops_g"] or 0.0)):
-        versus = ""
-        if row["kind"] == "mpq" and row["top1"] is not None:
-            base = _nearest_uniform(row, rows)
-            if base is not None:
-                versus = f"{base['budget']}: {100 * base['top1']:.1f}% ({100 * (row['top1'] - base['top1']):+.1f})"
-        top1, onnx_top1, agreement = (number(100 * row[key] if row.get(key) is not None else None, fmt) for key, fmt
-                                      in (("top1", ".1f"), ("onnx_top1", ".1f"), ("onnx_agreement", ".2f")))
-        lines.append(f"{row['budget']:<22} {row['kind']:<8} {number(row['bitops_g'], '.4f'):>9} "
-                     f"{number(row['size_mb'], '.3f'):>8} {top1:>8} {onnx_top1:>12} {agreement:>7}  {versus}")
+    policies = _policies(rows)
+    seeded = any(p["trials"] > 1 for p in policies)
+    top1_head = "top-1 % (mean ± std)" if seeded else "top-1 %"
+    width = max(22, *(len(p["policy"]) for p in policies))
+    lines = [f"{'policy':<{width}} {'kind':<8} {'GBitOps':>9} {'size MB':>8} {top1_head:>20} {'ONNX top-1 %':>12} "
+             f"{'agree %':>7}" + ("  seeds" if seeded else "")]
+    for entry in sorted(policies, key=lambda p: (p["bitops_g"] is None, p["bitops_g"] or 0.0, p["policy"])):
+        agreement = number(100 * entry["onnx_agreement"] if entry["onnx_agreement"] is not None else None, ".2f")
+        lines.append(f"{entry['policy']:<{width}} {entry['kind']:<8} {number(entry['bitops_g'], '.4f'):>9} "
+                     f"{number(entry['size_mb'], '.3f'):>8} {_percent(entry):>20} {_percent(entry, 'onnx_top1'):>12} "
+                     f"{agreement:>7}" + (f"  {entry['seeds']}/{entry['trials']}" if seeded else ""))
+    comparisons = _comparisons(policies)
+    if comparisons:
+        lines.append("Mixed vs uniform precision: each searched policy against the cheapest uniform model with at "
+                     "least its BitOps and the cheapest with at least its size (BitOps of the searchable layers, "
+                     "size of all weights):")
+        lines += comparisons
     for row in rows:
         if row["status"] == "failed":
             lines.append(f"FAILED {row['budget']}: {row['error']}")
