@@ -300,6 +300,26 @@ def _cases(digits: Path, black_hole: str) -> list[Case]:
         Case("evaluate another input size", ["evaluate", "--config", "config.yaml", "--policy", "policy.json"],
              "policy.json: a policy searched at input size 224, but the config's model.input_size is 16",
              lambda workdir, env: (_config(workdir, digits), _policy(workdir, input_size=224))),
+        # a budget that fine-tunes a given policy file: checked like `limpq evaluate`'s, before Ray starts
+        Case("budget with a policy and a constraint", ["config", "validate", "config.yaml"],
+             "policy is fine-tuned as given, so bitops_g would do nothing; drop it or the policy",
+             lambda workdir, env: (_policy(workdir), _config(workdir, digits, search={"budgets": [
+                 {"policy": "policy.json", "bitops_g": 0.1}]}))),
+        Case("budget with another model's policy", ["config", "validate", "config.yaml"],
+             "search.budgets[0].policy: ",
+             lambda workdir, env: (_policy(workdir, model="resnet50"), _config(workdir, digits, search={"budgets": [
+                 {"policy": "policy.json"}]}))),
+        Case("budget with a policy at untrained bits", ["config", "validate", "config.yaml"],
+             "bit-widths [6] are not among indicators.bits [4, 3, 2]",
+             lambda workdir, env: (_policy(workdir, layers={"wbits": 6}), _config(workdir, digits, search={"budgets": [
+                 {"policy": "policy.json"}]}))),
+        Case("budget with a policy missing a layer", ["config", "validate", "config.yaml"],
+             "lacks layer layer1.0.conv1 of resnet18",
+             lambda workdir, env: (_policy(workdir, layers={"name": "nonsense"}), _config(
+                 workdir, digits, search={"budgets": [{"policy": "policy.json"}]}))),
+        Case("budget with a missing policy file", ["config", "validate", "config.yaml"],
+             "search.budgets[0].policy: ",
+             lambda workdir, env: _config(workdir, digits, search={"budgets": [{"policy": "absent.json"}]})),
         Case("evaluate a bit-width not trained", ["evaluate", "--config", "config.yaml", "--uniform", "8"],
              "uniform-W8A8: layer layer1.0.conv1 asks for W8A8", lambda workdir, env: _config(workdir, digits)),
         # issue 26: tracking stores, checked before work and never written into
