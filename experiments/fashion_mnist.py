@@ -102,7 +102,7 @@ def prepare(work: Path) -> None:
             if index < RANDOM_FINETUNED:
                 random_budgets.append({"policy": str(path)})
     configs = {
-        "limpq": {"search": {"budgets": budgets}, "finetune": {"baselines": [2, 3, 4]}},
+        "limpq": {"search": {"budgets": budgets}, "finetune": {"baselines": [3, 4]}},
         # HAWQ has no alpha: the weight and activation terms count equally (docs/method.md §5)
         "hessian": {"search": {"budgets": budgets, "scores": "hessian", "alpha": 1.0}},
         "random": {"search": {"budgets": random_budgets}, "finetune": {"seeds": 1}},

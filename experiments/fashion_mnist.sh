@@ -11,7 +11,7 @@ mkdir -p "$work"
   --classes t-shirt,trouser,pullover,dress,coat,sandal,shirt,sneaker,bag,ankle-boot
 "$bin/python" experiments/fashion_mnist.py prepare --work "$work"
 # one FP model and one joint indicator training (the three configs share their stage keys)
-"$bin/limpq" run --config "$work/limpq.yaml"     # LIMPQ policies + uniform W2A2..W4A4, 3 fine-tuning seeds
+"$bin/limpq" run --config "$work/limpq.yaml"     # LIMPQ policies + uniform W3A3 and W4A4, 3 fine-tuning seeds
 "$bin/limpq" run --config "$work/hessian.yaml"   # Hessian-trace policies, same budgets and seeds
 "$bin/limpq" run --config "$work/random.yaml"    # random policies of equal BitOps, fine-tuned once each
 "$bin/python" experiments/fashion_mnist.py policies --work "$work"

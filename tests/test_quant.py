@@ -85,6 +85,19 @@ def test_weight_init_formula() -> None:
         assert quantizer.step_size(b) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_an_8_bit_weight_step_starts_with_every_weight_inside_the_levels() -> None:
+    """A fixed layer's 8-bit weights: heavy tails (a classifier's) stay unclipped, whose gradients
+    threw the step size below zero in fine-tuning's first steps (docs/method.md §2.1)."""
+    torch.manual_seed(0)
+    w = torch.randn(10, 512) * 0.05
+    w[0, :4] = 0.6  # the tail a trained classifier has
+    quantizer = LsqQuantizer([8], "weight")
+    quantizer(w)
+    assert quantizer.step_size(8) == pytest.approx(0.6 / 127, rel=1e-5)
+    codes = (w / quantizer.step_size(8)).round()
+    assert codes.abs().max() <= 127  # not one weight clipped
+
+
 def test_activation_init_formula_and_sign_detection() -> None:
     torch.manual_seed(0)
     relu_out = torch.relu(torch.randn(8, 16, 5, 5))

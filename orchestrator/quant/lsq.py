@@ -13,6 +13,7 @@ from torch import nn
 from orchestrator.common.collective import mean_across_workers, reduced
 
 STEP_MIN, STEP_MAX = 1e-5, 1.0
+FULL_RANGE_BITS = 8  # weight steps from this many bits up start at max|w| / Qp
 
 
 def levels(bits: int, signed: bool) -> tuple[int, int]:
@@ -139,7 +140,12 @@ class LsqQuantizer(nn.Module):
     @torch.no_grad()
     def _init_step(self, x: torch.Tensor, bits: int) -> None:
         qn, qp = levels(bits, self.signed)
-        if self.kind == "weight":
+        if self.kind == "weight" and bits >= FULL_RANGE_BITS:
+            # 8-bit levels cover every weight: a classifier's heavy-tailed weights beyond 3 std would
+            # clip, and the clipped ones' gradients (Qp each) throw the step size below zero within
+            # two SGD steps of fine-tuning, where it stays (docs/method.md §2.1)
+            value = x.abs().max() / qp
+        elif self.kind == "weight":
             mean, std = x.mean(), x.std()
             value = torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs()) / 2 ** (bits - 1)
         else:
