@@ -80,3 +80,7 @@ def test_the_report_gives_mean_and_spread_and_says_what_each_comparison_holds_eq
     assert "vs uniform-W3A3 96.0 ± 0.0 (+2.0)" in line
     assert "GBitOps 0.3114 vs 0.3114 (equal)" in line and "size 2.756 vs 4.004 MB (uniform 1.45x)" in line
     assert "policy-r0" not in "".join(line for line in report.splitlines() if line.startswith("  "))
+
+
+def test_a_sweep_without_uniform_baselines_prints_no_comparison() -> None:
+    assert "Mixed vs uniform" not in format_report([_row("W3A3", "mpq", 0.3114, 2.756, 0.97)])

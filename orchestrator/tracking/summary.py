@@ -172,6 +172,8 @@ def _comparisons(policies: list[dict[str, Any]]) -> list[str]:
     no smaller size (one line where they are the same model), with both costs of both sides, so a
     reader sees what each comparison holds equal and what it does not."""
     uniform = [p for p in policies if p["kind"] == "uniform" and p["top1"] is not None and p["bitops_g"] is not None]
+    if not uniform:  # a sweep without baselines (or none finished) compares nothing
+        return []
     lines = []
     for policy in policies:
         if policy["kind"] != "mpq" or policy["top1"] is None:
