@@ -1,4 +1,4 @@
-"""ONNX Runtime (CPU, default session) latency and file size of our two export forms against the FP32
+"""ONNX Runtime (CPU, default session) latency and file size of our three export forms against the FP32
 export of the same model and ONNX Runtime's own int8 static quantization of that FP32 model (the anchor:
 `quant_pre_process` + `quantize_static`, QDQ, per-channel weights, calibrated on a few random images),
 in one process; ratios printed last. For each file: the convolutions and matrix products ONNX Runtime's
@@ -86,6 +86,7 @@ def bench(arch: str, size: int, threads: int, repeats: int, directory: Path) -> 
     example = torch.zeros(1, 3, size, size)
     files = {"fp32": export_onnx(float_copy(model), example, directory / f"{arch}-fp32.onnx").path}
     files["ort-int8"] = ort_int8(files["fp32"], directory / f"{arch}-ort-int8.onnx", size)
+    files["fast"] = export_onnx(model, example, directory / f"{arch}-fast.onnx", form="fast").path
     files["integer"] = export_onnx(model, example, directory / f"{arch}-integer.onnx", form="integer").path
     files["compact"] = export_onnx(model, example, directory / f"{arch}-compact.onnx", form="compact").path
     results = {}
@@ -120,7 +121,7 @@ def main() -> None:
                    for arch in args.models}
     print("\nratios (above 1: ours faster / smaller)")
     for arch, rows in results.items():
-        for form in ("integer", "compact"):
+        for form in ("fast", "integer", "compact"):
             ours = rows[form]
             print(f"{arch} {form:>7}: vs FP32 batch 1 {rows['fp32']['ms1'] / ours['ms1']:.2f}x, batch 32 "
                   f"{rows['fp32']['ms32'] / ours['ms32']:.2f}x; vs ONNX Runtime int8 batch 1 "

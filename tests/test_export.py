@@ -168,7 +168,7 @@ def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: 
     assert not tracker.client.search_model_versions("name = 'wide-resnet18-onnx'")
 
 
-# --- the integer form: integer kernels, folded BatchNorm, every kind of model at every activation width -----
+# --- the integer and fast forms: integer kernels, folded BatchNorm, every model kind at every activation width
 
 
 def _tiny(kind: str) -> tuple[nn.Module, int]:
@@ -222,17 +222,22 @@ MATRIX = [pytest.param(kind, bits, marks=[] if bits in (2, 8) else pytest.mark.s
 @pytest.mark.parametrize("kind, abits", MATRIX)
 def test_every_model_kind_and_activation_width_loads_in_a_default_session_and_agrees(kind: str, abits: int,
                                                                                     tmp_path: Path) -> None:
-    """Both forms load in ONNX Runtime's default CPU session (5- to 8-bit ViT/swin attention operands
-    did not) and compute what PyTorch does; the integer form runs every quantized layer on integer kernels."""
+    """Every form loads in ONNX Runtime's default CPU session (5- to 8-bit ViT/swin attention operands
+    did not); the integer and compact forms compute what PyTorch does, the integer and fast forms run every
+    quantized layer on integer kernels (the fast form's agreement: the tests below)."""
     model, images = _quantized_tiny(kind, 4, abits)
-    for form in ("integer", "compact"):
+    for form in ("integer", "compact", "fast"):
         export = export_onnx(model, images[:1], tmp_path / f"{form}.onnx", form=form)
         check = compare_with_torch(model, export.path, [(images, torch.zeros(len(images), dtype=torch.long))])
-        assert check.agreement == 1.0 and check.max_logit_diff < 1e-3, (form, check.summary())
-    kernels = runtime_kernels(tmp_path / "integer.onnx")
+        if form != "fast" or kind != "cnn":  # a ViT's or swin's only convolution has a float input: as integer
+            assert check.agreement == 1.0 and check.max_logit_diff < 1e-3, (form, check.summary())
     first = {"cnn": "stem.0", "vit": "conv_proj", "swin": "features.0.0"}[kind]  # a float input: a float kernel
-    assert [name.split(" ")[0] for name in kernels.float_layers] == [first], kernels.summary()
-    assert kernels.integer_count >= 3
+    for form in ("integer", "fast"):
+        kernels = runtime_kernels(tmp_path / f"{form}.onnx")
+        assert [name.split(" ")[0] for name in kernels.float_layers] == [first], (form, kernels.summary())
+        assert kernels.integer_count >= 3
+    if kind == "cnn":
+        assert runtime_kernels(tmp_path / "fast.onnx").integer == {"QLinearConv": 2, "QGemm": 1}
 
 
 def test_folded_batchnorm_keeps_the_pytorch_quantizers_codes(tmp_path: Path) -> None:
@@ -258,6 +263,126 @@ def test_folded_batchnorm_keeps_the_pytorch_quantizers_codes(tmp_path: Path) -> 
         np.testing.assert_allclose(initializers[f"{conv}.folded_scale"].ravel(), x_scale * step * factor, rtol=1e-6)
     assert runtime_kernels(tmp_path / "integer.onnx").integer == {"ConvInteger": 2, "QGemm": 1}
     assert not [node for node in proto.graph.node if node.op_type == "BatchNormalization"]
+
+
+def _folded(initializers: dict[str, np.ndarray], conv: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """A fast-form convolution's stored codes, per-channel scales, and the power of two k its codes were
+    stored times (_code_shift): codes * 2**k at scales / 2**k, the same weights."""
+    stored, scales = initializers[f"{conv}.folded_codes"], initializers[f"{conv}.folded_scale"]
+    k = 0
+    while k < 7 and not (stored.astype(int) % 2 ** (k + 1)).any():
+        k += 1
+    return stored, scales, k
+
+
+def _fast_reference(model: nn.Module, path: Path, batchnorms: dict[str, str]) -> nn.Module:
+    """`model` made to compute what its fast file computes: each folded BatchNorm's beta moved so that the
+    folded bias is the file's INT32 bias exactly, and the export-added 8-bit output quantizers put in after
+    their BatchNorms (`batchnorms`: convolution -> its BatchNorm)."""
+    proto = onnx.load(path)
+    initializers = {name: numpy_helper.to_array(tensor) for name, tensor in _initializers(proto).items()}
+    reference = copy.deepcopy(model)
+    for conv, bn in batchnorms.items():
+        if f"{conv}.folded_bias_codes" not in initializers:
+            continue
+        bias = torch.tensor(initializers[f"{conv}.folded_bias_codes"].astype(np.float64)
+                            * initializers[f"{conv}.folded_bias_scale"].astype(np.float64))
+        norm = reference.get_submodule(bn)
+        norm = norm.copies[str(norm.active_bits)] if hasattr(norm, "copies") else norm
+        with torch.no_grad():
+            factor = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+            norm.bias.copy_((bias + factor * norm.running_mean.double()).float())
+    for quantizer in quantized_from_metadata(proto):
+        if quantizer.kind == "output":
+            reference.get_submodule(batchnorms[quantizer.layer]).register_forward_hook(
+                lambda module, inputs, out, step=quantizer.scale: (out / step).round().clamp(-128, 127) * step)
+    return reference
+
+
+def test_fast_form_folds_batchnorm_keeping_the_pytorch_quantizers_codes(tmp_path: Path) -> None:
+    """The fast file's weights of a convolution followed by BatchNorm are the PyTorch quantizer's codes (stored
+    times 2**k at the step over 2**k: the same weights) at per-channel scales step * gamma / sqrt(var + eps);
+    the folded bias is INT32 at the input's scale times those; ONNX Runtime runs both convolutions as
+    QLinearConv, and the one that feeds the residual Add got an 8-bit output quantizer."""
+    model, images = _quantized_tiny("cnn", 3, 4)
+    export = export_onnx(model, images[:1], tmp_path / "fast.onnx", form="fast")
+    proto = onnx.load(tmp_path / "fast.onnx")
+    initializers = {name: numpy_helper.to_array(tensor) for name, tensor in _initializers(proto).items()}
+    qn, qp = levels(3, signed=True)
+    for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+        layer = model.get_submodule(conv)
+        step = layer.weight_quant.effective_step_size(3)
+        expected = (layer.weight.detach() / step).clamp(qn, qp).round().numpy().astype(int)
+        norm = model.get_submodule(bn)
+        norm = norm.copies[str(norm.active_bits)] if hasattr(norm, "copies") else norm
+        factor = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().numpy()
+        stored, scales, k = _folded(initializers, conv)
+        assert stored.dtype == np.int8 and k >= 1  # 3-bit codes leave room in INT8 for a finer bias grid
+        np.testing.assert_array_equal(stored.astype(int), expected * 2 ** k)
+        np.testing.assert_allclose(scales * 2 ** k, step * factor, rtol=1e-6)
+        x_scale = layer.act_quant.effective_step_size(4)
+        assert initializers[f"{conv}.folded_bias_codes"].dtype == np.int32
+        np.testing.assert_allclose(initializers[f"{conv}.folded_bias_scale"], x_scale * scales, rtol=1e-6)
+    assert not [node for node in proto.graph.node if node.op_type == "BatchNormalization"]
+    assert [(q.layer, q.bits, q.onnx_type, q.zero_point) for q in export.quantized if q.kind == "output"] == \
+        [("conv2", 8, "UINT8", 128)]
+    kernels = runtime_kernels(tmp_path / "fast.onnx")
+    assert kernels.integer == {"QLinearConv": 2, "QGemm": 1}
+    assert [name.split(" ")[0] for name in kernels.float_layers] == ["stem.0"]  # a float input
+
+
+@pytest.mark.parametrize("wbits, abits", [(2, 2), (4, 4)])
+def test_fast_form_computes_the_model_with_its_bias_grid_and_added_outputs(wbits: int, abits: int,
+                                                                          tmp_path: Path) -> None:
+    """Where the fast file departs from the PyTorch model, and nowhere else: with BatchNorm's beta on the
+    file's INT32 bias grid and the added 8-bit output quantizer, PyTorch computes what ONNX Runtime's
+    QLinearConv graph does."""
+    model, images = _quantized_tiny("cnn", wbits, abits)
+    export = export_onnx(model, images[:1], tmp_path / "fast.onnx", form="fast")
+    reference = _fast_reference(model, export.path, {"stem.0": "stem.1", "conv1": "bn1", "conv2": "bn2"})
+    batches = [(images * 3, torch.zeros(len(images), dtype=torch.long))]
+    check = compare_with_torch(reference, export.path, batches)
+    assert check.agreement == 1.0 and check.max_logit_diff < 1e-3, check.summary()
+    assert compare_with_torch(model, export.path, batches).max_logit_diff > check.max_logit_diff
+
+
+class _Relu6Net(nn.Module):
+    """Convolutions with BatchNorm and ReLU6 (mobilenet's); the last one's output is pooled for the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+            nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_fast_form_runs_relu6_convolutions_as_qlinearconv(tmp_path: Path) -> None:
+    """A ReLU6 before a 4-bit quantizer that saturates below 6 is written as a Relu (the same values), which
+    ONNX Runtime drops: its convolutions fuse. The last one, pooled for the classifier, reaches no quantizer
+    and gets an 8-bit output quantizer."""
+    torch.manual_seed(0)
+    model = make_weights_explicit(_Relu6Net())
+    quantize_model(model, policy={"features.3": (4, 4), "features.6": (3, 4)}, input_size=12)
+    model.train()
+    with torch.no_grad():
+        for seed in range(3):
+            model(torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(seed)))
+    model.eval()
+    export = export_onnx(model, torch.zeros(1, 3, 12, 12), tmp_path / "fast.onnx", form="fast")
+    assert [q.layer for q in export.quantized if q.kind == "output"] == ["features.6"]
+    assert [node.op_type for node in onnx.load(export.path).graph.node].count("Relu") == 2  # the two fused ones
+    kernels = runtime_kernels(export.path)
+    assert kernels.integer.get("QLinearConv") == 2 and [name.split(" ")[0] for name in kernels.float_layers] == \
+        ["features.0"], kernels.summary()
+    images = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(9))
+    reference = _fast_reference(model, export.path, {"features.3": "features.4", "features.6": "features.7"})
+    check = compare_with_torch(reference, export.path, [(images, torch.zeros(32, dtype=torch.long))])
+    assert check.agreement == 1.0 and check.max_logit_diff < 1e-3, check.summary()
 
 
 # --- a finished one-shot pipeline, its registered models and `limpq export` ----------------------------------------

@@ -63,6 +63,10 @@ def _export(args: argparse.Namespace) -> int:
     for kind, label in (("weight", "weights"), ("act", "activations")):
         counts = Counter(f"{q.bits}-bit as {q.onnx_type}" for q in export.quantized if q.kind == kind)
         print(f"  quantized {label}: " + (", ".join(f"{n} x {what}" for what, n in sorted(counts.items())) or "none"))
+    added = [q.layer for q in export.quantized if q.kind == "output"]
+    if added:
+        print(f"  added at export (the PyTorch model has none): {len(added)} x 8-bit output as UINT8, where a "
+              f"convolution's output reaches no quantizer: {', '.join(added)}")
     policy = f"; the policy's size_mb {result.policy_size_mb:.3f} MB" if result.policy_size_mb is not None else ""
     print(f"  size: {size_mb:.3f} MB; FP32 export of the same model {result.fp32_bytes / MEGABYTE:.3f} MB "
           f"({result.fp32_bytes / export.size_bytes:.2f}x larger){policy}")
@@ -85,10 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--model-uri", metavar="URI", help="an MLflow model URI, e.g. models:/demo-resnet18@best-top1")
     source.add_argument("--run-id", metavar="RUN", help="an MLflow run id: its newest logged PyTorch model")
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
-    parser.add_argument("--form", choices=("compact", "integer"), default="compact",
-                        help="compact: the smallest file, as the registry holds it (default); integer: every "
-                        "quantized convolution and matmul on ONNX Runtime's integer kernels, exact, but slower "
-                        "than float on x86 CPUs today (README, Deploy)")
+    parser.add_argument("--form", choices=("compact", "fast", "integer"), default="compact",
+                        help="compact: the smallest file, as the registry holds it (default), exact; fast: "
+                        "QLinearConv/QGemm on ONNX Runtime's integer kernels, the fastest on its CPU, but an INT32 "
+                        "bias grid and 8-bit outputs added before residual Adds make it agree with the PyTorch model "
+                        "on fewer images (README, Deploy); integer: ConvInteger, exact, slower than float on x86 CPUs")
     parser.add_argument("--opset", type=int, metavar="N", help="ONNX opset: 21 (the first with INT4; default) to 23")
     parser.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
                         help="the batch dimension: dynamic (default) or a fixed size up to 1024")

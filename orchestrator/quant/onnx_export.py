@@ -1,4 +1,4 @@
-"""A quantized model as ONNX QDQ at its own bit-widths (docs/method.md §11-§12), in one of two forms. Layer 1:
+"""A quantized model as ONNX QDQ at its own bit-widths (docs/method.md §11-§12), in one of three forms. Layer 1:
 torch, onnx and onnxscript, no Ray, no MLflow.
 
 Driven by the quantizers, not by layer classes: every `LsqQuantizer` of the model (a layer's
@@ -18,9 +18,13 @@ computed as the PyTorch quantizer computes them.
   integer Clip after QuantizeLinear (ONNX Runtime's fusions take no float op between a product and a
   QuantizeLinear). BatchNorm is folded into the convolution exactly (same codes, per-channel scales);
   see _integer_convolutions. It computes exactly the evaluated model, but ONNX Runtime's CPU
-  ConvInteger is slower than its float convolution (benchmarks/bench_export.py), so it is not the
-  default: the faster QLinearConv re-rounds the bias and the output, which moves 2- to 4-bit
-  activations across levels (97.5% agreement on the smoke model) unless training does the same.
+  ConvInteger is slower than its float convolution (benchmarks/bench_export.py).
+- fast: DQ -> Conv -> Q units that ONNX Runtime fuses into QLinearConv (and QGemm), the fastest on its
+  CPU: the integer form's containers and folded BatchNorm, the bias as INT32 codes on the accumulator's
+  grid, and an 8-bit output quantizer added where a convolution's output reaches no quantizer (a ResNet
+  block's residual Add); see _fast_convolutions. It computes a slightly different model than the
+  PyTorch one: the bias on its INT32 grid and the added quantizers move activations lying near a level
+  boundary, and through the network a few predictions (docs/method.md §12).
 """
 
 from __future__ import annotations
@@ -51,9 +55,17 @@ MAX_OPSET = 23  # the newest opset this exporter has been checked with (torch.on
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 METADATA_KEY = "limpq.quantizers"  # the model's metadata_props entry listing what is quantized how
 MAX_BITS = 8
-# compact: the smallest file (INT4 packed); integer: what ONNX Runtime runs on integer kernels
-# (BatchNorm folded, 8-bit containers)
-FORMS = ("compact", "integer")
+# compact: the smallest file (INT4 packed); integer: every quantized convolution as ConvInteger (exact,
+# slow on ONNX Runtime's x86 CPU); fast: DQ -> Conv -> Q units ONNX Runtime fuses into QLinearConv
+# (BatchNorm folded, INT32 biases, 8-bit outputs added before residual Adds)
+FORMS = ("compact", "integer", "fast")
+# the range of an export-added 8-bit output quantizer (fast form): BatchNorm's output has mean beta and
+# standard deviation |gamma| per channel over the data its statistics came from; this many deviations
+# on either side of the mean, the widest channel's
+OUTPUT_RANGE_STDS = 6.0
+# vpmaddubsw (x86 AVX2/AVX-512 without VNNI) adds two UINT8 x INT8 products in a saturating INT16: a
+# shifted weight code is kept within what cannot saturate for its input's largest UINT8 code
+_INT16_MAX = 32767
 
 # ONNX tensor type (and its numpy dtype) of each (signed, 4-bit container) combination
 _TYPES = {
@@ -142,7 +154,7 @@ class QuantizedTensor:
     docs/method.md §7) names the attention module as `layer` and its operand: q, k, probs or v."""
 
     layer: str
-    kind: str  # "weight" or "act"
+    kind: str  # "weight", "act", or "output": an 8-bit quantizer the fast form adds (_fast_convolutions)
     bits: int
     signed: bool
     onnx_type: str  # INT4, UINT4, INT8 or UINT8
@@ -187,12 +199,12 @@ def _stand_ins(model: nn.Module, form: str) -> dict[str, tuple[_QuantDequant, Qu
                             "the widest that ONNX QuantizeLinear/DequantizeLinear runtimes execute")
         qn, qp = levels(bits, module.signed)
         step = module.effective_step_size(bits)
-        # an activation wider than 4 bits is UINT8 in both forms: a signed INT8 one makes ONNX Runtime's
+        # an activation wider than 4 bits is UINT8 in every form: a signed INT8 one makes ONNX Runtime's
         # QDQ propagation write a QuantizeLinear it then refuses (at an attention's k Transpose)
-        if module.kind == "act" and (form == "integer" or qp - qn >= 16):
+        if module.kind == "act" and (form != "compact" or qp - qn >= 16):
             container = "uint8"
         else:
-            container = "int8" if form == "integer" else "smallest"
+            container = "int8" if form != "compact" else "smallest"
         zero_point = _uint8_zero_point(qn) if container == "uint8" else 0
         onnx_type = onnx.TensorProto.UINT8 if container == "uint8" else _container(qn, qp, wide=container == "int8")[0]
         stand_ins[name] = (_QuantDequant(step, qn, qp, container), QuantizedTensor(
@@ -261,6 +273,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     quantized = tuple(quantizer for _, quantizer in stand_ins.values())
     if form == "integer":
         _integer_convolutions(proto)
+    elif form == "fast":
+        quantized += _fast_convolutions(proto)
     else:
         _clamp_4bit_inputs_with_min_max(proto)
     _drop_stack_traces(proto)
@@ -496,6 +510,187 @@ def _integer_gemm_bias(graph: onnx.GraphProto, gemm: onnx.NodeProto, producer: d
         "DequantizeLinear", [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
         name=f"{name}_bias_dequantize"))
     gemm.input[2] = f"{name}_dequantized"
+
+
+def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
+                       output_stds: float | None = None) -> tuple[QuantizedTensor, ...]:
+    """The fast form's graph pass: DQ -> Conv -> Q units that ONNX Runtime fuses into QLinearConv, for
+    every convolution whose weights are integer codes (DequantizeLinear of an initializer at one step s).
+
+    - A BatchNormalization that is the convolution's only reader is folded in exactly: with
+      f[c] = gamma[c] / sqrt(var[c] + eps), the weights are the same codes at per-channel scales
+      s * f[c] (DequantizeLinear, axis 0), the bias beta[c] + f[c] * (b[c] - mean[c]).
+    - With a quantized input (UINT8 codes at scale x_scale), the bias is INT32 codes at x_scale * s * f[c]
+      behind its own DequantizeLinear, rounded half to even. The codes of a layer narrower than 8 bits
+      are stored times 2**k (and the scale divided by 2**k, the same weights): an accumulator unit, and so
+      the bias's rounding, 2**k times finer (_code_shift).
+    - A quantized-input convolution whose output reaches no quantizer (a ResNet block's last convolution
+      and its downsample feed the residual Add) gets an 8-bit output quantizer, UINT8 at zero point 128:
+      the PyTorch model has none. Its step comes from the folded BatchNorm's statistics (output_stds
+      deviations around beta, OUTPUT_RANGE_STDS by default), so no data is needed.
+    - A ReLU6 (Clip 0..6) between a convolution and an unsigned quantizer that saturates at or below 6
+      anyway is a Relu (which ONNX Runtime drops before a zero-point-0 QuantizeLinear): the same values.
+
+    A convolution with a float input (a first layer that keeps one) reads DequantizeLinear(codes, s * f[c],
+    axis 0) and a float bias. Returns the added output quantizers."""
+    output_stds = OUTPUT_RANGE_STDS if output_stds is None else output_stds
+    graph = proto.graph
+    _relu6_before_saturating_quantizers_as_relu(graph)
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers = _consumers(graph)
+    initializers = {initializer.name: initializer for initializer in graph.initializer}
+    graph_outputs = {output.name for output in graph.output}
+    added_initializers: list[onnx.TensorProto] = []
+    before: dict[int, list[onnx.NodeProto]] = {}  # nodes to place right before a node
+    after: dict[int, list[onnx.NodeProto]] = {}  # nodes to place right after a node
+    removed: set[int] = set()
+    added_quantizers = []
+    for conv in [node for node in graph.node if node.op_type == "Conv"]:
+        weights = producer.get(conv.input[1])
+        if (weights is None or weights.op_type != "DequantizeLinear" or weights.input[0] not in initializers
+                or len(consumers[weights.output[0]]) != 1 or np.size(_value(graph, weights.input[1])) != 1):
+            continue
+        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in initializers:
+            continue  # a bias computed in the graph: left as it is
+        codes = numpy_helper.to_array(initializers[weights.input[0]])
+        if codes.dtype != np.int8:
+            continue
+        step = np.float32(_value(graph, weights.input[1]))
+        channels = codes.shape[0]
+        bias = numpy_helper.to_array(initializers[conv.input[2]]).astype(np.float32) \
+            if len(conv.input) > 2 and conv.input[2] else np.zeros(channels, np.float32)
+        factor, output, batchnorm = np.ones(channels, np.float32), conv.output[0], None
+        readers = consumers.get(conv.output[0], [])
+        if (len(readers) == 1 and readers[0].op_type == "BatchNormalization"
+                and all(name in initializers for name in readers[0].input[1:5])):
+            batchnorm = readers[0]
+            gamma, beta, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float32)
+                                      for name in batchnorm.input[1:5])
+            factor = gamma / np.sqrt(var + np.float32(_attribute(batchnorm, "epsilon", 1e-5)))
+            bias = beta + factor * (bias - mean)
+            output = batchnorm.output[0]
+            removed.add(id(batchnorm))
+        bias = bias.astype(np.float32)
+        # a zero factor (gamma 0) zeroes the channel: its codes become 0 at the step, so no scale is 0
+        codes = np.where((factor == 0).reshape(-1, *[1] * (codes.ndim - 1)), 0, codes).astype(np.int8)
+        scales = np.where(factor == 0, step, step * factor).astype(np.float32)
+        layer = weights.input[0].removesuffix("_quantized").removesuffix(".weight")
+        name = f"{layer}.folded"
+        source = producer.get(conv.input[0])
+        quantized_input = (source is not None and source.op_type == "DequantizeLinear"
+                           and np.size(_value(graph, source.input[1])) == 1)
+        add_output = (quantized_input and batchnorm is not None and output not in graph_outputs
+                      and not _feeds_a_quantizer(output, consumers))
+        integer_unit = quantized_input and (add_output or _feeds_a_quantizer(output, consumers))
+        k = _code_shift(codes, _largest_input_code(graph, source, producer)) if integer_unit and shift else 0
+        added_initializers += [numpy_helper.from_array((codes.astype(np.int32) << k).astype(np.int8), f"{name}_codes"),
+                               numpy_helper.from_array((scales / np.float32(2 ** k)).astype(np.float32),
+                                                       f"{name}_scale"),
+                               numpy_helper.from_array(np.zeros(channels, np.int8), f"{name}_zero_point")]
+        weights.input[:] = [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"]
+        del weights.attribute[:]
+        weights.attribute.append(onnx.helper.make_attribute("axis", 0))
+        if integer_unit:
+            bias_scale = (np.float32(_value(graph, source.input[1])) * (scales / np.float32(2 ** k))).astype(np.float32)
+            bias_codes = np.clip(np.round(bias / bias_scale), -2**31, 2**31 - 1).astype(np.int32)
+            added_initializers += [numpy_helper.from_array(bias_codes, f"{name}_bias_codes"),
+                                   numpy_helper.from_array(bias_scale, f"{name}_bias_scale"),
+                                   numpy_helper.from_array(np.zeros(channels, np.int32), f"{name}_bias_zero_point")]
+            before.setdefault(id(conv), []).append(onnx.helper.make_node(
+                "DequantizeLinear", [f"{name}_bias_codes", f"{name}_bias_scale", f"{name}_bias_zero_point"],
+                [f"{name}_bias"], name=f"{layer}_bias_dequantize", axis=0))
+        else:
+            added_initializers.append(numpy_helper.from_array(bias, f"{name}_bias"))
+        conv.input[:] = [conv.input[0], conv.input[1], f"{name}_bias"]
+        conv.output[0] = output
+        if not add_output:
+            continue
+        # at least LSQ's smallest step: a BatchNorm with every gamma and beta 0 outputs zeros
+        output_step = np.float32(max(float(np.max(np.abs(beta) + output_stds * np.abs(gamma))) / 127, 1e-5))
+        added_quantizers.append(QuantizedTensor(layer=layer, kind="output", bits=8, signed=True, onnx_type="UINT8",
+                                                scale=float(output_step), zero_point=128))
+        quantized_name, dequantized_name = f"{layer}.output_quantized", f"{layer}.output_dequantized"
+        added_initializers += [numpy_helper.from_array(np.array(output_step, np.float32), f"{layer}.output_scale"),
+                               numpy_helper.from_array(np.array(128, np.uint8), f"{layer}.output_zero_point")]
+        for reader in consumers.get(output, []):
+            reader.input[:] = [dequantized_name if value == output else value for value in reader.input]
+        after.setdefault(id(conv), []).extend([
+            onnx.helper.make_node("QuantizeLinear", [output, f"{layer}.output_scale", f"{layer}.output_zero_point"],
+                                  [quantized_name], name=f"{layer}_output_quantize"),
+            onnx.helper.make_node("DequantizeLinear", [quantized_name, f"{layer}.output_scale",
+                                                       f"{layer}.output_zero_point"], [dequantized_name],
+                                  name=f"{layer}_output_dequantize")])
+    for gemm in [node for node in graph.node if node.op_type == "Gemm" and len(node.input) > 2]:
+        _integer_gemm_bias(graph, gemm, producer, initializers, added_initializers, before)
+    nodes = []
+    for node in graph.node:
+        if id(node) not in removed:
+            nodes += before.get(id(node), []) + [node] + after.get(id(node), [])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [initializer for initializer in list(graph.initializer) + added_initializers if initializer.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return tuple(added_quantizers)
+
+
+def _largest_input_code(graph: onnx.GraphProto, dequantize: onnx.NodeProto,
+                        producer: dict[str, onnx.NodeProto]) -> int:
+    """The largest UINT8 code a DequantizeLinear reads: its integer Clip's upper bound, else 255."""
+    clip = producer.get(dequantize.input[0])
+    if clip is not None and clip.op_type == "Clip" and len(clip.input) > 2 and clip.input[2]:
+        return int(_value(graph, clip.input[2]))
+    return 255
+
+
+def _code_shift(codes: np.ndarray, largest_input: int) -> int:
+    """The largest k with codes * 2**k still within INT8 and two products with the largest input code
+    within INT16 (see _INT16_MAX). A layer's codes are stored times 2**k and its scale divided by 2**k:
+    the same weights, but an accumulator unit (input scale times weight scale) 2**k times finer, and so an
+    INT32 bias rounded 2**k times closer to the float bias that PyTorch adds."""
+    largest = max(int(np.abs(codes.astype(np.int32)).max(initial=0)), 1)
+    low, high = int(codes.min(initial=0)), int(codes.max(initial=0))
+    k = 0
+    while (low * 2 ** (k + 1) >= -128 and high * 2 ** (k + 1) <= 127
+           and 2 * largest_input * largest * 2 ** (k + 1) <= _INT16_MAX and k < 7):
+        k += 1
+    return k
+
+
+def _feeds_a_quantizer(name: str, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """`name` goes straight to one QuantizeLinear, or through one Relu (which ONNX Runtime drops before
+    a QuantizeLinear whose zero point is the type's lowest value)."""
+    readers = consumers.get(name, [])
+    if len(readers) == 1 and readers[0].op_type == "Relu":
+        readers = consumers.get(readers[0].output[0], [])
+    return len(readers) == 1 and readers[0].op_type == "QuantizeLinear"
+
+
+def _relu6_before_saturating_quantizers_as_relu(graph: onnx.GraphProto) -> None:
+    """Clip(x, 0, hi) whose one reader is a UINT8 QuantizeLinear (zero point 0, step s) followed by an
+    integer Clip to at most Qp, with round(hi / s) >= Qp: the upper bound never acts, since the codes
+    saturate at Qp anyway, so the Clip becomes a Relu."""
+    consumers = _consumers(graph)
+    for clip in [node for node in graph.node if node.op_type == "Clip" and len(node.input) == 3]:
+        readers = consumers.get(clip.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or len(readers[0].input) < 3:
+            continue
+        quantize = readers[0]
+        try:
+            low, high = float(_value(graph, clip.input[1])), np.float32(_value(graph, clip.input[2]))
+            step, zero = np.float32(_value(graph, quantize.input[1])), _value(graph, quantize.input[2])
+        except StopIteration:  # a bound computed in the graph
+            continue
+        if low != 0 or zero.dtype != np.uint8 or int(zero) != 0:
+            continue
+        clamps = consumers.get(quantize.output[0], [])
+        top = 255
+        if len(clamps) == 1 and clamps[0].op_type == "Clip" and len(clamps[0].input) > 2 and clamps[0].input[2]:
+            top = int(_value(graph, clamps[0].input[2]))
+        if np.round(high / step) >= top:
+            clip.op_type = "Relu"
+            del clip.input[1:]
 
 
 def _drop_stack_traces(proto: onnx.ModelProto) -> None:
