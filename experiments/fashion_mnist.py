@@ -20,6 +20,7 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -156,7 +157,8 @@ def policies(work: Path) -> None:
         if trial["kind"] != "mpq" or name in seen:
             continue
         seen.add(name)
-        document = json.loads(Path(client.download_artifacts(trial["run_id"], "policy.json", str(out))).read_text())
+        with tempfile.TemporaryDirectory() as directory:
+            document = json.loads(Path(client.download_artifacts(trial["run_id"], "policy.json", directory)).read_text())
         document["label"] = name
         (out / f"{name}.json").write_text(json.dumps(document, indent=1))
         print(out / f"{name}.json")
@@ -175,7 +177,7 @@ def _percent(value: float | None) -> str:
 
 def report(work: Path, out: Path) -> None:
     trials = _sweep_trials(work)
-    one_shot = {row["policy"]: row for row in json.loads((work / "oneshot.json").read_text())}
+    one_shot = {Path(row["policy"]).stem: row for row in json.loads((work / "oneshot.json").read_text())}
     groups: dict[tuple[str, str], list[dict]] = {}
     for trial in trials:
         groups.setdefault((trial["method"], trial["policy"]), []).append(trial)
@@ -183,7 +185,7 @@ def report(work: Path, out: Path) -> None:
     for (method, label), members in groups.items():
         if method == "random":
             label = label.removeprefix("policy-")
-        shot = one_shot.get(f"{method}-{label}") or one_shot.get(label) or one_shot.get(f"{work}/policies/random/{label}.json")
+        shot = one_shot.get(f"{method}-{label}") or one_shot.get(label)
         rows.append({"method": method, "policy": label, "bitops_g": members[0]["bitops_g"],
                      "size_mb": members[0]["size_mb"], "top1": [m["top1"] for m in members],
                      "agreement": min(m["agreement"] for m in members if m["agreement"] is not None),
@@ -201,7 +203,6 @@ def report(work: Path, out: Path) -> None:
         if scores:
             lines.append(f"| random (one-shot only) | {len(scores)} at uniform W{bits}A{bits} BitOps | | | | | "
                          f"{_mean_std(scores)} (best {100 * max(scores):.1f}) |")
-    (out / "fashion_mnist_table.md").write_text("\n".join(lines) + "\n")
     (out / "fashion_mnist_rows.json").write_text(json.dumps(rows, indent=1))
     _plot(rows, random_shots, out / "fashion_mnist_pareto.png")
     print("\n".join(lines))

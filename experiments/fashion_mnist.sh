@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Fashion-MNIST study of docs/results.md, end to end through the product (about 2 hours on 2 cores).
+# The Fashion-MNIST study of docs/results.md, end to end through the product (about 75 minutes on 2 idle cores).
 # Needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist). Usage:
 #   experiments/fashion_mnist.sh WORK_DIR
 set -euo pipefail
@@ -12,7 +12,7 @@ mkdir -p "$work"
 "$bin/python" experiments/fashion_mnist.py prepare --work "$work"
 # one FP model and one joint indicator training (the three configs share their stage keys)
 "$bin/limpq" run --config "$work/limpq.yaml"     # LIMPQ policies + uniform W3A3 and W4A4, 3 fine-tuning seeds
-"$bin/limpq" run --config "$work/hessian.yaml"   # Hessian-trace policies, same budgets and seeds
+"$bin/limpq" run --config "$work/hessian.yaml"   # Hessian-trace policies, same budgets, 2 fine-tuning seeds
 "$bin/limpq" run --config "$work/random.yaml"    # random policies of equal BitOps, fine-tuned once each
 "$bin/python" experiments/fashion_mnist.py policies --work "$work"
 "$bin/limpq" evaluate --config "$work/limpq.yaml" --json --uniform 2 3 4 \
