@@ -395,24 +395,6 @@ def _attribute(node: onnx.NodeProto, name: str, default):
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _reading_batchnorm_folded(conv: onnx.NodeProto, bias: np.ndarray, consumers: dict[str, list[onnx.NodeProto]],
-                              initializers: dict[str, onnx.TensorProto]):
-    """A convolution's BatchNorm taken in, when one with constant statistics is its output's only
-    reader: the per-output-channel factor gamma / sqrt(var + eps), the folded float32 bias, the tensor
-    the folded convolution writes, and that BatchNorm (None, a factor of ones and the convolution's own
-    output when there is none)."""
-    channels = bias.shape[0]
-    readers = consumers.get(conv.output[0], [])
-    if not (len(readers) == 1 and readers[0].op_type == "BatchNormalization"
-            and all(name in initializers for name in readers[0].input[1:5])):
-        return np.ones(channels, np.float32), bias.astype(np.float32), conv.output[0], None
-    batchnorm = readers[0]
-    gamma, beta, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float32)
-                              for name in batchnorm.input[1:5])
-    factor = gamma / np.sqrt(var + np.float32(_attribute(batchnorm, "epsilon", 1e-5)))
-    return factor, (beta + factor * (bias - mean)).astype(np.float32), batchnorm.output[0], batchnorm
-
-
 def _integer_convolutions(proto: onnx.ModelProto) -> None:
     """The integer form's graph pass over every convolution whose weights are integer codes (DequantizeLinear
     of an initializer at one step s). A BatchNormalization that is the convolution's only reader is
@@ -448,9 +430,18 @@ def _integer_convolutions(proto: onnx.ModelProto) -> None:
             if len(conv.input) > 2 and conv.input[2] in initializers else np.zeros(channels, np.float32)
         if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in initializers:
             continue  # a bias computed in the graph: left as it is
-        factor, bias, output, batchnorm = _reading_batchnorm_folded(conv, bias, consumers, initializers)
-        if batchnorm is not None:
+        factor, output = np.ones(channels, np.float32), conv.output[0]
+        readers = consumers.get(conv.output[0], [])
+        if (len(readers) == 1 and readers[0].op_type == "BatchNormalization"
+                and all(name in initializers for name in readers[0].input[1:5])):
+            batchnorm = readers[0]
+            gamma, beta, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float32)
+                                      for name in batchnorm.input[1:5])
+            factor = gamma / np.sqrt(var + np.float32(_attribute(batchnorm, "epsilon", 1e-5)))
+            bias = beta + factor * (bias - mean)
+            output = batchnorm.output[0]
             removed.add(id(batchnorm))
+        bias = bias.astype(np.float32)
         layer = weights.input[0].removesuffix("_quantized").removesuffix(".weight")
         name = f"{layer}.folded"
         source = producer.get(conv.input[0])
@@ -568,9 +559,18 @@ def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
         channels = codes.shape[0]
         bias = numpy_helper.to_array(initializers[conv.input[2]]).astype(np.float32) \
             if len(conv.input) > 2 and conv.input[2] else np.zeros(channels, np.float32)
-        factor, bias, output, batchnorm = _reading_batchnorm_folded(conv, bias, consumers, initializers)
-        if batchnorm is not None:
+        factor, output, batchnorm = np.ones(channels, np.float32), conv.output[0], None
+        readers = consumers.get(conv.output[0], [])
+        if (len(readers) == 1 and readers[0].op_type == "BatchNormalization"
+                and all(name in initializers for name in readers[0].input[1:5])):
+            batchnorm = readers[0]
+            gamma, beta, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float32)
+                                      for name in batchnorm.input[1:5])
+            factor = gamma / np.sqrt(var + np.float32(_attribute(batchnorm, "epsilon", 1e-5)))
+            bias = beta + factor * (bias - mean)
+            output = batchnorm.output[0]
             removed.add(id(batchnorm))
+        bias = bias.astype(np.float32)
         # a zero factor (gamma 0) zeroes the channel: its codes become 0 at the step, so no scale is 0
         codes = np.where((factor == 0).reshape(-1, *[1] * (codes.ndim - 1)), 0, codes).astype(np.int8)
         scales = np.where(factor == 0, step, step * factor).astype(np.float32)
