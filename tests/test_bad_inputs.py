@@ -317,6 +317,9 @@ def _cases(digits: Path, black_hole: str) -> list[Case]:
              "lacks layer layer1.0.conv1 of resnet18",
              lambda workdir, env: (_policy(workdir, layers={"name": "nonsense"}), _config(
                  workdir, digits, search={"budgets": [{"policy": "policy.json"}]}))),
+        Case("no fine-tuning seed", ["config", "validate", "config.yaml"],
+             "finetune.seeds: Input should be greater than or equal to 1",
+             lambda workdir, env: _config(workdir, digits, finetune={"seeds": 0})),
         Case("budget with a missing policy file", ["config", "validate", "config.yaml"],
              "search.budgets[0].policy: ",
              lambda workdir, env: _config(workdir, digits, search={"budgets": [{"policy": "absent.json"}]})),
