@@ -38,6 +38,7 @@ from orchestrator.common.errors import UserError
 from orchestrator.quant.lsq import levels
 from orchestrator.models.explicit_layers import make_weights_explicit
 from orchestrator.quant.onnx_check import compare_with_torch, cpu_session, runtime_kernels
+from orchestrator.quant.deployed import QuantizedOutput, deployed_model
 from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
 from orchestrator.quant.surgery import layout_of, quantize_model
 from orchestrator.tracking.runs import Tracker
@@ -275,75 +276,31 @@ def _folded(initializers: dict[str, np.ndarray], conv: str) -> tuple[np.ndarray,
     return stored, scales, k
 
 
-def _fast_reference(model: nn.Module, path: Path, batchnorms: dict[str, str]) -> nn.Module:
-    """`model` made to compute what its fast file computes: each folded BatchNorm's beta moved so that the
-    folded bias is the file's INT32 bias exactly, and the export-added 8-bit output quantizers put in after
-    their BatchNorms (`batchnorms`: convolution -> its BatchNorm)."""
-    proto = onnx.load(path)
-    initializers = {name: numpy_helper.to_array(tensor) for name, tensor in _initializers(proto).items()}
-    reference = copy.deepcopy(model)
-    for conv, bn in batchnorms.items():
-        if f"{conv}.folded_bias_codes" not in initializers:
-            continue
-        bias = torch.tensor(initializers[f"{conv}.folded_bias_codes"].astype(np.float64)
-                            * initializers[f"{conv}.folded_bias_scale"].astype(np.float64))
-        norm = reference.get_submodule(bn)
-        norm = norm.copies[str(norm.active_bits)] if hasattr(norm, "copies") else norm
-        with torch.no_grad():
-            factor = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-            norm.bias.copy_((bias + factor * norm.running_mean.double()).float())
-    for quantizer in quantized_from_metadata(proto):
-        if quantizer.kind == "output":
-            reference.get_submodule(batchnorms[quantizer.layer]).register_forward_hook(
-                lambda module, inputs, out, step=quantizer.scale: (out / step).round().clamp(-128, 127) * step)
-    return reference
-
-
-def test_fast_form_folds_batchnorm_keeping_the_pytorch_quantizers_codes(tmp_path: Path) -> None:
-    """The fast file's weights of a convolution followed by BatchNorm are the PyTorch quantizer's codes (stored
-    times 2**k at the step over 2**k: the same weights) at per-channel scales step * gamma / sqrt(var + eps);
-    the folded bias is INT32 at the input's scale times those; ONNX Runtime runs both convolutions as
-    QLinearConv, and the one that feeds the residual Add got an 8-bit output quantizer."""
-    model, images = _quantized_tiny("cnn", 3, 4)
-    export = export_onnx(model, images[:1], tmp_path / "fast.onnx", form="fast")
-    proto = onnx.load(tmp_path / "fast.onnx")
-    initializers = {name: numpy_helper.to_array(tensor) for name, tensor in _initializers(proto).items()}
-    qn, qp = levels(3, signed=True)
-    for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
-        layer = model.get_submodule(conv)
-        step = layer.weight_quant.effective_step_size(3)
-        expected = (layer.weight.detach() / step).clamp(qn, qp).round().numpy().astype(int)
-        norm = model.get_submodule(bn)
-        norm = norm.copies[str(norm.active_bits)] if hasattr(norm, "copies") else norm
-        factor = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach().numpy()
-        stored, scales, k = _folded(initializers, conv)
-        assert stored.dtype == np.int8 and k >= 1  # 3-bit codes leave room in INT8 for a finer bias grid
-        np.testing.assert_array_equal(stored.astype(int), expected * 2 ** k)
-        np.testing.assert_allclose(scales * 2 ** k, step * factor, rtol=1e-6)
-        x_scale = layer.act_quant.effective_step_size(4)
-        assert initializers[f"{conv}.folded_bias_codes"].dtype == np.int32
-        np.testing.assert_allclose(initializers[f"{conv}.folded_bias_scale"], x_scale * scales, rtol=1e-6)
-    assert not [node for node in proto.graph.node if node.op_type == "BatchNormalization"]
-    assert [(q.layer, q.bits, q.onnx_type, q.zero_point) for q in export.quantized if q.kind == "output"] == \
-        [("conv2", 8, "UINT8", 128)]
-    kernels = runtime_kernels(tmp_path / "fast.onnx")
-    assert kernels.integer == {"QLinearConv": 2, "QGemm": 1}
-    assert [name.split(" ")[0] for name in kernels.float_layers] == ["stem.0"]  # a float input
-
-
 @pytest.mark.parametrize("wbits, abits", [(2, 2), (4, 4)])
-def test_fast_form_computes_the_model_with_its_bias_grid_and_added_outputs(wbits: int, abits: int,
-                                                                          tmp_path: Path) -> None:
-    """Where the fast file departs from the PyTorch model, and nowhere else: with BatchNorm's beta on the
-    file's INT32 bias grid and the added 8-bit output quantizer, PyTorch computes what ONNX Runtime's
-    QLinearConv graph does."""
+def test_the_deployed_model_is_what_its_fast_file_computes(wbits: int, abits: int, tmp_path: Path) -> None:
+    """Where the fast file departs from the PyTorch model, and nowhere else: `deployed_model` moves each
+    bias onto the file's INT32 grid and puts the added 8-bit output quantizer in, and then PyTorch computes
+    what ONNX Runtime's QLinearConv graph does. Its own fast export adds nothing and changes no bias."""
     model, images = _quantized_tiny("cnn", wbits, abits)
     export = export_onnx(model, images[:1], tmp_path / "fast.onnx", form="fast")
-    reference = _fast_reference(model, export.path, {"stem.0": "stem.1", "conv1": "bn1", "conv2": "bn2"})
+    assert [(change.bias_of, change.output_of) for change in export.changes] == \
+        [("bn1", None), ("bn2", "bn2"), ("head.2", None)]
+    deployed = deployed_model(model, images[:1])
+    assert isinstance(deployed.bn2, QuantizedOutput) and not isinstance(model.bn2, QuantizedOutput)
     batches = [(images * 3, torch.zeros(len(images), dtype=torch.long))]
-    check = compare_with_torch(reference, export.path, batches)
-    assert check.agreement == 1.0 and check.max_logit_diff < 1e-3, check.summary()
-    assert compare_with_torch(model, export.path, batches).max_logit_diff > check.max_logit_diff
+    check = compare_with_torch(deployed, export.path, batches)
+    assert check.agreement == 1.0 and check.max_logit_diff < 1e-5, check.summary()
+    assert compare_with_torch(model, export.path, batches).max_logit_diff > 100 * check.max_logit_diff
+
+    again = export_onnx(deployed, images[:1], tmp_path / "again.onnx", form="fast")
+    assert [q.layer for q in again.quantized if q.kind == "output"] == ["bn2"]  # the model's own, none added
+    assert not [change for change in again.changes if change.output_of]
+    assert max(float(np.abs(change.bias_shift).max()) for change in again.changes) < 1e-6
+    first, second = (_initializers(onnx.load(path)) for path in (export.path, again.path))
+    for name in ("conv1.folded_codes", "conv2.folded_codes", "conv1.folded_bias_codes", "conv2.folded_bias_codes"):
+        np.testing.assert_array_equal(numpy_helper.to_array(first[name]), numpy_helper.to_array(second[name]))
+    check = compare_with_torch(deployed, again.path, batches)
+    assert check.agreement == 1.0 and check.max_logit_diff < 1e-5, check.summary()
 
 
 class _Relu6Net(nn.Module):
@@ -380,9 +337,8 @@ def test_fast_form_runs_relu6_convolutions_as_qlinearconv(tmp_path: Path) -> Non
     assert kernels.integer.get("QLinearConv") == 2 and [name.split(" ")[0] for name in kernels.float_layers] == \
         ["features.0"], kernels.summary()
     images = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(9))
-    reference = _fast_reference(model, export.path, {"features.3": "features.4", "features.6": "features.7"})
-    check = compare_with_torch(reference, export.path, [(images, torch.zeros(32, dtype=torch.long))])
-    assert check.agreement == 1.0 and check.max_logit_diff < 1e-3, check.summary()
+    check = compare_with_torch(deployed_model(model, images[:1]), export.path, [(images, torch.zeros(32, dtype=torch.long))])
+    assert check.agreement == 1.0 and check.max_logit_diff < 1e-5, check.summary()
 
 
 # --- a finished one-shot pipeline, its registered models and `limpq export` ----------------------------------------
@@ -436,6 +392,14 @@ def test_export_of_the_best_model_is_full_checked_int4_qdq_and_agrees_on_val(pip
     assert check.samples == 40
     assert check.agreement >= 0.999, check.summary()
 
+    # the default form is the fast one; a registered model is already as deployed: nothing is added
+    assert main(["export", "--model-uri", f"models:/{PYTORCH_NAME}@best-top1", "--out", str(tmp_path / "fast.onnx"),
+                 "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert "(fast form, opset 21" in printed and "quantized outputs: " in printed and "8-bit as UINT8" in printed
+    assert "added at export" not in printed
+    assert "as integer kernels (QGemm x0" not in printed and "QLinearConv x" in printed
+
 
 @pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`
 def test_sweep_registers_a_checked_onnx_version_with_the_pytorch_versions_tags_and_aliases(pipeline: Path) -> None:
@@ -470,8 +434,35 @@ def test_registered_onnx_model_says_which_layers_run_on_integer_kernels(pipeline
     client = mlflow.MlflowClient(uri)
     run = client.get_run(client.get_model_version_by_alias(ONNX_NAME, "best-top1").run_id)
     assert run.data.metrics["onnx_integer_kernels"] == kernels.integer_count
-    assert run.data.metrics["onnx_float_kernels"] == len(kernels.float_layers) > 0  # compact: float convolutions
+    assert run.data.metrics["onnx_float_kernels"] == len(kernels.float_layers)
     assert run.data.tags["limpq.onnx_kernels"].startswith(f"ONNX Runtime (CPU) runs {kernels.integer_count} of ")
+    # the fast form: every searchable convolution a QLinearConv; in float only the layers the one-shot
+    # joint model keeps in float (its first convolution, with a float input, and its classifier)
+    assert sorted(name.split(" ")[0] for name in kernels.float_layers) == ["conv1", "fc"], kernels.summary()
+    assert kernels.integer.get("QLinearConv", 0) == kernels.integer_count >= 19
+
+
+@pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`
+def test_registered_onnx_model_is_the_registered_pytorch_model_on_the_whole_val_split(pipeline: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The registry's PyTorch model is the trial's model as deployed: the fast ONNX file computes it (same
+    class on every val image, logits within float rounding), and its val top-1 is logged as deployed_top1.
+    The compact file stays a run artifact."""
+    uri = _tracking_uri(pipeline)
+    mlflow.set_tracking_uri(uri)
+    registered = mlflow.artifacts.download_artifacts(f"models:/{ONNX_NAME}@best-top1", dst_path=str(tmp_path / "fast"))
+    [onnx_file] = Path(registered).rglob("*.onnx")
+    model = mlflow.pytorch.load_model(f"models:/{PYTORCH_NAME}@best-top1")
+    assert any(isinstance(module, QuantizedOutput) for module in model.modules())  # resnet18's residual Adds
+    cfg = load_config(pipeline).with_absolute_paths()
+    check = compare_with_torch(model, onnx_file, val_batches(cfg, index_dataset(cfg.data)))
+    assert check.samples == 40 and check.agreement == 1.0 and check.max_logit_diff < 1e-3, check.summary()
+    client = mlflow.MlflowClient(uri)
+    run_id = client.get_model_version_by_alias(ONNX_NAME, "best-top1").run_id
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["deployed_top1"] == pytest.approx(check.torch_top1)
+    compact = Path(client.download_artifacts(run_id, "onnx/model-compact.onnx", str(tmp_path)))
+    assert metrics["onnx_compact_size_mb"] * 2**20 == compact.stat().st_size < onnx_file.stat().st_size
 
 
 @pytest.mark.timeout(1800)  # its set-up may be the session's `resubmitted`

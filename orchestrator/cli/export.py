@@ -60,13 +60,18 @@ def _export(args: argparse.Namespace) -> int:
     size_mb = export.size_bytes / MEGABYTE
     print(f"wrote {out} ({args.form} form, opset {opset}, batch {args.batch or 'dynamic'}, input "
           f"{list(source.input_shape)}) from {source.uri}")
-    for kind, label in (("weight", "weights"), ("act", "activations")):
+    added = [change.output_of for change in export.changes if change.output_of]
+    for kind, label in (("weight", "weights"), ("act", "activations"), ("output", "outputs")):
         counts = Counter(f"{q.bits}-bit as {q.onnx_type}" for q in export.quantized if q.kind == kind)
-        print(f"  quantized {label}: " + (", ".join(f"{n} x {what}" for what, n in sorted(counts.items())) or "none"))
-    added = [q.layer for q in export.quantized if q.kind == "output"]
+        if kind == "output":  # the fast form's, which a registered (deployed) model holds itself
+            counts.subtract({"8-bit as UINT8": len(added)})
+            if not +counts:
+                continue
+        print(f"  quantized {label}: " + (", ".join(f"{n} x {what}" for what, n in sorted((+counts).items()))
+                                           or "none"))
     if added:
         print(f"  added at export (the PyTorch model has none): {len(added)} x 8-bit output as UINT8, where a "
-              f"convolution's output reaches no quantizer: {', '.join(added)}")
+              f"convolution's output reaches no quantizer: after {', '.join(added)}")
     policy = f"; the policy's size_mb {result.policy_size_mb:.3f} MB" if result.policy_size_mb is not None else ""
     print(f"  size: {size_mb:.3f} MB; FP32 export of the same model {result.fp32_bytes / MEGABYTE:.3f} MB "
           f"({result.fp32_bytes / export.size_bytes:.2f}x larger){policy}")
@@ -82,18 +87,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="write a registered model as ONNX (QDQ at its searched bits)",
         description="Export a PyTorch model that the pipeline logged (a registered version, e.g. "
                     "models:/<name>-<arch>@best-top1, or a run's newest logged PyTorch model) as ONNX in QDQ form: "
-                    "each quantized weight an INT4 (<= 4 bits) or INT8 initializer read by DequantizeLinear, each "
-                    "quantized activation QuantizeLinear -> DequantizeLinear at its own bits, the rest in float. "
+                    "each quantized weight's integer codes read by DequantizeLinear, each quantized activation "
+                    "QuantizeLinear -> DequantizeLinear at its own bits, the rest in float (--form says how). "
                     "Prints the file's size next to an FP32 export of the same model.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-uri", metavar="URI", help="an MLflow model URI, e.g. models:/demo-resnet18@best-top1")
     source.add_argument("--run-id", metavar="RUN", help="an MLflow run id: its newest logged PyTorch model")
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
-    parser.add_argument("--form", choices=("compact", "fast", "integer"), default="compact",
-                        help="compact: the smallest file, as the registry holds it (default), exact; fast: "
-                        "QLinearConv/QGemm on ONNX Runtime's integer kernels, the fastest on its CPU, but an INT32 "
-                        "bias grid and 8-bit outputs added before residual Adds make it agree with the PyTorch model "
-                        "on fewer images (README, Deploy); integer: ConvInteger, exact, slower than float on x86 CPUs")
+    parser.add_argument("--form", choices=("fast", "compact", "integer"), default="fast",
+                        help="fast (default, what the registry holds): QLinearConv/QGemm on ONNX Runtime's integer "
+                        "kernels, the fastest on its CPU; compact: the smallest file (INT4 packed), run in float; "
+                        "integer: ConvInteger, slower than float on x86 CPUs (README, Deploy)")
     parser.add_argument("--opset", type=int, metavar="N", help="ONNX opset: 21 (the first with INT4; default) to 23")
     parser.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
                         help="the batch dimension: dynamic (default) or a fixed size up to 1024")

@@ -30,6 +30,7 @@ from orchestrator.distributed.train import (
     log_dataset_inputs,
     train_on_ray,
 )
+from orchestrator.quant.deployed import deployed_model
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.indicators import Indicators
 from orchestrator.search.policy import Policy, given_policy, uniform_baseline
@@ -141,9 +142,10 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
 def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model: torch.nn.Module,
                        policy: Policy, metrics: dict[str, float]) -> None:
     """Checkpoint and bits chart as artifacts; the model (the one the trial's top-1 belongs to: fine-tuned,
-    or the joint model at the policy) as an MLflow model and a version of the pipeline's registered
-    model, then its ONNX export as a version of `<name>-<arch>-onnx` (each once per trial run, also when
-    a retry gets here)."""
+    or the joint model at the policy) as deployed (`deployed_model`: what its fast ONNX form computes) as
+    an MLflow model and a version of the pipeline's registered model, then its ONNX export as a version of
+    `<name>-<arch>-onnx` (each once per trial run, also when a retry gets here). The checkpoint holds the
+    model as trained; `deployed_top1` on the run is the registered model's val top-1."""
     cfg, tracker = inputs.context.cfg, inputs.context.tracker
     document = policy.to_dict()
     checkpoint_name = "finetuned.pt" if cfg.finetune.epochs else "joint-at-policy.pt"
@@ -160,8 +162,12 @@ def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model:
         tags={"budget": spec.label, "kind": spec.kind, "evaluation": evaluation_kind(cfg),
               "top1": f"{metrics.get('val_top1', float('nan')):.4f}",
               **{key: f"{value:.6g}" for key, value in _policy_metrics(policy).items()}})
+    try:
+        deployed = deployed_model(model, example_input(cfg))
+    except UserError:  # a model ONNX cannot take: registered as trained; log_trial_onnx tags the run with why
+        deployed = model
     if not tracker.model_versions(record.name, run_id):
-        uri = log_model(tracker, run_id, model, example_input(cfg), name="model", step=record.step,
+        uri = log_model(tracker, run_id, deployed, example_input(cfg), name="model", step=record.step,
                         tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
         register_model(tracker, record.name, uri, run_id, record.tags, record.aliases)
-    log_trial_onnx(tracker, run_id, model, example_input(cfg), val_batches(cfg, inputs.context.dataset), record)
+    log_trial_onnx(tracker, run_id, deployed, example_input(cfg), val_batches(cfg, inputs.context.dataset), record)

@@ -94,10 +94,11 @@ class LsqQuantizer(nn.Module):
     Each s[b] is its own Parameter so that an optimizer step after a pass at one bit-width leaves the
     others untouched. Step sizes are initialised lazily on the first forward at each bit-width
     (docs/method.md §2.1 formulas); activation inits are averaged across data-parallel workers.
-    Whether activations are signed is read from the first batch this quantizer sees.
+    Whether activations are signed is read from the first batch this quantizer sees. Kind "output" is an
+    activation quantizer that no layer reads as its input: one the fast ONNX form needs (quant.deployed).
     """
 
-    def __init__(self, bits: Sequence[int], kind: Literal["weight", "act"]) -> None:
+    def __init__(self, bits: Sequence[int], kind: Literal["weight", "act", "output"]) -> None:
         super().__init__()
         if not bits:
             raise ValueError("LsqQuantizer needs at least one bit-width")

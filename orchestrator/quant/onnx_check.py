@@ -130,11 +130,12 @@ def runtime_kernels(path: str | Path) -> RuntimeKernels:
 
 
 def _layer_name(node: onnx.NodeProto, constants: set[str], producer: dict[str, onnx.NodeProto]) -> str:
-    """The layer a float kernel computes, read from its weight's name (through its DequantizeLinear)."""
-    if len(node.input) > 1 and node.input[1] in producer and producer[node.input[1]].op_type == "DequantizeLinear":
-        weight = producer[node.input[1]].input[0]
-    else:
-        weight = node.input[1] if len(node.input) > 1 else ""
-    if weight not in constants:
+    """The layer a float kernel computes, read from its weight's name (through its DequantizeLinear), else
+    from its bias's: ONNX Runtime's NCHWc layout names a reordered weight `reorder`."""
+    names = [producer[name].input[0] if name in producer and producer[name].op_type == "DequantizeLinear" else name
+             for name in node.input[1:]]
+    weight = next((name for name in names if name in constants and not name.startswith("reorder")), None)
+    if weight is None:
         return f"{node.name} ({node.op_type})"
-    return f"{weight.split('.folded_')[0].removesuffix('_quantized').removesuffix('.weight')} ({node.op_type})"
+    layer = weight.split(".folded_")[0].removesuffix("_bias").removesuffix("_quantized").removesuffix(".weight")
+    return f"{layer.removesuffix('.bias')} ({node.op_type})"

@@ -8,7 +8,7 @@ exporter (torch.onnx, dynamo) translates into QuantizeLinear -> DequantizeLinear
 every quantized weight already quantized: one integer initializer read by DequantizeLinear, its codes
 computed as the PyTorch quantizer computes them.
 
-- compact (the default, what the registry holds): the smallest file (INT4/UINT4 up to 4 bits, packed two
+- compact (this function's default; a trial's `onnx/model-compact.onnx` artifact): the smallest file (INT4/UINT4 up to 4 bits, packed two
   per byte), BatchNorm kept; ONNX Runtime has no 4-bit convolution and runs it in float. A clamp narrower
   than the type is written Min -> Max before QuantizeLinear rather than Clip: ONNX Runtime's
   ClipQuantFusion (up to 1.32 at least) throws on Clip -> QuantizeLinear with a 4-bit zero point.
@@ -19,17 +19,20 @@ computed as the PyTorch quantizer computes them.
   QuantizeLinear). BatchNorm is folded into the convolution exactly (same codes, per-channel scales);
   see _integer_convolutions. It computes exactly the evaluated model, but ONNX Runtime's CPU
   ConvInteger is slower than its float convolution (benchmarks/bench_export.py).
-- fast: DQ -> Conv -> Q units that ONNX Runtime fuses into QLinearConv (and QGemm), the fastest on its
-  CPU: the integer form's containers and folded BatchNorm, the bias as INT32 codes on the accumulator's
-  grid, and an 8-bit output quantizer added where a convolution's output reaches no quantizer (a ResNet
-  block's residual Add); see _fast_convolutions. It computes a slightly different model than the
-  PyTorch one: the bias on its INT32 grid and the added quantizers move activations lying near a level
-  boundary, and through the network a few predictions (docs/method.md §12).
+- fast (`limpq export`'s default, what the registry holds): DQ -> Conv -> Q units that ONNX Runtime
+  fuses into QLinearConv (and QGemm), the fastest on its CPU: the integer form's containers and folded
+  BatchNorm, the bias as INT32 codes on the accumulator's grid, and an 8-bit output quantizer added where
+  a convolution's output reaches no quantizer (a ResNet block's residual Add); see _fast_convolutions.
+  Both change the model slightly; the export returns the changes (`FastFormChange`) and
+  `quant.deployed.deployed_model` makes them in PyTorch, so that a trial registers the model the file
+  computes (docs/method.md §12).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -164,9 +167,25 @@ class QuantizedTensor:
 
 
 @dataclass(frozen=True)
+class FastFormChange:
+    """Where the fast form computes something the PyTorch model does not, at one layer (_fast_convolutions):
+    its float bias stored as INT32 codes, `bias_shift` (codes x scale minus the float bias) away from the
+    PyTorch model's, to be added to the bias of PyTorch module `bias_of` (a folded BatchNorm, whose beta
+    it is, or the layer itself) for the same sum; and, where `output_of` is set, the 8-bit output
+    quantizer (signed, step `output_step`) the file adds after that module's output. `quant.deployed`
+    applies these to a PyTorch model."""
+
+    bias_of: str
+    bias_shift: np.ndarray
+    output_of: str | None = None
+    output_step: float | None = None
+
+
+@dataclass(frozen=True)
 class OnnxExport:
     path: Path
     quantized: tuple[QuantizedTensor, ...]
+    changes: tuple[FastFormChange, ...] = ()  # the fast form's only
 
     @property
     def size_bytes(self) -> int:
@@ -201,7 +220,7 @@ def _stand_ins(model: nn.Module, form: str) -> dict[str, tuple[_QuantDequant, Qu
         step = module.effective_step_size(bits)
         # an activation wider than 4 bits is UINT8 in every form: a signed INT8 one makes ONNX Runtime's
         # QDQ propagation write a QuantizeLinear it then refuses (at an attention's k Transpose)
-        if module.kind == "act" and (form != "compact" or qp - qn >= 16):
+        if module.kind != "weight" and (form != "compact" or qp - qn >= 16):
             container = "uint8"
         else:
             container = "int8" if form != "compact" else "smallest"
@@ -271,10 +290,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     _store_weights_as_integers(proto)
     proto = onnxscript.optimizer.optimize(proto)
     quantized = tuple(quantizer for _, quantizer in stand_ins.values())
+    changes: tuple[FastFormChange, ...] = ()
     if form == "integer":
         _integer_convolutions(proto)
     elif form == "fast":
-        quantized += _fast_convolutions(proto)
+        added, changes = _fast_convolutions(proto)
+        quantized += added
     else:
         _clamp_4bit_inputs_with_min_max(proto)
     _drop_stack_traces(proto)
@@ -283,7 +304,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, op
     path = Path(path)
     with replaced_on_success(path) as staging:  # a reader never sees half a file; its directory is made
         onnx.save_model(proto, staging)
-    return OnnxExport(path, quantized)
+    return OnnxExport(path, quantized, changes)
 
 
 def _export_failure(error: BaseException) -> str:
@@ -492,28 +513,46 @@ def _integer_convolutions(proto: onnx.ModelProto) -> None:
 
 def _integer_gemm_bias(graph: onnx.GraphProto, gemm: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
                        initializers: dict[str, onnx.TensorProto], added: list[onnx.TensorProto],
-                       before: dict[int, list[onnx.NodeProto]]) -> None:
+                       before: dict[int, list[onnx.NodeProto]]) -> FastFormChange | None:
     """A Gemm of two quantized operands (a classifier) reads its float bias as INT32 codes at scale
-    a_scale * b_scale behind a DequantizeLinear, as ONNX Runtime's QGemm fusion needs."""
+    a_scale * b_scale behind a DequantizeLinear, as ONNX Runtime's QGemm fusion needs. Returns how far
+    that moves the bias (None: the Gemm is left as it is)."""
     sources = [producer.get(name) for name in gemm.input[:2]]
     if (any(source is None or source.op_type != "DequantizeLinear" for source in sources)
             or gemm.input[2] not in initializers or _attribute(gemm, "transA", 0) or _attribute(gemm, "beta", 1.0) != 1.0
             or any(np.size(_value(graph, source.input[1])) != 1 for source in sources)):
-        return
+        return None
     bias = numpy_helper.to_array(initializers[gemm.input[2]]).astype(np.float32)
     scale = np.float32(_value(graph, sources[0].input[1])) * np.float32(_value(graph, sources[1].input[1]))
     name = gemm.input[2]
-    added += [numpy_helper.from_array(np.clip(np.round(bias / scale), -2**31, 2**31 - 1).astype(np.int32), f"{name}_codes"),
+    codes = np.clip(np.round(bias / scale), -2**31, 2**31 - 1).astype(np.int32)
+    added += [numpy_helper.from_array(codes, f"{name}_codes"),
               numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
               numpy_helper.from_array(np.array(0, np.int32), f"{name}_zero_point")]
     before.setdefault(id(gemm), []).append(onnx.helper.make_node(
         "DequantizeLinear", [f"{name}_codes", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
         name=f"{name}_bias_dequantize"))
     gemm.input[2] = f"{name}_dequantized"
+    return FastFormChange(bias_of=_module_of(gemm) or "", bias_shift=_on_grid(codes, scale) - bias.astype(np.float64))
 
 
-def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
-                       output_stds: float | None = None) -> tuple[QuantizedTensor, ...]:
+def _module_of(node: onnx.NodeProto) -> str | None:
+    """The name of the PyTorch module whose forward wrote `node`, from the exporter's name scopes (the
+    initializers' names cannot say: the optimizer merges equal ones, e.g. two fresh BatchNorms' betas)."""
+    scopes = next((prop.value for prop in node.metadata_props if prop.key == "pkg.torch.onnx.name_scopes"), None)
+    if scopes is None:
+        return None
+    names = ast.literal_eval(scopes)
+    return names[-2] if len(names) >= 2 and names[-2] else None
+
+
+def _on_grid(codes: np.ndarray, scale) -> np.ndarray:
+    """The float64 value of INT32 bias codes at `scale` (what DequantizeLinear of them computes, in float64)."""
+    return codes.astype(np.float64) * np.asarray(scale, np.float32).astype(np.float64)
+
+
+def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True, output_stds: float | None = None
+                       ) -> tuple[tuple[QuantizedTensor, ...], tuple[FastFormChange, ...]]:
     """The fast form's graph pass: DQ -> Conv -> Q units that ONNX Runtime fuses into QLinearConv, for
     every convolution whose weights are integer codes (DequantizeLinear of an initializer at one step s).
 
@@ -532,7 +571,9 @@ def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
       anyway is a Relu (which ONNX Runtime drops before a zero-point-0 QuantizeLinear): the same values.
 
     A convolution with a float input (a first layer that keeps one) reads DequantizeLinear(codes, s * f[c],
-    axis 0) and a float bias. Returns the added output quantizers."""
+    axis 0) and a float bias. Returns the added output quantizers, and every change from the PyTorch model
+    by the PyTorch parameters and modules it concerns (named after the graph's initializers, which the
+    exporter names after the model's parameters)."""
     output_stds = OUTPUT_RANGE_STDS if output_stds is None else output_stds
     graph = proto.graph
     _relu6_before_saturating_quantizers_as_relu(graph)
@@ -545,6 +586,7 @@ def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
     after: dict[int, list[onnx.NodeProto]] = {}  # nodes to place right after a node
     removed: set[int] = set()
     added_quantizers = []
+    changes: list[FastFormChange] = []
     for conv in [node for node in graph.node if node.op_type == "Conv"]:
         weights = producer.get(conv.input[1])
         if (weights is None or weights.op_type != "DequantizeLinear" or weights.input[0] not in initializers
@@ -593,6 +635,11 @@ def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
         if integer_unit:
             bias_scale = (np.float32(_value(graph, source.input[1])) * (scales / np.float32(2 ** k))).astype(np.float32)
             bias_codes = np.clip(np.round(bias / bias_scale), -2**31, 2**31 - 1).astype(np.int32)
+            # the parameter a PyTorch model would move to add the same bias: the folded BatchNorm's beta
+            # (the bias is beta plus terms beta does not enter), else the convolution's own
+            owner = batchnorm if batchnorm is not None else conv if len(conv.input) > 2 and conv.input[2] else None
+            change = FastFormChange(bias_of=(_module_of(owner) or "") if owner is not None else "",
+                                    bias_shift=_on_grid(bias_codes, bias_scale) - bias.astype(np.float64))
             added_initializers += [numpy_helper.from_array(bias_codes, f"{name}_bias_codes"),
                                    numpy_helper.from_array(bias_scale, f"{name}_bias_scale"),
                                    numpy_helper.from_array(np.zeros(channels, np.int32), f"{name}_bias_zero_point")]
@@ -604,11 +651,14 @@ def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
         conv.input[:] = [conv.input[0], conv.input[1], f"{name}_bias"]
         conv.output[0] = output
         if not add_output:
+            if integer_unit and change.bias_of:
+                changes.append(change)
             continue
         # at least LSQ's smallest step: a BatchNorm with every gamma and beta 0 outputs zeros
         output_step = np.float32(max(float(np.max(np.abs(beta) + output_stds * np.abs(gamma))) / 127, 1e-5))
         added_quantizers.append(QuantizedTensor(layer=layer, kind="output", bits=8, signed=True, onnx_type="UINT8",
                                                 scale=float(output_step), zero_point=128))
+        changes.append(dataclasses.replace(change, output_of=_module_of(batchnorm), output_step=float(output_step)))
         quantized_name, dequantized_name = f"{layer}.output_quantized", f"{layer}.output_dequantized"
         added_initializers += [numpy_helper.from_array(np.array(output_step, np.float32), f"{layer}.output_scale"),
                                numpy_helper.from_array(np.array(128, np.uint8), f"{layer}.output_zero_point")]
@@ -621,7 +671,8 @@ def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
                                                        f"{layer}.output_zero_point"], [dequantized_name],
                                   name=f"{layer}_output_dequantize")])
     for gemm in [node for node in graph.node if node.op_type == "Gemm" and len(node.input) > 2]:
-        _integer_gemm_bias(graph, gemm, producer, initializers, added_initializers, before)
+        change = _integer_gemm_bias(graph, gemm, producer, initializers, added_initializers, before)
+        changes += [change] if change is not None else []
     nodes = []
     for node in graph.node:
         if id(node) not in removed:
@@ -632,7 +683,7 @@ def _fast_convolutions(proto: onnx.ModelProto, *, shift: bool = True,
     kept = [initializer for initializer in list(graph.initializer) + added_initializers if initializer.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return tuple(added_quantizers)
+    return tuple(added_quantizers), tuple(changes)
 
 
 def _largest_input_code(graph: onnx.GraphProto, dequantize: onnx.NodeProto,

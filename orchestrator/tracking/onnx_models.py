@@ -92,29 +92,35 @@ def log_onnx_model(tracker: Tracker, run_id: str, path: Path, example: torch.Ten
 
 def log_trial_onnx(tracker: Tracker, run_id: str, model: torch.nn.Module, example: torch.Tensor,
                    val: Iterable[tuple[torch.Tensor, torch.Tensor]], pytorch: ModelRecord) -> None:
-    """Export a finished trial's model (the compact form), check it on `val` (the config's val split,
-    `val_batches`), log `onnx_top1`, `onnx_agreement`, `onnx_max_logit_diff`, `onnx_size_mb` and the
-    kernel counts of ONNX Runtime's optimized graph (`onnx_integer_kernels`, `onnx_float_kernels`; the
-    `limpq.onnx_kernels` tag names the float ones) on the trial run, log the ONNX model and register it
-    with the tags and aliases of the PyTorch version (`pytorch`): once per trial run. A model that ONNX
-    QDQ or ONNX Runtime cannot take, or an export below the agreement threshold, is not registered, and
-    the run's `limpq.onnx_check` tag says why."""
+    """Export a finished trial's model (as deployed, `quant.deployed`) in the fast form, check it on `val`
+    (the config's val split, `val_batches`), log `onnx_top1`, `onnx_agreement`, `onnx_max_logit_diff`,
+    `deployed_top1` (the PyTorch model's), `onnx_size_mb` and the kernel counts of ONNX Runtime's
+    optimized graph (`onnx_integer_kernels`, `onnx_float_kernels`; the `limpq.onnx_kernels` tag names the
+    float ones) on the trial run, log the ONNX model and register it with the tags and aliases of the
+    PyTorch version (`pytorch`): once per trial run. The compact form (INT4 packed, the smallest file) is
+    logged as artifact `onnx/model-compact.onnx` with its size as `onnx_compact_size_mb`. A model that
+    ONNX QDQ or ONNX Runtime cannot take, or an export below the agreement threshold, is not registered,
+    and the run's `limpq.onnx_check` tag says why."""
     name = onnx_registered_name(pytorch.name)
     if tracker.model_versions(name, run_id):
         return
     with tempfile.TemporaryDirectory() as directory:
         try:
-            export = export_onnx(model, example, Path(directory) / "model.onnx")
+            export = export_onnx(model, example, Path(directory) / "model.onnx", form="fast")
+            compact = export_onnx(model, example, Path(directory) / "model-compact.onnx", form="compact")
             kernels = runtime_kernels(export.path)
             agreement = compare_with_torch(model, export.path, val)
         except UserError as error:  # the trial's PyTorch results stand; the run says why there is no ONNX
             tracker.set_tags(run_id, {TAG_ONNX_CHECK: f"not exported: {error}"})
             log.warning("trial run %s: no ONNX model: %s", run_id, error)
             return
-        tracker.log_metrics(run_id, {**agreement.metrics(), **kernels.metrics(),
-                                     "onnx_size_mb": export.size_bytes / MEGABYTE}, step=pytorch.step)
+        tracker.log_metrics(run_id, {**agreement.metrics(), **kernels.metrics(), "deployed_top1": agreement.torch_top1,
+                                     "onnx_size_mb": export.size_bytes / MEGABYTE,
+                                     "onnx_compact_size_mb": compact.size_bytes / MEGABYTE}, step=pytorch.step)
         tracker.set_tags(run_id, {TAG_ONNX_KERNELS: kernels.summary()[:TAG_LIMIT]})
-        uri = log_onnx_model(tracker, run_id, export.path, example, pytorch.step, tags={"format": "onnx-qdq"})
+        tracker.log_artifact(run_id, compact.path, "onnx")
+        uri = log_onnx_model(tracker, run_id, export.path, example, pytorch.step,
+                             tags={"format": "onnx-qdq", "form": "fast"})
     if not agreement.passed:
         message = f"not registered: {agreement.summary()}, below {100 * MIN_AGREEMENT:.1f}%"
         tracker.set_tags(run_id, {TAG_ONNX_CHECK: message})
@@ -220,7 +226,7 @@ class ExportResult:
 
 
 def export_logged_model(tracking_uri: str, source: SourceModel, out: Path, opset: int,
-                        batch: int | None, form: str = "compact") -> ExportResult:
+                        batch: int | None, form: str = "fast") -> ExportResult:
     """`limpq export`: the source model as ONNX QDQ in `form` at `out`, with the size of an FP32
     export of the same model, the kernels ONNX Runtime runs it with, and a check in ONNX Runtime on a
     few random images. Nothing is written to the store, and `out` only once every step passed."""
