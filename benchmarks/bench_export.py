@@ -7,7 +7,8 @@ optimized graph runs as integer kernels, and the largest logit difference to the
 The models are torchvision's resnet18 and mobilenet_v2 at 224x224 (10 classes), each quantized at a
 seeded random mixed policy (weights 2-4 bits, activations 3-4 bits, the fixed first conv and
 classifier at 8 bits) with step sizes and BatchNorm statistics set on random images: latency and size
-depend on the graph and the bit-widths, not on trained values.
+depend on the graph and the bit-widths, not on trained values. The fast file is exported from the model as
+a trial deploys it (`quant.deployed`), and compared with that model.
 
     .venv/bin/python benchmarks/bench_export.py [--models resnet18 mobilenet_v2] [--input-size 224]
         [--threads 0] [--repeats 10]
@@ -29,6 +30,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from orchestrator.models.info import build_model, split_layers, trace_layers
+from orchestrator.quant.deployed import deployed_model
 from orchestrator.quant.onnx_check import cpu_session, runtime_kernels
 from orchestrator.quant.onnx_export import INPUT_NAME, export_onnx, float_copy
 from orchestrator.quant.surgery import quantize_model
@@ -86,7 +88,8 @@ def bench(arch: str, size: int, threads: int, repeats: int, directory: Path) -> 
     example = torch.zeros(1, 3, size, size)
     files = {"fp32": export_onnx(float_copy(model), example, directory / f"{arch}-fp32.onnx").path}
     files["ort-int8"] = ort_int8(files["fp32"], directory / f"{arch}-ort-int8.onnx", size)
-    files["fast"] = export_onnx(model, example, directory / f"{arch}-fast.onnx", form="fast").path
+    deployed = deployed_model(model, example)  # what a trial registers: the model its fast file computes
+    files["fast"] = export_onnx(deployed, example, directory / f"{arch}-fast.onnx", form="fast").path
     files["integer"] = export_onnx(model, example, directory / f"{arch}-integer.onnx", form="integer").path
     files["compact"] = export_onnx(model, example, directory / f"{arch}-compact.onnx", form="compact").path
     results = {}
@@ -97,7 +100,8 @@ def bench(arch: str, size: int, threads: int, repeats: int, directory: Path) -> 
         for batch in BATCHES:
             images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).numpy()
             with torch.no_grad():
-                expected = (float_copy(model) if name in ("fp32", "ort-int8") else model)(torch.from_numpy(images))
+                reference = float_copy(model) if name in ("fp32", "ort-int8") else deployed if name == "fast" else model
+                expected = reference(torch.from_numpy(images))
             row[f"diff{batch}"] = float(np.abs(runner.run(None, {INPUT_NAME: images})[0] - expected.numpy()).max())
             row[f"ms{batch}"] = median_ms(runner, images, repeats)
         results[name] = row
