@@ -11,16 +11,21 @@ depend on the graph and the bit-widths, not on trained values. The fast file is 
 a trial deploys it (`quant.deployed`), and compared with that model.
 
     .venv/bin/python benchmarks/bench_export.py [--models resnet18 mobilenet_v2] [--input-size 224]
-        [--threads 0] [--repeats 10]
+        [--threads 0] [--repeats 10] [--profile]
+
+`--profile` adds, per file at batch 32, where ONNX Runtime's time goes: its profiler's kernel time per
+operator type, in ms per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +88,27 @@ def median_ms(runner: onnxruntime.InferenceSession, images: np.ndarray, repeats:
     return 1000 * statistics.median(times)
 
 
-def bench(arch: str, size: int, threads: int, repeats: int, directory: Path) -> dict[str, dict]:
+def operator_ms(path: Path, images: np.ndarray, threads: int, runs: int = 3) -> Counter:
+    """ONNX Runtime's profiler: kernel time per operator type, in ms per run (after one warm-up run)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {INPUT_NAME: images})
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, {INPUT_NAME: images})
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    totals = Counter()
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    return totals
+
+
+def bench(arch: str, size: int, threads: int, repeats: int, directory: Path,
+          profile: bool = False) -> dict[str, dict]:
     model = random_mixed_model(arch, size)
     example = torch.zeros(1, 3, size, size)
     files = {"fp32": export_onnx(float_copy(model), example, directory / f"{arch}-fp32.onnx").path}
@@ -108,6 +133,10 @@ def bench(arch: str, size: int, threads: int, repeats: int, directory: Path) -> 
         print(f"{arch} {name:>8}: {row['size_mb']:7.2f} MB, batch 1 {row['ms1']:8.1f} ms, batch 32 "
               f"{row['ms32']:9.1f} ms; largest logit difference to its PyTorch model {row['diff32']:.3g}; "
               f"{kernels.summary()}", flush=True)
+        if profile:
+            times = operator_ms(path, images, threads)
+            print(f"{arch} {name:>8}: batch {images.shape[0]} kernel time {sum(times.values()):.1f} ms per run: "
+                  + ", ".join(f"{op} {ms:.1f}" for op, ms in times.most_common(8)), flush=True)
     return results
 
 
@@ -117,11 +146,12 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its choice)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per batch size (median reported)")
+    parser.add_argument("--profile", action="store_true", help="where the time goes, per operator type (batch 32)")
     args = parser.parse_args()
     print(f"ONNX Runtime {onnxruntime.__version__}, CPU threads {args.threads or 'default'}, "
           f"{args.input_size}x{args.input_size}, median of {args.repeats} runs")
     with tempfile.TemporaryDirectory() as directory:
-        results = {arch: bench(arch, args.input_size, args.threads, args.repeats, Path(directory))
+        results = {arch: bench(arch, args.input_size, args.threads, args.repeats, Path(directory), args.profile)
                    for arch in args.models}
     print("\nratios (above 1: ours faster / smaller)")
     for arch, rows in results.items():
