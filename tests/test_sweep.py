@@ -19,6 +19,7 @@ from pipelines import Sweep
 
 from orchestrator.tracking.models import registered_model_name
 from orchestrator.models.info import build_model
+from orchestrator.quant.deployed import deployed_model
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 
@@ -83,7 +84,9 @@ def test_every_finished_trial_is_a_registered_version_with_tags_and_aliases(swee
     assert all(sweep.trials[label].data.metrics["onnx_agreement"] >= 0.999 for label in onnx_versions)
 
 
-def test_a_registered_version_loads_in_a_fresh_process_with_the_checkpoints_logits(sweep: Sweep) -> None:
+def test_a_registered_version_loads_in_a_fresh_process_with_the_deployed_checkpoints_logits(sweep: Sweep) -> None:
+    """The registered model is the trial's checkpoint as deployed (quant.deployed: what its fast ONNX file
+    computes), and it loads in a process that never imported the tests."""
     tmp_path = sweep.tmp_path
     checkpoint = sweep.tracker.download_artifact(sweep.trials["W3A3"].info.run_id, "checkpoint/finetuned.pt",
                                                  tmp_path / "ckpt")
@@ -92,6 +95,7 @@ def test_a_registered_version_loads_in_a_fresh_process_with_the_checkpoints_logi
     policy = {layer["name"]: (layer["wbits"], layer["abits"]) for layer in payload["meta"]["policy"]["layers"]}
     quantize_model(reference, policy=policy, input_size=16)
     restore_model(reference, payload["model"], checkpoint)
+    reference = deployed_model(reference, torch.zeros(1, 3, 16, 16))
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference.eval()(images)
