@@ -35,7 +35,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from orchestrator.models.info import build_model, split_layers, trace_layers
-from orchestrator.quant.deployed import deployed_model
+from orchestrator.quant.deployed import deploy
 from orchestrator.quant.onnx_check import cpu_session, runtime_kernels
 from orchestrator.quant.onnx_export import INPUT_NAME, export_onnx, float_copy
 from orchestrator.quant.surgery import quantize_model
@@ -113,8 +113,8 @@ def bench(arch: str, size: int, threads: int, repeats: int, directory: Path,
     example = torch.zeros(1, 3, size, size)
     files = {"fp32": export_onnx(float_copy(model), example, directory / f"{arch}-fp32.onnx").path}
     files["ort-int8"] = ort_int8(files["fp32"], directory / f"{arch}-ort-int8.onnx", size)
-    deployed = deployed_model(model, example)  # what a trial registers: the model its fast file computes
-    files["fast"] = export_onnx(deployed, example, directory / f"{arch}-fast.onnx", form="fast").path
+    deployment = deploy(model, example, directory / f"{arch}-fast.onnx")  # what a trial registers
+    deployed, files["fast"] = deployment.model, deployment.export.path
     files["integer"] = export_onnx(model, example, directory / f"{arch}-integer.onnx", form="integer").path
     files["compact"] = export_onnx(model, example, directory / f"{arch}-compact.onnx", form="compact").path
     results = {}

@@ -278,8 +278,7 @@ def finetune(args, cfg, dataset: DatasetIndex, label: str, policy: dict, fp_stat
     key = stage_keys(cfg, dataset.fingerprint).sweep
     with tracker.open_stage_run(cfg, "trial", key, run_name=label, extra_tags={"limpq.kind": "policy-quality"}) as run:
         inputs = StageInputs(fp_weights=ray.put(fp_state), joint_weights=ray.put(joint_state), policy=policy)
-        state, _ = train_on_ray(cfg, dataset, "finetune", tracker, run.run_id, f"{cfg.name}-ft-{label}-{key}", inputs,
-                                label=label)
+        state, _ = train_on_ray(cfg, dataset, "finetune", tracker, run.run_id, inputs, label=label)
     model = finetune_model(cfg.model, cfg.indicators.bits, fp_state, policy)
     restore_model(model, state, f"fine-tuned {label}")
     return evaluate(model, batches, make_criterion(cfg.finetune))

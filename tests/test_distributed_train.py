@@ -86,6 +86,21 @@ def test_rerun_skips_finished_stages(tmp_path: Path, digits: Path) -> None:
     assert len(runs) == 1
 
 
+def test_a_stage_whose_mlflow_run_was_deleted_trains_again_from_the_start(tmp_path: Path, digits: Path) -> None:
+    """Ray Train's checkpoints belong to the MLflow run: after its run is deleted in the MLflow UI, the
+    stage trains every epoch again in a new run (it used to resume from the old run's final checkpoint,
+    train nothing and log no epoch)."""
+    cfg = _config(tmp_path, digits, indicators={"epochs": 1, "lr": 0.02}, ray={"num_workers": 1})
+    run_indicators(preflight(cfg, sweep=False))
+    tracker = Tracker.from_config(cfg)
+    [first] = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
+    tracker.client.delete_run(first.info.run_id)
+    run_indicators(preflight(cfg, sweep=False))
+    [second] = tracker.client.search_runs([tracker.experiment_id], "tags.`limpq.stage` = 'indicators'")
+    assert second.info.run_id != first.info.run_id and second.info.status == "FINISHED"
+    assert [m.step for m in tracker.client.get_metric_history(second.info.run_id, "epoch")] == [1]
+
+
 @pytest.mark.timeout(1800)  # two indicator stages
 def test_a_resumed_run_reads_and_learns_what_an_uninterrupted_one_does(tmp_path: Path, digits_slice: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:

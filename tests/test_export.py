@@ -38,7 +38,7 @@ from orchestrator.common.errors import UserError
 from orchestrator.quant.lsq import levels
 from orchestrator.models.explicit_layers import make_weights_explicit
 from orchestrator.quant.onnx_check import compare_with_torch, cpu_session, runtime_kernels
-from orchestrator.quant.deployed import QuantizedOutput, deployed_model
+from orchestrator.quant.deployed import QuantizedOutput, deploy
 from orchestrator.quant.onnx_export import export_onnx, quantized_from_metadata
 from orchestrator.quant.surgery import layout_of, quantize_model
 from orchestrator.tracking.runs import Tracker
@@ -153,8 +153,7 @@ def test_what_onnx_qdq_cannot_express_is_one_user_error_naming_the_layer_or_oper
 
 def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: Path) -> None:
     from orchestrator.config.schema import PipelineConfig
-    from orchestrator.tracking.models import ModelRecord
-    from orchestrator.tracking.onnx_models import TAG_ONNX_CHECK, log_trial_onnx
+    from orchestrator.tracking.onnx_models import TAG_ONNX_CHECK, deploy_trial_model
 
     cfg = PipelineConfig.model_validate({"name": "wide", "data": {"path": str(tmp_path)},
                                          "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
@@ -163,10 +162,8 @@ def test_a_trial_model_onnx_cannot_express_keeps_its_run_and_says_why(tmp_path: 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     quantize_model(model, policy={"2": (10, 4), "4": (4, 4)}, input_size=10)
-    log_trial_onnx(tracker, run_id, model, torch.zeros(1, 3, 10, 10), val=[],
-                   pytorch=ModelRecord("wide-resnet18", tags={}, aliases=("best-top1",), step=0))
+    assert deploy_trial_model(tracker, run_id, model, torch.zeros(1, 3, 10, 10), tmp_path) is None
     assert tracker.client.get_run(run_id).data.tags[TAG_ONNX_CHECK].startswith("not exported: layer 2: 10-bit weights")
-    assert not tracker.client.search_model_versions("name = 'wide-resnet18-onnx'")
 
 
 # --- the integer and fast forms: integer kernels, folded BatchNorm, every model kind at every activation width
@@ -282,10 +279,10 @@ def test_the_deployed_model_is_what_its_fast_file_computes(wbits: int, abits: in
     bias onto the file's INT32 grid and puts the added 8-bit output quantizer in, and then PyTorch computes
     what ONNX Runtime's QLinearConv graph does. Its own fast export adds nothing and changes no bias."""
     model, images = _quantized_tiny("cnn", wbits, abits)
-    export = export_onnx(model, images[:1], tmp_path / "fast.onnx", form="fast")
+    deployment = deploy(model, images[:1], tmp_path / "fast.onnx")
+    deployed, export = deployment.model, deployment.export
     assert [(change.bias_of, change.output_of) for change in export.changes] == \
         [("bn1", None), ("bn2", "bn2"), ("head.2", None)]
-    deployed = deployed_model(model, images[:1])
     assert isinstance(deployed.bn2, QuantizedOutput) and not isinstance(model.bn2, QuantizedOutput)
     batches = [(images * 3, torch.zeros(len(images), dtype=torch.long))]
     check = compare_with_torch(deployed, export.path, batches)
@@ -330,14 +327,15 @@ def test_fast_form_runs_relu6_convolutions_as_qlinearconv(tmp_path: Path) -> Non
         for seed in range(3):
             model(torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(seed)))
     model.eval()
-    export = export_onnx(model, torch.zeros(1, 3, 12, 12), tmp_path / "fast.onnx", form="fast")
+    deployment = deploy(model, torch.zeros(1, 3, 12, 12), tmp_path / "fast.onnx")
+    deployed, export = deployment.model, deployment.export
     assert [q.layer for q in export.quantized if q.kind == "output"] == ["features.6"]
     assert [node.op_type for node in onnx.load(export.path).graph.node].count("Relu") == 2  # the two fused ones
     kernels = runtime_kernels(export.path)
     assert kernels.integer.get("QLinearConv") == 2 and [name.split(" ")[0] for name in kernels.float_layers] == \
         ["features.0"], kernels.summary()
     images = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(9))
-    check = compare_with_torch(deployed_model(model, images[:1]), export.path, [(images, torch.zeros(32, dtype=torch.long))])
+    check = compare_with_torch(deployed, export.path, [(images, torch.zeros(32, dtype=torch.long))])
     assert check.agreement == 1.0 and check.max_logit_diff < 1e-5, check.summary()
 
 

@@ -19,7 +19,7 @@ from pipelines import Sweep
 
 from orchestrator.tracking.models import registered_model_name
 from orchestrator.models.info import build_model
-from orchestrator.quant.deployed import deployed_model
+from orchestrator.quant.deployed import deploy
 from orchestrator.quant.surgery import quantize_model
 from orchestrator.train.checkpoint import load_checkpoint, restore_model
 
@@ -95,7 +95,7 @@ def test_a_registered_version_loads_in_a_fresh_process_with_the_deployed_checkpo
     policy = {layer["name"]: (layer["wbits"], layer["abits"]) for layer in payload["meta"]["policy"]["layers"]}
     quantize_model(reference, policy=policy, input_size=16)
     restore_model(reference, payload["model"], checkpoint)
-    reference = deployed_model(reference, torch.zeros(1, 3, 16, 16))
+    reference = deploy(reference, torch.zeros(1, 3, 16, 16), tmp_path / "fast.onnx").model
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference.eval()(images)

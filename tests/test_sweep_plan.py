@@ -77,9 +77,21 @@ def test_the_report_gives_mean_and_spread_and_says_what_each_comparison_holds_eq
     assert "98.0 ± 1.4" in report and "2/2" in report
     [line] = [line for line in report.splitlines() if line.startswith("  W3A3")]
     # the same uniform model is the cheapest of no lower BitOps and of no smaller size: one line, both costs
-    assert "vs uniform-W3A3 96.0 ± 0.0 (+2.0)" in line
+    assert "vs uniform-W3A3 96.0 ± 0.0 (+2.0 ± 1.0, within two standard errors over the seeds: no difference" in line
     assert "GBitOps 0.3114 vs 0.3114 (equal)" in line and "size 2.756 vs 4.004 MB (uniform 1.45x)" in line
     assert "policy-r0" not in "".join(line for line in report.splitlines() if line.startswith("  "))
+
+
+def test_the_report_names_a_winner_only_beyond_two_standard_errors_over_seeds() -> None:
+    def line(mixed: tuple[float, ...], uniform: tuple[float, ...]) -> str:
+        rows = [_row("W3A3", "mpq", 0.3114, 2.756, top1, seed) for seed, top1 in enumerate(mixed)]
+        rows += [_row("uniform-W3A3", "uniform", 0.3114, 4.004, top1, seed) for seed, top1 in enumerate(uniform)]
+        return next(line for line in format_report(rows).splitlines() if line.startswith("  W3A3"))
+
+    assert "(+2.5 ± 0.5, mixed ahead beyond two standard errors)" in line((0.97, 0.98), (0.95, 0.95))
+    assert "(-2.5 ± 0.5, uniform ahead beyond two standard errors)" in line((0.95, 0.95), (0.97, 0.98))
+    assert "(+1.0 ± 0.7, within two standard errors" in line((0.96, 0.97), (0.95, 0.96))
+    assert "(+3.0, one seed: with finetune.seeds 2 or more" in line((0.98,), (0.95,))
 
 
 def test_a_sweep_without_uniform_baselines_prints_no_comparison() -> None:

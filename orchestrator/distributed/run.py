@@ -51,8 +51,7 @@ def fp_stage(context: RunContext) -> StageOutput:
                    "checkpoint": f"Full-precision {cfg.model.arch} from {cfg.fp.checkpoint}"}[cfg.fp.source]
     description += "; the starting point of indicator training."
     with context.open_stage("fp", keys.fp, description=description) as run:
-        run_fp(cfg, context.dataset, tracker, run.run_id, context.run_directory(run.run_id),
-               train_name=f"{cfg.name}-fp-{keys.fp}")
+        run_fp(cfg, context.dataset, tracker, run.run_id, context.run_directory(run.run_id))
     return StageOutput(run.run_id, context.run_directory(run.run_id))
 
 
@@ -68,7 +67,7 @@ def indicator_stage(context: RunContext, fp: StageOutput) -> StageOutput:
     with context.open_stage("indicators", keys.indicators, tags={"limpq.fp_run_id": fp.run_id},
                             description=description) as run:
         run_indicators_training(cfg, context.dataset, tracker, run.run_id, context.run_directory(run.run_id),
-                                fp.file(FP_FILE), train_name=f"{cfg.name}-indicators-{keys.indicators}")
+                                fp.file(FP_FILE))
     return StageOutput(run.run_id, context.run_directory(run.run_id))
 
 
@@ -110,12 +109,14 @@ def run_pipeline(checked: CheckedConfig) -> list[dict]:
     context = RunContext.start(checked)
     cfg, tracker = context.cfg, context.tracker
     done = tracker.find_finished_stage_run(cfg, PIPELINE_STAGE, context.keys.sweep, run_name=root_run_name(context))
-    if done is not None:
+    rows = read_finished_sweep(cfg, tracker, done) if done is not None else None
+    if rows is not None:
         log.info("pipeline: finished in MLflow run %s for the same inputs; nothing to do", done)
-        rows = read_finished_sweep(cfg, tracker, done)
         print(format_report(rows), flush=True)
         _print_where_to_look(context)
         return rows
+    if done is not None:
+        log.info("pipeline: finished in MLflow run %s, but its sweep run was deleted; running the sweep again", done)
     description = (f"Pipeline {cfg.name}: {cfg.model.arch} on {cfg.data.path}, FP -> indicators -> sweep of "
                    f"{len(cfg.search.budgets)} budget(s) and {len(cfg.finetune.baselines)} uniform baseline(s).")
     try:

@@ -112,8 +112,10 @@ def run_sweep(context: RunContext, fp: StageOutput, indicators: StageOutput) -> 
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(sweep_trial, inputs=inputs), _trial_resources(cfg)),
             param_space={"trial": tune.grid_search([asdict(spec) for spec in specs])},
+            # every trial asks for the same resources, so the next one can start in the process the last one
+            # finished in, without a new Python and its torch, MLflow and ONNX imports
             tune_config=tune.TuneConfig(max_concurrent_trials=cap, trial_name_creator=_trial_name,
-                                        trial_dirname_creator=_trial_name),
+                                        trial_dirname_creator=_trial_name, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"{cfg.name}-sweep-{sweep_key}",
                 storage_path=storage_path(cfg),

@@ -241,13 +241,13 @@ def fit_with_retries(trainer: Callable[[], TorchTrainer], max_failures: int, lab
 
 
 def train_on_ray(cfg: PipelineConfig, dataset: DatasetIndex, stage: str, tracker: Tracker, run_id: str,
-                 run_name: str, inputs: StageInputs | None = None,
-                 label: str | None = None) -> tuple[dict, dict[str, float]]:
+                 inputs: StageInputs | None = None, label: str | None = None) -> tuple[dict, dict[str, float]]:
     """Run the TorchTrainer of the stage named `stage` ("fp", "indicators", "finetune") on `dataset`;
     returns the final model state and the last epoch's metrics.
 
-    `inputs` go to every worker; the same `run_name` under the same storage path resumes a crashed
-    run from its last checkpoint. The skipped-image count is logged to `run_id`.
+    `inputs` go to every worker. The Ray Train run is named after the MLflow run `run_id`, so a reopened
+    MLflow run (a resubmission, a Tune retry) resumes from its last checkpoint, and a new one (its old run
+    deleted in the MLflow UI) trains from the start. The skipped-image count is logged to `run_id`.
     """
     ensure_ray(cfg)
     recipe = STAGES[stage].recipe(cfg)
@@ -267,7 +267,7 @@ def train_on_ray(cfg: PipelineConfig, dataset: DatasetIndex, stage: str, tracker
             scaling_config=_scaling(cfg),
             torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
             run_config=RunConfig(
-                name=run_name,
+                name=f"{cfg.name}-{label or stage}-{run_id}",
                 storage_path=storage_path(cfg),
                 failure_config=FailureConfig(max_failures=0),  # retried below, where a user's mistake is told apart
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -280,8 +280,10 @@ def train_on_ray(cfg: PipelineConfig, dataset: DatasetIndex, stage: str, tracker
     tracker.log_metrics(run_id, {f"skipped_images_{split}": n for split, n in skipped.items()}, step=recipe.epochs)
     if any(skipped.values()):
         log.warning("skipped unreadable images: %s", skipped)
+    # a run resumed from its final checkpoint trains no epoch and reports nothing: its epochs' metrics are in MLflow
+    metrics = dict(result.metrics or {}) or tracker.run_metrics(run_id)
     with result.checkpoint.as_directory() as directory:
-        return load_checkpoint(Path(directory) / STATE_FILE)["model"], dict(result.metrics or {})
+        return load_checkpoint(Path(directory) / STATE_FILE)["model"], metrics
 
 
 def log_dataset_inputs(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str, stage: str) -> None:
@@ -305,14 +307,13 @@ def example_input(cfg: PipelineConfig) -> torch.Tensor:
     return torch.zeros(1, 3, cfg.model.input_size, cfg.model.input_size)
 
 
-def run_fp(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str, directory: Path,
-           train_name: str) -> Path:
+def run_fp(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str, directory: Path) -> Path:
     """The FP stage into `directory`: trained on Ray Train, or taken from torchvision/a checkpoint."""
     ensure_ray(cfg)
     model = FP.build_model(cfg, StageStart())
     if cfg.fp.source == "train" and cfg.fp.epochs > 0:
         log_dataset_inputs(cfg, dataset, tracker, run_id, "fp")
-        state, _ = train_on_ray(cfg, dataset, "fp", tracker, run_id, train_name)
+        state, _ = train_on_ray(cfg, dataset, "fp", tracker, run_id)
         restore_model(model, state, "final FP checkpoint")
     out = save_checkpoint(directory / FP_FILE, model, meta=fp_meta(cfg.model))
     tracker.log_artifact(run_id, str(out), "checkpoint")
@@ -323,13 +324,13 @@ def run_fp(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id:
 
 
 def run_indicators_training(cfg: PipelineConfig, dataset: DatasetIndex, tracker: Tracker, run_id: str,
-                            directory: Path, fp_path: Path, train_name: str) -> Path:
+                            directory: Path, fp_path: Path) -> Path:
     """Joint indicator training on Ray Train into `directory`: joint.pt, indicators.json, a heatmap,
     all logged to `run_id`, with the joint model as an MLflow model."""
     ensure_ray(cfg)
     log_dataset_inputs(cfg, dataset, tracker, run_id, "indicators")
     inputs = StageInputs(fp_weights=ray.put(load_checkpoint(fp_path)["model"]))
-    state, _ = train_on_ray(cfg, dataset, "indicators", tracker, run_id, train_name, inputs)
+    state, _ = train_on_ray(cfg, dataset, "indicators", tracker, run_id, inputs)
     model = untrained_joint_model(cfg.model, cfg.indicators.bits)
     restore_model(model, state, "final joint checkpoint")
     joint = save_checkpoint(directory / JOINT_FILE, model, meta=fp_meta(cfg.model))

@@ -30,13 +30,12 @@ from orchestrator.distributed.train import (
     log_dataset_inputs,
     train_on_ray,
 )
-from orchestrator.quant.deployed import deployed_model
 from orchestrator.search.ilp import Searcher
 from orchestrator.search.indicators import Indicators
 from orchestrator.search.policy import Policy, given_policy, uniform_baseline
 from orchestrator.tracking.context import RunContext
 from orchestrator.tracking.models import ModelRecord, log_model, register_model, registered_model_name
-from orchestrator.tracking.onnx_models import log_trial_onnx, val_batches
+from orchestrator.tracking.onnx_models import deploy_trial_model, log_trial_onnx, val_batches
 from orchestrator.tracking.trials import ONE_SHOT, TrialSpec, evaluation_kind
 from orchestrator.train.checkpoint import restore_model, save_checkpoint
 from orchestrator.train.stages import finetune_model, fp_meta
@@ -132,7 +131,7 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
                                           report_extra=_policy_metrics(policy))
             seeded = cfg.model_copy(update={"seed": cfg.seed + spec.seed})
             state, metrics = train_on_ray(seeded, inputs.context.dataset, "finetune", tracker, run.run_id,
-                                          f"{cfg.name}-trial-{spec.label}-{sweep_key}", finetune_inputs, label=spec.label)
+                                          finetune_inputs, label=spec.label)
             model = finetune_model(cfg.model, cfg.indicators.bits, inputs.fp_weights, bits)
             restore_model(model, state, f"fine-tuned checkpoint of trial {spec.label}")
         _log_trial_outputs(inputs, spec, run.run_id, model, policy, metrics)
@@ -142,7 +141,7 @@ def sweep_trial(config: dict[str, Any], inputs: SweepInputs) -> None:
 def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model: torch.nn.Module,
                        policy: Policy, metrics: dict[str, float]) -> None:
     """Checkpoint and bits chart as artifacts; the model (the one the trial's top-1 belongs to: fine-tuned,
-    or the joint model at the policy) as deployed (`deployed_model`: what its fast ONNX form computes) as
+    or the joint model at the policy) as deployed (`quant.deployed.deploy`: what its fast ONNX form computes) as
     an MLflow model and a version of the pipeline's registered model, then its ONNX export as a version of
     `<name>-<arch>-onnx` (each once per trial run, also when a retry gets here). The checkpoint holds the
     model as trained; `deployed_top1` on the run is the registered model's val top-1."""
@@ -162,12 +161,12 @@ def _log_trial_outputs(inputs: SweepInputs, spec: TrialSpec, run_id: str, model:
         tags={"budget": spec.label, "kind": spec.kind, "evaluation": evaluation_kind(cfg),
               "top1": f"{metrics.get('val_top1', float('nan')):.4f}",
               **{key: f"{value:.6g}" for key, value in _policy_metrics(policy).items()}})
-    try:
-        deployed = deployed_model(model, example_input(cfg))
-    except UserError:  # a model ONNX cannot take: registered as trained; log_trial_onnx tags the run with why
-        deployed = model
-    if not tracker.model_versions(record.name, run_id):
-        uri = log_model(tracker, run_id, deployed, example_input(cfg), name="model", step=record.step,
-                        tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
-        register_model(tracker, record.name, uri, run_id, record.tags, record.aliases)
-    log_trial_onnx(tracker, run_id, deployed, example_input(cfg), val_batches(cfg, inputs.context.dataset), record)
+    example = example_input(cfg)
+    with tempfile.TemporaryDirectory() as directory:
+        deployment = deploy_trial_model(tracker, run_id, model, example, Path(directory))
+        if not tracker.model_versions(record.name, run_id):
+            uri = log_model(tracker, run_id, deployment.model if deployment else model, example, name="model",
+                            step=record.step, tags={"limpq.budget": spec.label, "limpq.kind": spec.kind})
+            register_model(tracker, record.name, uri, run_id, record.tags, record.aliases)
+        if deployment is not None:
+            log_trial_onnx(tracker, run_id, deployment, example, val_batches(cfg, inputs.context.dataset), record)

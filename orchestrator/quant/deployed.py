@@ -5,16 +5,16 @@ The fast form (`export_onnx(form="fast")`) departs from the PyTorch model it is 
 both needed for ONNX Runtime's QLinearConv/QGemm: a quantized layer's float bias (with its folded
 BatchNorm) becomes INT32 codes on the accumulator's grid, and a convolution whose output reaches no
 quantizer (a ResNet block's last one, before the residual Add) gets an 8-bit output quantizer.
-`deployed_model` applies both to a copy of the model: each bias parameter moved onto its grid, and each
-added quantizer put in as a real one (`QuantizedOutput`). That copy is what a sweep registers: the same
-model as the registered ONNX file, which its fast export (now adding nothing) computes up to float
-rounding, and whose val top-1 is measured as it is deployed.
+`deploy` writes the fast file and applies both to a copy of the model: each bias parameter moved onto its
+grid, and each added quantizer put in as a real one (`QuantizedOutput`). That copy is what a sweep
+registers: the model the registered ONNX file computes up to float rounding (its own fast export adds
+nothing), and whose val top-1 is measured as it is deployed.
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from orchestrator.quant.lsq import LsqQuantizer
 from orchestrator.quant.modules import SwitchableBatchNorm2d
-from orchestrator.quant.onnx_export import export_onnx
+from orchestrator.quant.onnx_export import OnnxExport, export_onnx
 
 OUTPUT_BITS = 8  # the fast form's added quantizers: signed 8-bit (UINT8 at zero point 128 in the file)
 
@@ -44,14 +44,24 @@ class QuantizedOutput(nn.Module):
         return self.output_quant(self.module(x))
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """A trained model as deployed: `model`, the copy changed to compute what its fast ONNX form
+    computes, and `export`, that form (exported from the trained model; re-exporting `model` would
+    write the same file, adding nothing)."""
+
+    model: nn.Module
+    export: OnnxExport
+
+
 @torch.no_grad()
-def deployed_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A copy of `model` (at one policy, in eval mode on the CPU) changed to compute what its fast ONNX
-    form computes. `example` is one input batch, as for `export_onnx`. A change naming a parameter or
-    module the model does not have (a graph whose initializers the exporter did not name after the model's
-    parameters) is left out: the export's agreement check then shows what that costs."""
-    with tempfile.TemporaryDirectory() as directory:
-        export = export_onnx(model, example, Path(directory) / "fast.onnx", form="fast")
+def deploy(model: nn.Module, example: torch.Tensor, path: str | Path) -> Deployment:
+    """`model` (at one policy) exported in the fast form to `path`, and a copy of it (in eval mode on the
+    CPU) changed to compute what that file computes. `example` is one input batch, as for `export_onnx`.
+    A change naming a parameter or module the model does not have (a graph whose initializers the
+    exporter did not name after the model's parameters) is left out: the export's agreement check then
+    shows what that costs. UserError for a model ONNX QDQ cannot express."""
+    export = export_onnx(model, example, path, form="fast")
     deployed = copy.deepcopy(model).cpu().eval()
     modules = dict(deployed.named_modules())
     for change in export.changes:
@@ -62,7 +72,7 @@ def deployed_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
             parent, _, child = change.output_of.rpartition(".")
             target = deployed.get_submodule(parent) if parent else deployed
             setattr(target, child, QuantizedOutput(modules[change.output_of], change.output_step))
-    return deployed
+    return Deployment(deployed, export)
 
 
 def _bias(module: nn.Module | None) -> torch.Tensor | None:

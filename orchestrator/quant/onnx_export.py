@@ -24,7 +24,7 @@ computed as the PyTorch quantizer computes them.
   BatchNorm, the bias as INT32 codes on the accumulator's grid, and an 8-bit output quantizer added where
   a convolution's output reaches no quantizer (a ResNet block's residual Add); see _fast_convolutions.
   Both change the model slightly; the export returns the changes (`FastFormChange`) and
-  `quant.deployed.deployed_model` makes them in PyTorch, so that a trial registers the model the file
+  `quant.deployed.deploy` makes them in PyTorch, so that a trial registers the model the file
   computes (docs/method.md §12).
 """
 

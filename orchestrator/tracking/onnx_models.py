@@ -42,6 +42,7 @@ from orchestrator.quant.onnx_check import (
     runtime_kernels,
     RuntimeKernels,
 )
+from orchestrator.quant.deployed import Deployment, deploy
 from orchestrator.quant.lsq import LsqQuantizer
 from orchestrator.quant.onnx_export import (
     INPUT_NAME,
@@ -90,37 +91,52 @@ def log_onnx_model(tracker: Tracker, run_id: str, path: Path, example: torch.Ten
     return info.model_uri
 
 
-def log_trial_onnx(tracker: Tracker, run_id: str, model: torch.nn.Module, example: torch.Tensor,
+def deploy_trial_model(tracker: Tracker, run_id: str, model: torch.nn.Module, example: torch.Tensor,
+                       directory: Path) -> Deployment | None:
+    """A finished trial's model as deployed (`quant.deployed.deploy`), its fast file in `directory`; None
+    for a model ONNX QDQ cannot express, with the run's `limpq.onnx_check` tag saying why (the trial's
+    PyTorch results stand, and its model is registered as trained)."""
+    try:
+        return deploy(model, example, directory / "model.onnx")
+    except UserError as error:
+        _not_exported(tracker, run_id, error)
+        return None
+
+
+def _not_exported(tracker: Tracker, run_id: str, error: UserError) -> None:
+    tracker.set_tags(run_id, {TAG_ONNX_CHECK: f"not exported: {error}"})
+    log.warning("trial run %s: no ONNX model: %s", run_id, error)
+
+
+def log_trial_onnx(tracker: Tracker, run_id: str, deployment: Deployment, example: torch.Tensor,
                    val: Iterable[tuple[torch.Tensor, torch.Tensor]], pytorch: ModelRecord) -> None:
-    """Export a finished trial's model (as deployed, `quant.deployed`) in the fast form, check it on `val`
-    (the config's val split, `val_batches`), log `onnx_top1`, `onnx_agreement`, `onnx_max_logit_diff`,
-    `deployed_top1` (the PyTorch model's), `onnx_size_mb` and the kernel counts of ONNX Runtime's
-    optimized graph (`onnx_integer_kernels`, `onnx_float_kernels`; the `limpq.onnx_kernels` tag names the
-    float ones) on the trial run, log the ONNX model and register it with the tags and aliases of the
-    PyTorch version (`pytorch`): once per trial run. The compact form (INT4 packed, the smallest file) is
-    logged as artifact `onnx/model-compact.onnx` with its size as `onnx_compact_size_mb`. A model that
-    ONNX QDQ or ONNX Runtime cannot take, or an export below the agreement threshold, is not registered,
-    and the run's `limpq.onnx_check` tag says why."""
+    """Check a finished trial's deployed model's fast file (`deploy_trial_model`) on `val` (the config's
+    val split, `val_batches`), log `onnx_top1`, `onnx_agreement`, `onnx_max_logit_diff`, `deployed_top1`
+    (the deployed PyTorch model's), `onnx_size_mb` and the kernel counts of ONNX Runtime's optimized graph
+    (`onnx_integer_kernels`, `onnx_float_kernels`; the `limpq.onnx_kernels` tag names the float ones) on
+    the trial run, log the ONNX model and register it with the tags and aliases of the PyTorch version
+    (`pytorch`): once per trial run. The compact form (INT4 packed, the smallest file) is logged as
+    artifact `onnx/model-compact.onnx` with its size as `onnx_compact_size_mb`. A model ONNX Runtime
+    cannot take, or an export below the agreement threshold, is not registered, and the run's
+    `limpq.onnx_check` tag says why."""
     name = onnx_registered_name(pytorch.name)
     if tracker.model_versions(name, run_id):
         return
+    export, model = deployment.export, deployment.model
     with tempfile.TemporaryDirectory() as directory:
         try:
-            export = export_onnx(model, example, Path(directory) / "model.onnx", form="fast")
             compact = export_onnx(model, example, Path(directory) / "model-compact.onnx", form="compact")
             kernels = runtime_kernels(export.path)
             agreement = compare_with_torch(model, export.path, val)
-        except UserError as error:  # the trial's PyTorch results stand; the run says why there is no ONNX
-            tracker.set_tags(run_id, {TAG_ONNX_CHECK: f"not exported: {error}"})
-            log.warning("trial run %s: no ONNX model: %s", run_id, error)
+        except UserError as error:
+            _not_exported(tracker, run_id, error)
             return
         tracker.log_metrics(run_id, {**agreement.metrics(), **kernels.metrics(), "deployed_top1": agreement.torch_top1,
                                      "onnx_size_mb": export.size_bytes / MEGABYTE,
                                      "onnx_compact_size_mb": compact.size_bytes / MEGABYTE}, step=pytorch.step)
         tracker.set_tags(run_id, {TAG_ONNX_KERNELS: kernels.summary()[:TAG_LIMIT]})
         tracker.log_artifact(run_id, compact.path, "onnx")
-        uri = log_onnx_model(tracker, run_id, export.path, example, pytorch.step,
-                             tags={"format": "onnx-qdq", "form": "fast"})
+    uri = log_onnx_model(tracker, run_id, export.path, example, pytorch.step, tags={"format": "onnx-qdq", "form": "fast"})
     if not agreement.passed:
         message = f"not registered: {agreement.summary()}, below {100 * MIN_AGREEMENT:.1f}%"
         tracker.set_tags(run_id, {TAG_ONNX_CHECK: message})

@@ -102,9 +102,12 @@ def observed_concurrency(tracker: Tracker, sweep_run_id: str) -> int:
     return peak
 
 
-def read_finished_sweep(cfg: PipelineConfig, tracker: Tracker, root_run_id: str) -> list[dict[str, Any]]:
-    """The summary rows of a finished pipeline's sweep run."""
-    sweep = next(run for run in tracker.child_runs(root_run_id) if run.data.tags.get("limpq.stage") == "sweep")
+def read_finished_sweep(cfg: PipelineConfig, tracker: Tracker, root_run_id: str) -> list[dict[str, Any]] | None:
+    """The summary rows of a finished pipeline's sweep run; None when that run is gone (deleted in the
+    MLflow UI)."""
+    sweep = next((run for run in tracker.child_runs(root_run_id) if run.data.tags.get("limpq.stage") == "sweep"), None)
+    if sweep is None:
+        return None
     return read_summary(tracker.download_artifact(sweep.info.run_id, "summary.csv",
                                                   cfg.run_dir / sweep.info.run_id / ".fetch"))
 
@@ -167,6 +170,19 @@ def _relation(mixed: float, uniform: float) -> str:
     return f"uniform {uniform / mixed:.2f}x" if mixed else "uniform more"
 
 
+def _difference(mixed: dict[str, Any], uniform: dict[str, Any]) -> str:
+    """The top-1 difference in points and what it shows: with two or more seeds each, its standard error
+    over the fine-tuning seeds, and a verdict only outside two standard errors (within them the
+    difference is the seeds' noise, and its sign can flip from one machine to another)."""
+    delta = 100 * (mixed["top1"] - uniform["top1"])
+    if mixed["top1_std"] is None or uniform["top1_std"] is None:
+        return f"{delta:+.1f}, one seed: with finetune.seeds 2 or more the table tells a difference from noise"
+    error = 100 * math.sqrt(mixed["top1_std"] ** 2 / mixed["seeds"] + uniform["top1_std"] ** 2 / uniform["seeds"])
+    if abs(delta) <= 2 * error:
+        return f"{delta:+.1f} ± {error:.1f}, within two standard errors over the seeds: no difference shown"
+    return f"{delta:+.1f} ± {error:.1f}, {'mixed' if delta > 0 else 'uniform'} ahead beyond two standard errors"
+
+
 def _comparisons(policies: list[dict[str, Any]]) -> list[str]:
     """Each searched policy against the cheapest uniform model of no lower BitOps and the cheapest of
     no smaller size (one line where they are the same model), with both costs of both sides, so a
@@ -186,8 +202,8 @@ def _comparisons(policies: list[dict[str, Any]]) -> list[str]:
             if base is None or base in seen:
                 continue
             seen.append(base)
-            delta = 100 * (policy["top1"] - base["top1"])
-            lines.append(f"  {policy['policy']} {_percent(policy)} vs {base['policy']} {_percent(base)} ({delta:+.1f}): "
+            lines.append(f"  {policy['policy']} {_percent(policy)} vs {base['policy']} {_percent(base)} "
+                         f"({_difference(policy, base)}): "
                          f"GBitOps {policy['bitops_g']:.4g} vs {base['bitops_g']:.4g} "
                          f"({_relation(policy['bitops_g'], base['bitops_g'])}), "
                          f"size {policy['size_mb']:.3f} vs {base['size_mb']:.3f} MB "
