@@ -357,3 +357,19 @@ def test_models_are_logged_in_the_runs_experiment_under_its_artifact_root(make_c
     experiment_root = client.get_experiment(tracker.experiment_id).artifact_location
     assert logged.artifact_location.startswith(experiment_root)
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_finished_pipeline_whose_sweep_run_was_deleted_has_no_summary_to_show(make_config, tmp_path):
+    """`limpq run` prints a finished pipeline's table from its sweep run; with that run deleted in the MLflow
+    UI there is none (and the pipeline runs its sweep again) rather than a StopIteration traceback."""
+    from orchestrator.tracking.summary import read_finished_sweep
+
+    cfg = make_config()
+    tracker = Tracker.from_config(cfg)
+    with tracker.open_stage_run(cfg, "pipeline", KEY) as root:
+        with tracker.open_stage_run(cfg, "sweep", KEY, parent_run_id=root.run_id) as sweep:
+            (tmp_path / "summary.csv").write_text("budget,top1\nW3A3,0.95\n")
+            tracker.log_artifact(sweep.run_id, tmp_path / "summary.csv")
+    assert read_finished_sweep(cfg, tracker, root.run_id)[0]["budget"] == "W3A3"
+    tracker.client.delete_run(sweep.run_id)
+    assert read_finished_sweep(cfg, tracker, root.run_id) is None
