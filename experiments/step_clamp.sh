@@ -2,8 +2,8 @@
 # Does the step-size clamp's upper bound (clamp(s, 1e-5, 1), docs/method.md §2.1) cause the Fashion-MNIST
 # study's fine-tuning collapses of policies with 2-bit activations (docs/results.md)? The study's LIMPQ
 # size-W3 policy, fine-tuned over 3 seeds as the study did, and again with the bound lifted in the
-# fine-tuning only (a sitecustomize sets orchestrator.quant.lsq.STEP_MAX to infinity in every process;
-# FP and the indicators are the study's, reused from MLflow). About 30 minutes on 2 idle cores.
+# fine-tuning only (experiments/patches, LIMPQ_PATCH=lift_step_bound: STEP_MAX infinite in every process;
+# FP and the indicators trained once, from the study's config, and reused from MLflow). About 30 minutes on 2 idle cores.
 # Usage: experiments/step_clamp.sh WORK_DIR   (needs Debian's dataset-fashion-mnist)
 set -euo pipefail
 work=${1:?usage: experiments/step_clamp.sh WORK_DIR}
@@ -25,23 +25,5 @@ for name in ("size-W3", "size-W3-unclamped"):  # the budget's name keys the swee
     (work / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 PY
 "$bin/limpq" run --config "$work/size-W3.yaml"
-mkdir -p "$work/unclamped"
-cat > "$work/unclamped/sitecustomize.py" <<'PY'
-import importlib.abc, importlib.util, sys
-
-class LiftStepBound(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "orchestrator.quant.lsq":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        execute = spec.loader.exec_module
-        def exec_module(module):
-            execute(module)
-            module.STEP_MAX = float("inf")
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, LiftStepBound())
-PY
-PYTHONPATH="$work/unclamped${PYTHONPATH:+:$PYTHONPATH}" "$bin/limpq" run --config "$work/size-W3-unclamped.yaml"
+LIMPQ_PATCH=lift_step_bound PYTHONPATH="$PWD/experiments/patches${PYTHONPATH:+:$PYTHONPATH}" \
+  "$bin/limpq" run --config "$work/size-W3-unclamped.yaml"
